@@ -1,0 +1,272 @@
+"""The gate: one task per WebSocket connection.
+
+A connection reads messages, parses and transforms them, and puts the events
+into the channel to the batcher. When the channel is full the connection waits
+and stops reading its socket, so backpressure reaches the client over TCP; the
+heartbeat knows that a connection waiting on backpressure is not a dead peer.
+Invalid packets get an error reply and the connection stays open.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from typing import Final
+
+import orjson
+import structlog
+import trio
+import trio_websocket
+from trio_websocket import ConnectionClosed, WebSocketConnection
+
+from stag_relay.config import Config
+from stag_relay.events import Event
+from stag_relay.front import HttpRequest
+from stag_relay.metrics import RelayMetrics
+from stag_relay.packets import PacketError, parse_packet
+from stag_relay.transform import SessionLimitError, Sessions
+
+# trio-websocket reads 4 KiB at a time by default; a flood of small packets then
+# costs one receive per few packets. 64 KiB keeps idle memory untouched (the
+# buffer is allocated per read) and cuts receives under load.
+RECEIVE_BYTES: Final = 64 * 1024
+# Messages trio-websocket may hold between its reader task and ours. Each one is
+# read from the socket but not yet in the channel, so keep it small.
+MESSAGE_QUEUE_SIZE: Final = 4
+# A client that does not take an error reply or a close frame within this long is
+# not reading: give up on it rather than hold its task.
+SEND_TIMEOUT: Final = 5.0
+CLOSE_GOING_AWAY: Final = 1001
+CLOSE_INTERNAL_ERROR: Final = 1011
+CLOSE_TRY_AGAIN_LATER: Final = 1013
+
+log = structlog.get_logger("stag_relay.gate")
+
+
+class Gate:
+    """What every connection shares: the sessions, the channel, the metrics."""
+
+    def __init__(
+        self,
+        *,
+        config: Config,
+        sessions: Sessions,
+        events: trio.MemorySendChannel[Event],
+        metrics: RelayMetrics,
+    ) -> None:
+        self.config = config
+        self.sessions = sessions
+        self.events = events
+        self.metrics = metrics
+        self.connections: set[Connection] = set()
+        # Events this gate put into the channel: the shutdown sequence compares
+        # it with what STAG accepted to count what was not delivered.
+        self.events_in = 0
+        self._ids = itertools.count(1)
+        self._idle = trio.Event()
+        self._idle.set()
+
+    async def serve(self, stream: trio.abc.Stream, request: HttpRequest) -> None:
+        """Run one WebSocket connection on ``stream`` (the upgrade request replayed)."""
+        conn_id = next(self._ids)
+        bound = log.bind(conn=conn_id, peer=request.peer)
+        async with trio.open_nursery() as nursery:
+            ws: WebSocketConnection | None = None
+            with trio.move_on_after(self.config.server.handshake_timeout):
+                try:
+                    ws_request = await trio_websocket.wrap_server_stream(
+                        nursery,
+                        stream,
+                        message_queue_size=MESSAGE_QUEUE_SIZE,
+                        max_message_size=self.config.websocket.max_message_size,
+                        receive_buffer_size=RECEIVE_BYTES,
+                    )
+                    ws = await ws_request.accept()
+                except (ConnectionClosed, trio_websocket.HandshakeError):
+                    ws = None
+            if ws is None:
+                nursery.cancel_scope.cancel()
+                return
+            connection = Connection(self, ws, bound)
+            self._opened(connection)
+            try:
+                nursery.start_soon(connection.heartbeat)
+                await connection.run()
+            finally:
+                self._closed(connection)
+                nursery.cancel_scope.cancel()
+
+    def drain(self) -> None:
+        """Shutdown step: every connection stops reading and closes with 1001."""
+        for connection in list(self.connections):
+            connection.stop_reading()
+
+    def abort(self) -> None:
+        """Shutdown deadline: give up sends still waiting on a full channel."""
+        for connection in list(self.connections):
+            connection.abort_send()
+
+    async def wait_idle(self) -> None:
+        """Return once no connection is open."""
+        await self._idle.wait()
+
+    def _opened(self, connection: Connection) -> None:
+        self.connections.add(connection)
+        self._idle = trio.Event()
+        self.metrics.connections_total.inc()
+        self.metrics.connections_active.inc()
+
+    def _closed(self, connection: Connection) -> None:
+        self.connections.discard(connection)
+        self.metrics.connections_active.dec()
+        if connection.session_id is not None:
+            self.sessions.detach(connection.session_id, trio.current_time())
+        if not self.connections:
+            self._idle.set()
+
+
+class Connection:
+    """One client's WebSocket: read, parse, transform, send into the channel."""
+
+    def __init__(
+        self, gate: Gate, ws: WebSocketConnection, log: structlog.typing.FilteringBoundLogger
+    ) -> None:
+        self.gate = gate
+        self.ws = ws
+        self.log = log
+        self.session_id: str | None = None
+        # True while a send waits on a full channel; ``stalls`` counts such waits
+        # so the heartbeat can tell a stalled pipeline from a dead peer.
+        self.blocked = False
+        self.stalls = 0
+        self._read_scope = trio.CancelScope()
+        self._send_scope: trio.CancelScope | None = None
+        metrics = gate.metrics
+        self._ok = {t: metrics.packet(t, "ok") for t in ("pose", "mesh")}
+        self._duplicate = {t: metrics.packet(t, "duplicate") for t in ("pose", "mesh")}
+        self._processing = metrics.processing_duration
+
+    def stop_reading(self) -> None:
+        self._read_scope.cancel()
+
+    def abort_send(self) -> None:
+        if self._send_scope is not None:
+            self._send_scope.cancel()
+
+    async def run(self) -> None:
+        self.log.debug("connection opened")
+        try:
+            with self._read_scope:
+                while True:
+                    message = await self.ws.get_message()
+                    await self._on_message(message)
+        except ConnectionClosed as exc:
+            reason = exc.reason
+            if reason is not None and reason.code == 1009:
+                # trio-websocket closed it for us: the message exceeded max_message_size.
+                self.gate.metrics.packet("unknown", "too_large").inc()
+                self.log.info("message too large, connection closed", code=1009)
+            else:
+                self.log.debug("connection closed by peer", code=getattr(reason, "code", None))
+            return
+        # Drained: everything read from this client is in the channel.
+        await self._close(CLOSE_GOING_AWAY, "relay shutting down")
+
+    async def _on_message(self, message: str | bytes) -> None:
+        started = time.perf_counter()
+        gate = self.gate
+        try:
+            packet = parse_packet(message)
+            if self.session_id is None:
+                gate.sessions.attach(packet.session_id, trio.current_time())
+                self.session_id = packet.session_id
+                self.log = self.log.bind(session=packet.session_id)
+            elif packet.session_id != self.session_id:
+                raise PacketError(
+                    f"$.session_id: this connection belongs to session {self.session_id!r}",
+                    frame_number=packet.frame_number,
+                    packet_type=packet.type,
+                )
+            event = gate.sessions.accept(
+                packet, received_at_ms=time.time_ns() // 1_000_000, now=trio.current_time()
+            )
+        except PacketError as exc:
+            gate.metrics.packet(exc.packet_type, "invalid").inc()
+            await self._reply_error(exc.message, exc.frame_number)
+            return
+        except SessionLimitError:
+            gate.metrics.packet("unknown", "invalid").inc()
+            self.log.warning("session limit reached, connection refused")
+            await self._reply_error("the relay holds too many sessions; retry later", None)
+            await self._close(CLOSE_TRY_AGAIN_LATER, "too many sessions")
+            return
+        if event is None:
+            # Resent after a reconnect, most likely: already forwarded, no reply needed.
+            self._duplicate[packet.type].inc()
+            return
+        self._processing.observe(time.perf_counter() - started)
+        try:
+            gate.events.send_nowait(event)
+        except trio.WouldBlock:
+            if not await self._send_waiting(event):
+                return
+        gate.events_in += 1
+        self._ok[packet.type].inc()
+
+    async def _send_waiting(self, event: Event) -> bool:
+        """Wait for room in the channel; False if shutdown gave up on this event.
+
+        Shielded: draining stops reading but must not lose a packet already read;
+        only the shutdown deadline (abort_send) cancels it.
+        """
+        self.blocked = True
+        self.stalls += 1
+        try:
+            with trio.CancelScope(shield=True) as scope:
+                self._send_scope = scope
+                await self.gate.events.send(event)
+                return True
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            pass
+        finally:
+            self._send_scope = None
+            self.blocked = False
+        self.gate.metrics.events_dropped.labels("shutdown").inc()
+        return False
+
+    async def _reply_error(self, message: str, frame_number: int | None) -> None:
+        reply: dict[str, object] = {"type": "error", "code": "invalid_packet", "message": message}
+        if frame_number is not None:
+            reply["frame_number"] = frame_number
+        with trio.move_on_after(SEND_TIMEOUT) as timeout:
+            await self.ws.send_message(orjson.dumps(reply).decode())
+        if timeout.cancelled_caught:
+            self.log.info("client does not read its replies, closing")
+            await self._close(CLOSE_INTERNAL_ERROR, "replies not read")
+
+    async def _close(self, code: int, reason: str) -> None:
+        with trio.move_on_after(SEND_TIMEOUT):
+            await self.ws.aclose(code, reason)
+        self.log.debug("connection closed", code=code)
+
+    async def heartbeat(self) -> None:
+        """Ping every heartbeat_interval; close a peer that does not answer in time."""
+        interval = self.gate.config.websocket.heartbeat_interval
+        try:
+            while True:
+                await trio.sleep(interval)
+                stalls = self.stalls
+                with trio.move_on_after(interval) as wait:
+                    await self.ws.ping()
+                if not wait.cancelled_caught:
+                    continue
+                if self.blocked or self.stalls != stalls:
+                    # We were not reading the socket (full channel), so its pong
+                    # may be sitting unread: not the peer's fault.
+                    continue
+                self.gate.metrics.heartbeat_timeouts.inc()
+                self.log.info("no pong within heartbeat interval, closing", interval=interval)
+                await self._close(CLOSE_INTERNAL_ERROR, "ping timeout")
+                return
+        except ConnectionClosed:
+            return
