@@ -1,0 +1,143 @@
+"""What to do after each attempt to deliver a batch to STAG: the retry policy.
+
+Pure: no I/O, no trio. The sender reports what happened (an HTTP status and its
+``Retry-After``, or a transport error) and gets back a verdict and, for a retry,
+how long to wait. Losing events is worse than retrying too long, so anything that
+might be transient is retried; only answers that say the batch itself is wrong
+are final.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import enum
+import math
+import random
+import re
+from datetime import UTC
+from typing import Final
+
+import attrs
+
+
+class Verdict(enum.Enum):
+    DELIVERED = "delivered"
+    RETRY = "retry"
+    REJECT = "reject"
+    SPLIT = "split"
+
+
+# Statuses the issue names as transient: STAG (or a proxy before it) is overloaded,
+# restarting, or timed out, and the same request may succeed later.
+RETRY_STATUSES: Final = frozenset({408, 429, 500, 502, 503, 504})
+# Only these carry a Retry-After worth obeying for us (RFC 9110 §10.2.3 also allows it on
+# 3xx, which we never retry).
+RETRY_AFTER_STATUSES: Final = frozenset({429, 503})
+# A Retry-After longer than this is treated as this long. A far-future HTTP date (a skewed
+# clock, a bug) must not park a batch for hours while the relay looks healthy; retrying a
+# minute later costs STAG one request per in-flight batch and it can ask again.
+MAX_RETRY_AFTER: Final = 60.0
+# 2**attempt overflows a float past ~1024; the cap is reached long before 2**64 anyway.
+_MAX_EXPONENT: Final = 64
+# RFC 9110 delay-seconds is 1*DIGIT; a sign or a fraction is tolerated because the
+# meaning is unambiguous and rejecting it would make us ignore the server's wish.
+_DELAY_SECONDS: Final = re.compile(r"[+-]?\d+(?:\.\d+)?")
+
+
+def classify_status(status: int) -> Verdict:
+    """The verdict for a batch STAG answered with ``status``."""
+    if 200 <= status < 300:
+        return Verdict.DELIVERED
+    if status == 413:
+        return Verdict.SPLIT
+    if status in RETRY_STATUSES:
+        return Verdict.RETRY
+    if 500 <= status < 600:
+        # 501, 505, 507, ...: the server's fault, not the batch's. It may be fixed by a
+        # deploy; dropping the events would be silent loss, retrying shows up in
+        # /status and the metrics while the channel fills.
+        return Verdict.RETRY
+    # Other 4xx: the batch (or our credentials) is wrong and will stay wrong. 3xx: we do not
+    # follow redirects with a POST body; stag.url needs fixing. 1xx never reaches us, and
+    # anything outside 100..599 is not HTTP.
+    return Verdict.REJECT
+
+
+def backoff_delay(attempt: int, *, initial: float, maximum: float, rng: random.Random) -> float:
+    """Seconds to wait before retry number ``attempt`` (0 for the first retry).
+
+    Exponential with full jitter: uniform in ``[0, min(maximum, initial * 2**attempt)]``,
+    so relays that failed together do not retry together.
+    """
+    if attempt < 0:
+        raise ValueError(f"attempt must be >= 0, got {attempt}")
+    ceiling = min(maximum, initial * 2.0 ** min(attempt, _MAX_EXPONENT))
+    return rng.uniform(0.0, max(ceiling, 0.0))
+
+
+def parse_retry_after(value: str | None, *, now: float) -> float | None:
+    """Seconds to wait from a ``Retry-After`` header, relative to unix time ``now``.
+
+    Accepts delay-seconds or an HTTP date. ``None`` for a missing or unreadable value;
+    a negative delay or a past date gives 0; at most ``MAX_RETRY_AFTER``.
+    """
+    if value is None:
+        return None
+    value = value.strip()
+    if _DELAY_SECONDS.fullmatch(value):
+        delay = float(value)
+    else:
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+            if when.tzinfo is None:
+                # "-0000" means UTC with unknown local zone (RFC 5322); HTTP dates are GMT.
+                when = when.replace(tzinfo=UTC)
+            delay = when.timestamp() - now
+        except (TypeError, ValueError, IndexError, OverflowError):
+            return None
+    if not math.isfinite(delay):
+        return None
+    return min(max(delay, 0.0), MAX_RETRY_AFTER)
+
+
+@attrs.frozen
+class Decision:
+    """What to do next with a batch: ``delay`` seconds of waiting, used only for RETRY."""
+
+    verdict: Verdict
+    delay: float = 0.0
+
+
+@attrs.frozen
+class RetryPolicy:
+    """Backoff and ``Retry-After`` combined into one decision per attempt.
+
+    ``attempt`` counts the failed attempts of one batch before this one (0 after the
+    first failure). A ``Retry-After`` on 429/503 is a floor: we wait at least that long
+    (up to ``MAX_RETRY_AFTER``), even when it exceeds ``maximum``, because the server
+    asked; our own backoff stays within ``maximum``.
+    """
+
+    initial: float
+    maximum: float
+    rng: random.Random = attrs.field(factory=random.Random, eq=False)
+
+    def after_status(
+        self, status: int, *, attempt: int, retry_after: str | None, now: float
+    ) -> Decision:
+        verdict = classify_status(status)
+        if verdict is not Verdict.RETRY:
+            return Decision(verdict)
+        delay = self._backoff(attempt)
+        if status in RETRY_AFTER_STATUSES:
+            asked = parse_retry_after(retry_after, now=now)
+            if asked is not None:
+                delay = max(delay, asked)
+        return Decision(Verdict.RETRY, delay)
+
+    def after_error(self, *, attempt: int) -> Decision:
+        """After a connection error or timeout: always retry."""
+        return Decision(Verdict.RETRY, self._backoff(attempt))
+
+    def _backoff(self, attempt: int) -> float:
+        return backoff_delay(attempt, initial=self.initial, maximum=self.maximum, rng=self.rng)

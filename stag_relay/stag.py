@@ -1,0 +1,227 @@
+"""The STAG client: delivers batches over HTTP, retrying until each is delivered or rejected.
+
+One pooled ``httpx.AsyncClient`` for the whole run, and at most ``stag.max_in_flight``
+batches in flight. A batch is only taken from the channel when a slot is free, so while
+STAG is slow or down the batcher waits, the event channel fills and the connection
+tasks stop reading their sockets: backpressure instead of loss. STAG being down is
+normal and only logged when the state changes.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from typing import Final
+
+import httpx
+import structlog
+import trio
+
+from stag_relay.config import StagConfig
+from stag_relay.events import Batch, encode_batch
+from stag_relay.metrics import RelayMetrics
+from stag_relay.retry import Decision, RetryPolicy, Verdict
+
+logger = structlog.get_logger("stag_relay.stag")
+
+# Enough of STAG's answer to see why it refused a batch, without logging a whole page.
+_ANSWER_PREVIEW = 200
+# relay_stag_requests_total{outcome} for a request STAG answered.
+_OUTCOMES: Final = {
+    Verdict.DELIVERED: "success",
+    Verdict.RETRY: "retry",
+    Verdict.REJECT: "rejected",
+    Verdict.SPLIT: "too_large",
+}
+
+
+class StagSender:
+    """Delivers batches from a channel to ``POST {stag.url}{stag.ingest_path}``."""
+
+    def __init__(
+        self,
+        config: StagConfig,
+        metrics: RelayMetrics,
+        *,
+        relay_id: str,
+        version: str,
+        transport: httpx.AsyncBaseTransport | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        if config.max_in_flight < 1:
+            raise ValueError(f"stag.max_in_flight must be >= 1, got {config.max_in_flight}")
+        self._config = config
+        self._metrics = metrics
+        self._relay_id = relay_id
+        self._transport = transport
+        self._url = config.url.rstrip("/") + config.ingest_path
+        # For logs: credentials in the URL's userinfo must not reach them.
+        self._url_for_logs = str(httpx.URL(self._url).copy_with(username=None, password=None))
+        self._headers = {
+            "Content-Type": "application/json",
+            "User-Agent": f"stag-relay/{version}",
+        }
+        if config.api_key:
+            self._headers["X-API-Key"] = config.api_key
+        self._policy = RetryPolicy(
+            initial=config.retry_initial,
+            maximum=config.retry_max,
+            rng=rng if rng is not None else random.Random(),
+        )
+        self._held = 0
+        self._reachable: bool | None = None
+        self._last_success: float | None = None
+        self._last_failure: float | None = None
+        self._consecutive_failures = 0
+        self._events_sent = 0
+        self._batches_sent = 0
+
+    def held_events(self) -> int:
+        """Events in batches taken from the channel but not yet delivered or rejected."""
+        return self._held
+
+    def status(self) -> dict[str, object]:
+        """A snapshot for ``/status``. ``reachable`` is ``None`` before the first attempt."""
+        return {
+            "reachable": self._reachable,
+            "last_success": self._last_success,
+            "last_failure": self._last_failure,
+            "consecutive_failures": self._consecutive_failures,
+            "events_sent": self._events_sent,
+            "batches_sent": self._batches_sent,
+        }
+
+    async def run(self, batches: trio.MemoryReceiveChannel[Batch]) -> None:
+        """Deliver every batch from ``batches``; return once it is closed and drained."""
+        slots = self._config.max_in_flight
+        # A connection per slot, all kept alive: a request never waits for the pool.
+        limits = httpx.Limits(max_connections=slots, max_keepalive_connections=slots)
+        free = trio.Semaphore(slots)
+        async with (
+            httpx.AsyncClient(
+                headers=self._headers,
+                timeout=httpx.Timeout(self._config.timeout),
+                limits=limits,
+                transport=self._transport,
+            ) as client,
+            trio.open_nursery() as nursery,
+        ):
+            with batches:
+                while True:
+                    # The slot first, then the batch: while every slot is busy the batch
+                    # stays with the batcher, which is what makes backpressure flow back.
+                    await free.acquire()
+                    try:
+                        batch = await batches.receive()
+                    except trio.EndOfChannel:
+                        free.release()
+                        break
+                    self._held += len(batch)
+                    nursery.start_soon(self._deliver_in_slot, client, batch, free)
+
+    async def _deliver_in_slot(
+        self, client: httpx.AsyncClient, batch: Batch, free: trio.Semaphore
+    ) -> None:
+        try:
+            await self._deliver(client, batch)
+        finally:
+            free.release()
+
+    async def _deliver(self, client: httpx.AsyncClient, batch: Batch) -> None:
+        """Send ``batch`` until STAG takes or refuses it; retries share one batch id."""
+        attempt = 0
+        while True:
+            decision, response = await self._attempt(client, batch, attempt)
+            if decision.verdict is Verdict.DELIVERED:
+                self._delivered(batch)
+                return
+            if decision.verdict is Verdict.SPLIT:
+                if len(batch) < 2:
+                    assert response is not None
+                    self._rejected(batch, response, "event too large for STAG")
+                    return
+                # In turn within this slot, so a split never exceeds max_in_flight.
+                for half in batch.split():
+                    await self._deliver(client, half)
+                return
+            if decision.verdict is Verdict.REJECT:
+                assert response is not None
+                self._rejected(batch, response, "STAG rejected a batch")
+                return
+            attempt += 1
+            await trio.sleep(decision.delay)
+
+    async def _attempt(
+        self, client: httpx.AsyncClient, batch: Batch, attempt: int
+    ) -> tuple[Decision, httpx.Response | None]:
+        """One request; its decision, with the response when there was one."""
+        body = encode_batch(batch, self._relay_id, int(time.time() * 1000))
+        started = trio.current_time()
+        try:
+            response = await client.post(
+                self._url, content=body, headers={"Idempotency-Key": batch.batch_id}
+            )
+        except httpx.RequestError as exc:
+            # Transport errors (refused, reset, timeouts) and an undecodable answer: the
+            # Idempotency-Key makes sending again safe even if STAG did take it.
+            self._metrics.stag_request_duration.observe(trio.current_time() - started)
+            self._metrics.stag_requests.labels("error").inc()
+            self._failed(f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
+            return self._policy.after_error(attempt=attempt), None
+        self._metrics.stag_request_duration.observe(trio.current_time() - started)
+        decision = self._policy.after_status(
+            response.status_code,
+            attempt=attempt,
+            retry_after=response.headers.get("Retry-After"),
+            now=time.time(),
+        )
+        self._metrics.stag_requests.labels(_OUTCOMES[decision.verdict]).inc()
+        if decision.verdict is Verdict.RETRY:
+            self._failed(f"HTTP {response.status_code}")
+        else:
+            # STAG answered for this batch (even a refusal): it is up.
+            self._answered()
+        return decision, response
+
+    def _delivered(self, batch: Batch) -> None:
+        size = len(batch)
+        self._metrics.events_sent.inc(size)
+        self._metrics.batches_sent.inc()
+        self._metrics.batch_size.observe(size)
+        self._events_sent += size
+        self._batches_sent += 1
+        self._last_success = time.time()
+        self._held -= size
+
+    def _rejected(self, batch: Batch, response: httpx.Response, message: str) -> None:
+        size = len(batch)
+        self._metrics.events_dropped.labels("rejected").inc(size)
+        self._held -= size
+        logger.warning(
+            message,
+            status=response.status_code,
+            batch_id=batch.batch_id,
+            events=size,
+            answer=response.text[:_ANSWER_PREVIEW],
+        )
+
+    def _answered(self) -> None:
+        if self._reachable is not True:
+            logger.info(
+                "STAG reachable",
+                url=self._url_for_logs,
+                after_failures=self._consecutive_failures,
+            )
+        self._reachable = True
+        self._consecutive_failures = 0
+
+    def _failed(self, reason: str) -> None:
+        self._consecutive_failures += 1
+        self._last_failure = time.time()
+        if self._reachable is not False:
+            logger.warning(
+                "STAG unreachable, retrying until it answers",
+                url=self._url_for_logs,
+                reason=reason,
+            )
+        self._reachable = False
