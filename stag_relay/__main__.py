@@ -1,0 +1,133 @@
+"""Command line: ``stag-relay`` / ``python -m stag_relay``.
+
+Exit status: 0 after a clean shutdown (or a good --check-config), 2 for bad
+configuration or usage (systemd's RestartPreventExitStatus=2: restarting will not
+fix it), 1 when the relay cannot run (port taken), 130 on a second Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import signal
+import sys
+from collections.abc import AsyncIterator, Sequence
+from typing import Final
+
+import structlog
+import trio
+
+from stag_relay import __version__
+from stag_relay.app import Relay
+from stag_relay.config import Config, ConfigError, dump_config, load_config
+from stag_relay.logs import configure_logging
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_CONFIG = 2
+# 128 + SIGINT: what a shell reports for a process stopped by Ctrl-C.
+EXIT_INTERRUPTED = 130
+
+log = structlog.get_logger("stag_relay")
+
+# Tools beside the relay itself, as subcommands: each module has
+# ``configure_parser(parser)`` and ``run(args) -> int``. Imported only when used.
+TOOLS: Final[dict[str, str]] = {}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="stag-relay",
+        description="Relay StreamKit packets from AR/VR clients (WebSocket) to STAG as batched "
+        "spatial events.",
+        epilog="Configuration: --config PATH, else $RELAY_CONFIG, else ./relay.yaml, else "
+        "/etc/stag-relay/relay.yaml; every key can be set as RELAY_<SECTION>_<KEY>.",
+    )
+    parser.add_argument("--version", action="version", version=f"stag-relay {__version__}")
+    parser.add_argument("--config", metavar="PATH", help="YAML configuration file")
+    parser.add_argument("--host", help="address to listen on (server.host)")
+    parser.add_argument("--port", help="port to listen on (server.port)")
+    parser.add_argument(
+        "--log-level", choices=["debug", "info", "warning", "error"], help="log.level"
+    )
+    parser.add_argument(
+        "--check-config",
+        action="store_true",
+        help="print the effective configuration (secrets masked) and exit 0, or 2 if invalid",
+    )
+    if TOOLS:
+        commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+        for name, module_name in TOOLS.items():
+            module = importlib.import_module(module_name)
+            doc = (module.__doc__ or name).strip().splitlines()[0]
+            module.configure_parser(commands.add_parser(name, help=doc, description=doc))
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    command = getattr(args, "command", None)
+    if command is not None:
+        code: int = importlib.import_module(TOOLS[command]).run(args)
+        return code
+    overrides: dict[str, object] = {}
+    if args.host is not None:
+        overrides["server.host"] = args.host
+    if args.port is not None:
+        overrides["server.port"] = args.port
+    if args.log_level is not None:
+        overrides["log.level"] = args.log_level
+    try:
+        loaded = load_config(config_path=args.config, environ=os.environ, overrides=overrides)
+    except ConfigError as exc:
+        print(f"stag-relay: invalid configuration\n{exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    config = loaded.config
+    if args.check_config:
+        print(f"# configuration from {loaded.source or 'defaults only'}")
+        print(dump_config(config), end="")
+        return EXIT_OK
+    configure_logging(config.log.level, config.log.format)
+    if loaded.source:
+        log.info("configuration loaded", source=loaded.source)
+    try:
+        trio.run(serve, config)
+    except OSError as exc:
+        log.error(
+            "cannot listen",
+            host=config.server.host,
+            port=config.server.port,
+            error=str(exc),
+            fix="choose another server.port or stop what holds it",
+        )
+        return EXIT_FAILURE
+    return EXIT_OK
+
+
+async def serve(config: Config) -> None:
+    """Run a relay until SIGTERM/SIGINT has drained it."""
+    relay = Relay(config)
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        # Bound outside any nursery so "address in use" reaches main() as a plain OSError.
+        listeners = await relay.listen()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_watch_signals, signals, relay)
+            await relay.run(listeners)
+            nursery.cancel_scope.cancel()
+
+
+async def _watch_signals(signals: AsyncIterator[int], relay: Relay) -> None:
+    draining = False
+    async for signum in signals:
+        if not draining:
+            draining = True
+            log.info("signal received, draining", signal=signal.Signals(signum).name)
+            relay.shut_down()
+        elif signum == signal.SIGINT:
+            log.warning("second interrupt, exiting at once")
+            os._exit(EXIT_INTERRUPTED)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,259 @@
+"""The relay: builds the pipeline, owns the root nursery and the shutdown sequence.
+
+    connections (gate) --events--> batcher --batches--> STAG sender --> STAG
+
+Everything runs under one root nursery; cancelling it stops every task. The
+whole shutdown sequence is ``Relay._shut_down``, in the order it happens.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+import uuid
+from typing import Any, Final
+
+import structlog
+import trio
+
+from stag_relay import __version__
+from stag_relay.batching import Batcher, BatchPolicy
+from stag_relay.config import Config, redact_url
+from stag_relay.events import Batch, Event
+from stag_relay.front import FrontDoor, HttpRequest, HttpResponse, error_response, json_response
+from stag_relay.gate import Gate
+from stag_relay.metrics import DROP_REASONS, PACKET_STATUSES, PACKET_TYPES, RelayMetrics
+from stag_relay.stag import StagSender
+from stag_relay.transform import Sessions
+
+WEBSOCKET_PATH: Final = "/ws/streamkit"
+# How often expired sessions are swept; a session may outlive its ttl by this much.
+_MAX_SWEEP_INTERVAL: Final = 30.0
+
+log = structlog.get_logger("stag_relay.app")
+
+
+def default_relay_id() -> str:
+    """Host name plus a boot id: two relays on one host, or one restarted, differ."""
+    return f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
+
+
+class Relay:
+    """One relay: call ``run`` (with ``nursery.start`` to learn its ports), then ``shut_down``."""
+
+    def __init__(
+        self, config: Config, *, metrics: RelayMetrics | None = None, relay_id: str | None = None
+    ) -> None:
+        self.config = config
+        self.metrics = metrics if metrics is not None else RelayMetrics()
+        self.relay_id = relay_id or config.stag.relay_id or default_relay_id()
+        self.draining = False
+        self.ports: list[int] = []
+        self._started_at = time.time()
+        self._events_send, self._events_recv = trio.open_memory_channel[Event](
+            config.websocket.buffer_size
+        )
+        # Unbuffered: a batch the sender cannot take yet stays with the batcher,
+        # which then stops draining the event channel, so backpressure flows back.
+        self._batches_send, self._batches_recv = trio.open_memory_channel[Batch](0)
+        self.sessions = Sessions(ttl=config.session.ttl, max_sessions=config.session.max_sessions)
+        self.gate = Gate(
+            config=config, sessions=self.sessions, events=self._events_send, metrics=self.metrics
+        )
+        self.policy = BatchPolicy(
+            max_size=config.batch.max_size,
+            timeout=config.batch.timeout,
+            new_batch_id=lambda: uuid.uuid4().hex,
+        )
+        self.batcher = Batcher(self.policy, self.metrics)
+        self.sender = StagSender(
+            config.stag, self.metrics, relay_id=self.relay_id, version=__version__
+        )
+        self.front = FrontDoor(
+            endpoints={"/health": self._health, "/status": self._status, "/metrics": self._metrics},
+            websocket_path=WEBSOCKET_PATH,
+            admit=self._admit,
+            serve_websocket=self.gate.serve,
+            handshake_timeout=config.server.handshake_timeout,
+        )
+        self._shutdown_requested = trio.Event()
+        self._delivered = trio.Event()
+        self._listen_scope = trio.CancelScope()
+
+    def shut_down(self) -> None:
+        """Begin the graceful shutdown (what SIGTERM does). Idempotent."""
+        self._shutdown_requested.set()
+
+    async def listen(self) -> list[trio.SocketListener]:
+        """Bind the port. Separate from ``run`` so a bind error surfaces plainly."""
+        server = self.config.server
+        listeners = await trio.open_tcp_listeners(server.port, host=server.host or None)
+        self.ports = sorted({listener.socket.getsockname()[1] for listener in listeners})
+        return listeners
+
+    async def run(
+        self,
+        listeners: list[trio.SocketListener] | None = None,
+        *,
+        task_status: trio.TaskStatus[list[int]] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Serve until ``shut_down``; ``task_status`` gets the bound ports."""
+        server = self.config.server
+        if listeners is None:
+            listeners = await self.listen()
+        async with trio.open_nursery() as root:
+            root.start_soon(self.batcher.run, self._events_recv, self._batches_send)
+            root.start_soon(self._deliver)
+            root.start_soon(self._sweep_sessions)
+            root.start_soon(self._abort_sends_when_cancelled)
+            root.start_soon(self._serve, listeners)
+            log.info(
+                "relay listening",
+                host=server.host,
+                ports=self.ports,
+                stag=redact_url(self.config.stag.url),
+                relay_id=self.relay_id,
+                version=__version__,
+            )
+            task_status.started(self.ports)
+            await self._shutdown_requested.wait()
+            await self._shut_down()
+            root.cancel_scope.cancel()
+
+    async def _shut_down(self) -> None:
+        """The shutdown sequence, in order. Bounded by server.shutdown_timeout."""
+        timeout = self.config.server.shutdown_timeout
+        log.info("shutting down", timeout=timeout, connections=len(self.gate.connections))
+        # 1. /health answers 503 and the listener closes: no new clients.
+        self.draining = True
+        self._listen_scope.cancel()
+        with trio.move_on_after(timeout) as deadline:
+            # 2. Every connection stops reading; each closes with 1001 once what
+            #    it read is in the channel.
+            self.gate.drain()
+            await self.gate.wait_idle()
+            # 3. Closing the channel makes the batcher flush its partial batch and
+            #    close its output, which ends the sender once it has delivered.
+            await self._events_send.aclose()
+            # 4. The sender delivers what it holds.
+            await self._delivered.wait()
+        if deadline.cancelled_caught:
+            # Sends still waiting on a full channel give up their event (counted there).
+            self.gate.abort()
+        # 5. Whatever STAG did not take by now is lost: count it and say so.
+        undelivered = (
+            self._events_recv.statistics().current_buffer_used
+            + self.batcher.held_events()
+            + self.sender.held_events()
+        )
+        if undelivered > 0:
+            self.metrics.events_dropped.labels("shutdown").inc(undelivered)
+            log.error("events not delivered before shutdown timeout", events=undelivered)
+        log.info(
+            "shutdown complete",
+            events_read=self.gate.events_in,
+            events_delivered=self.sender.status()["events_sent"],
+            events_undelivered=undelivered,
+        )
+
+    async def _abort_sends_when_cancelled(self) -> None:
+        """Sends shielded for draining must also give up when the root is cancelled
+        from outside (a crash elsewhere, a test's teardown), or cancelling would wait
+        on them forever."""
+        try:
+            await trio.sleep_forever()
+        finally:
+            self.gate.abort()
+
+    async def _deliver(self) -> None:
+        await self.sender.run(self._batches_recv)
+        self._delivered.set()
+
+    async def _serve(self, listeners: list[trio.SocketListener]) -> None:
+        async with trio.open_nursery() as handlers:
+            with self._listen_scope:
+                await trio.serve_listeners(self.front.handle, listeners, handler_nursery=handlers)
+
+    async def _sweep_sessions(self) -> None:
+        interval = max(1.0, min(self.config.session.ttl / 4, _MAX_SWEEP_INTERVAL))
+        while True:
+            await trio.sleep(interval)
+            evicted = self.sessions.evict_expired(trio.current_time())
+            if evicted:
+                log.debug("sessions expired", count=evicted, held=len(self.sessions))
+
+    # -- the front door's answers ---------------------------------------------
+
+    def _admit(self, request: HttpRequest) -> HttpResponse | None:
+        if self.draining:
+            return error_response(503, "relay is shutting down", (("retry-after", "1"),))
+        return None
+
+    def _health(self, request: HttpRequest) -> HttpResponse:
+        if self.draining:
+            return json_response(503, {"status": "draining"})
+        return json_response(
+            200,
+            {
+                "status": "ok",
+                "version": __version__,
+                "uptime_seconds": round(time.time() - self._started_at, 3),
+                "connections": len(self.gate.connections),
+            },
+        )
+
+    def _metrics(self, request: HttpRequest) -> HttpResponse:
+        self._refresh_gauges()
+        body, content_type = self.metrics.render(request.header("accept"))
+        return HttpResponse(200, body, content_type)
+
+    def _status(self, request: HttpRequest) -> HttpResponse:
+        return json_response(200, self.status())
+
+    def _refresh_gauges(self) -> None:
+        self.metrics.channel_events.set(self._events_recv.statistics().current_buffer_used)
+        self.metrics.sessions_active.set(len(self.sessions))
+
+    def status(self) -> dict[str, Any]:
+        """The /status document: what an operator needs to see at a glance."""
+        sample = self.metrics.registry.get_sample_value
+        channel = self._events_recv.statistics()
+        stag = self.sender.status()
+        return {
+            "version": __version__,
+            "relay_id": self.relay_id,
+            "uptime_seconds": round(time.time() - self._started_at, 3),
+            "draining": self.draining,
+            "connections": {"active": len(self.gate.connections)},
+            "sessions": {"active": len(self.sessions)},
+            "channel": {
+                "depth": channel.current_buffer_used,
+                "capacity": self.config.websocket.buffer_size,
+            },
+            "batch": {
+                "max_size": self.config.batch.max_size,
+                "timeout_seconds": self.config.batch.timeout,
+            },
+            "stag": {
+                "url": redact_url(self.config.stag.url),
+                "ingest_path": self.config.stag.ingest_path,
+                **stag,
+            },
+            "events": {
+                "sent": stag["events_sent"],
+                "batches_sent": stag["batches_sent"],
+                "dropped": {
+                    reason: int(sample("relay_events_dropped_total", {"reason": reason}) or 0)
+                    for reason in DROP_REASONS
+                },
+            },
+            "packets": {
+                packet_type: {
+                    status: int(
+                        sample("relay_packets_total", {"type": packet_type, "status": status}) or 0
+                    )
+                    for status in PACKET_STATUSES
+                }
+                for packet_type in PACKET_TYPES
+            },
+        }
