@@ -12,9 +12,10 @@ import importlib
 import os
 import signal
 import sys
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Final
 
+import attrs
 import structlog
 import trio
 
@@ -22,6 +23,7 @@ from stag_relay import __version__
 from stag_relay.app import Relay
 from stag_relay.config import Config, ConfigError, dump_config, load_config
 from stag_relay.logs import configure_logging
+from stag_relay.systemd import Notifier
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -91,8 +93,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(config.log.level, config.log.format)
     if loaded.source:
         log.info("configuration loaded", source=loaded.source)
+
+    def reload() -> str:
+        """SIGHUP: re-read the configuration, apply what can change while running."""
+        try:
+            new = load_config(config_path=args.config, environ=os.environ, overrides=overrides)
+        except ConfigError as exc:
+            log.error("reload failed, keeping the running configuration", problems=exc.problems)
+            return "reload failed: configuration invalid, see the log"
+        configure_logging(new.config.log.level, new.config.log.format)
+        restart_needed = _changed_keys(config, new.config) - {"log.level", "log.format"}
+        if restart_needed:
+            log.warning(
+                "reloaded; these settings change only on restart", keys=sorted(restart_needed)
+            )
+        log.info("configuration reloaded", source=new.source, log_level=new.config.log.level)
+        return "configuration reloaded"
+
     try:
-        trio.run(serve, config)
+        trio.run(serve, config, reload)
     except OSError as exc:
         log.error(
             "cannot listen",
@@ -105,21 +124,41 @@ def main(argv: Sequence[str] | None = None) -> int:
     return EXIT_OK
 
 
-async def serve(config: Config) -> None:
-    """Run a relay until SIGTERM/SIGINT has drained it."""
-    relay = Relay(config)
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+def _changed_keys(old: Config, new: Config) -> set[str]:
+    changed = set()
+    for section in attrs.fields(Config):
+        before, after = getattr(old, section.name), getattr(new, section.name)
+        for field in attrs.fields(type(before)):
+            if getattr(before, field.name) != getattr(after, field.name):
+                changed.add(f"{section.name}.{field.name}")
+    return changed
+
+
+async def serve(config: Config, reload: Callable[[], str] | None = None) -> None:
+    """Run a relay until SIGTERM/SIGINT has drained it; SIGHUP calls ``reload``."""
+    relay = Relay(config, notifier=Notifier.from_environ())
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         # Bound outside any nursery so "address in use" reaches main() as a plain OSError.
         listeners = await relay.listen()
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(_watch_signals, signals, relay)
+            nursery.start_soon(_watch_signals, signals, relay, reload)
             await relay.run(listeners)
             nursery.cancel_scope.cancel()
+    relay.notifier.close()
 
 
-async def _watch_signals(signals: AsyncIterator[int], relay: Relay) -> None:
+async def _watch_signals(
+    signals: AsyncIterator[int], relay: Relay, reload: Callable[[], str] | None
+) -> None:
     draining = False
     async for signum in signals:
+        if signum == signal.SIGHUP:
+            # Without this SIGHUP would end the relay, and systemd counts that as a
+            # clean exit: `systemctl reload` would stop it for good.
+            if not draining and reload is not None:
+                relay.notifier.reloading()
+                relay.notifier.ready(reload())
+            continue
         if not draining:
             draining = True
             log.info("signal received, draining", signal=signal.Signals(signum).name)

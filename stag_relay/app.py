@@ -24,6 +24,7 @@ from stag_relay.front import FrontDoor, HttpRequest, HttpResponse, error_respons
 from stag_relay.gate import Gate
 from stag_relay.metrics import DROP_REASONS, PACKET_STATUSES, PACKET_TYPES, RelayMetrics
 from stag_relay.stag import StagSender
+from stag_relay.systemd import Notifier, StatusSnapshot, run_watchdog
 from stag_relay.transform import Sessions
 
 WEBSOCKET_PATH: Final = "/ws/streamkit"
@@ -42,9 +43,16 @@ class Relay:
     """One relay: call ``run`` (with ``nursery.start`` to learn its ports), then ``shut_down``."""
 
     def __init__(
-        self, config: Config, *, metrics: RelayMetrics | None = None, relay_id: str | None = None
+        self,
+        config: Config,
+        *,
+        metrics: RelayMetrics | None = None,
+        relay_id: str | None = None,
+        notifier: Notifier | None = None,
     ) -> None:
         self.config = config
+        # systemd's sd_notify; the default one does nothing (tests, Docker, a terminal).
+        self.notifier = notifier if notifier is not None else Notifier()
         self.metrics = metrics if metrics is not None else RelayMetrics()
         self.relay_id = relay_id or config.stag.relay_id or default_relay_id()
         self.draining = False
@@ -107,6 +115,7 @@ class Relay:
             root.start_soon(self._sweep_sessions)
             root.start_soon(self._abort_sends_when_cancelled)
             root.start_soon(self._serve, listeners)
+            root.start_soon(run_watchdog, self.notifier, self.status_snapshot)
             log.info(
                 "relay listening",
                 host=server.host,
@@ -116,6 +125,7 @@ class Relay:
                 version=__version__,
             )
             task_status.started(self.ports)
+            self.notifier.ready(f"listening on port {', '.join(map(str, self.ports))}")
             await self._shutdown_requested.wait()
             await self._shut_down()
             root.cancel_scope.cancel()
@@ -124,6 +134,7 @@ class Relay:
         """The shutdown sequence, in order. Bounded by server.shutdown_timeout."""
         timeout = self.config.server.shutdown_timeout
         log.info("shutting down", timeout=timeout, connections=len(self.gate.connections))
+        self.notifier.stopping(f"draining {len(self.gate.connections)} connections")
         # 1. /health answers 503 and the listener closes: no new clients.
         self.draining = True
         self._listen_scope.cancel()
@@ -154,6 +165,16 @@ class Relay:
             events_read=self.gate.events_in,
             events_delivered=self.sender.status()["events_sent"],
             events_undelivered=undelivered,
+        )
+
+    def status_snapshot(self) -> StatusSnapshot:
+        """Counts for systemd's STATUS line."""
+        sent = self.metrics.registry.get_sample_value("relay_events_sent_total") or 0
+        return StatusSnapshot(
+            connections=len(self.gate.connections),
+            events_received=self.gate.events_in,
+            events_sent=int(sent),
+            draining=self.draining,
         )
 
     async def _abort_sends_when_cancelled(self) -> None:

@@ -1,0 +1,74 @@
+"""The relay under a stand-in for systemd: sd_notify messages over a socket the test owns."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import tempfile
+from collections.abc import Iterator
+
+import pytest
+
+from tests.support.relays import RelayProcess
+from tests.support.stag_server import DEFAULT_WAIT, StagServer
+
+
+@pytest.fixture
+def notify_socket() -> Iterator[socket.socket]:
+    # sun_path holds 108 bytes; pytest's tmp_path can be longer than that.
+    directory = tempfile.mkdtemp(prefix="sdn-")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(os.path.join(directory, "notify"))
+    # A bound on each wait for a message, not a pause: messages arrive as they are sent.
+    sock.settimeout(DEFAULT_WAIT)
+    with sock:
+        yield sock
+    shutil.rmtree(directory)
+
+
+def next_with(sock: socket.socket, field: str, seen: list[dict[str, str]]) -> dict[str, str]:
+    """Read datagrams until one carries ``field``; every one read is kept in ``seen``."""
+    while True:
+        text = sock.recv(4096).decode()
+        message = dict(line.split("=", 1) for line in text.splitlines())
+        seen.append(message)
+        if field in message:
+            return message
+
+
+def test_ready_watchdog_reload_and_stopping_in_order(
+    stag: StagServer, notify_socket: socket.socket
+) -> None:
+    relay = RelayProcess(
+        {
+            "NOTIFY_SOCKET": notify_socket.getsockname(),
+            # 200ms: a keep-alive every 100ms, so the test need not wait long for one.
+            "WATCHDOG_USEC": "200000",
+            "RELAY_SERVER_HOST": "127.0.0.1",
+            "RELAY_SERVER_PORT": "0",
+            "RELAY_STAG_URL": stag.url,
+        }
+    )
+    seen: list[dict[str, str]] = []
+    try:
+        ready = next_with(notify_socket, "READY", seen)
+        assert ready["STATUS"] == f"listening on port {relay.port()}"
+        next_with(notify_socket, "WATCHDOG", seen)
+
+        relay.proc.send_signal(signal.SIGHUP)
+        reloading = next_with(notify_socket, "RELOADING", seen)
+        assert int(reloading["MONOTONIC_USEC"]) > 0
+        assert next_with(notify_socket, "READY", seen)["STATUS"] == "configuration reloaded"
+        next_with(notify_socket, "WATCHDOG", seen)
+
+        relay.proc.send_signal(signal.SIGTERM)
+        next_with(notify_socket, "STOPPING", seen)
+        assert relay.wait() == 0
+    finally:
+        relay.kill()
+    # Keep-alives may come before READY (the watchdog task starts with the relay),
+    # but nothing else does.
+    first_ready = next(i for i, message in enumerate(seen) if "READY" in message)
+    assert all(set(message) == {"WATCHDOG"} for message in seen[:first_ready])
