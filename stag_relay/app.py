@@ -19,11 +19,12 @@ import trio
 from stag_relay import __version__
 from stag_relay.batching import Batcher, BatchPolicy
 from stag_relay.config import Config, redact_url
+from stag_relay.delivery import Delivery
 from stag_relay.events import Batch, Event
 from stag_relay.front import FrontDoor, HttpRequest, HttpResponse, error_response, json_response
 from stag_relay.gate import Gate
 from stag_relay.metrics import DROP_REASONS, PACKET_STATUSES, PACKET_TYPES, RelayMetrics
-from stag_relay.stag import StagSender
+from stag_relay.stag import Shipment, StagSender
 from stag_relay.systemd import Notifier, StatusSnapshot, run_watchdog
 from stag_relay.transform import Sessions
 
@@ -61,9 +62,10 @@ class Relay:
         self._events_send, self._events_recv = trio.open_memory_channel[Event](
             config.websocket.buffer_size
         )
-        # Unbuffered: a batch the sender cannot take yet stays with the batcher,
-        # which then stops draining the event channel, so backpressure flows back.
+        # Unbuffered: a batch the next stage cannot take yet stays where it is, so
+        # the batcher stops draining the event channel and backpressure flows back.
         self._batches_send, self._batches_recv = trio.open_memory_channel[Batch](0)
+        self._shipments_send, self._shipments_recv = trio.open_memory_channel[Shipment](0)
         self.sessions = Sessions(ttl=config.session.ttl, max_sessions=config.session.max_sessions)
         self.gate = Gate(
             config=config, sessions=self.sessions, events=self._events_send, metrics=self.metrics
@@ -74,6 +76,7 @@ class Relay:
             new_batch_id=lambda: uuid.uuid4().hex,
         )
         self.batcher = Batcher(self.policy, self.metrics)
+        self.delivery = Delivery(config.delivery, self.metrics)
         self.sender = StagSender(
             config.stag, self.metrics, relay_id=self.relay_id, version=__version__
         )
@@ -93,7 +96,9 @@ class Relay:
         self._shutdown_requested.set()
 
     async def listen(self) -> list[trio.SocketListener]:
-        """Bind the port. Separate from ``run`` so a bind error surfaces plainly."""
+        """Open the spool and bind the port: what can fail at start, before any task
+        runs, so such errors surface plainly (OSError, SpoolUnavailable)."""
+        await self.delivery.open()
         server = self.config.server
         listeners = await trio.open_tcp_listeners(server.port, host=server.host or None)
         self.ports = sorted({listener.socket.getsockname()[1] for listener in listeners})
@@ -109,8 +114,19 @@ class Relay:
         server = self.config.server
         if listeners is None:
             listeners = await self.listen()
+        try:
+            await self._run(listeners, task_status)
+        finally:
+            with trio.CancelScope(shield=True):
+                await self.delivery.close()
+
+    async def _run(
+        self, listeners: list[trio.SocketListener], task_status: trio.TaskStatus[list[int]]
+    ) -> None:
+        server = self.config.server
         async with trio.open_nursery() as root:
             root.start_soon(self.batcher.run, self._events_recv, self._batches_send)
+            root.start_soon(self.delivery.run, self._batches_recv, self._shipments_send)
             root.start_soon(self._deliver)
             root.start_soon(self._sweep_sessions)
             root.start_soon(self._abort_sends_when_cancelled)
@@ -144,18 +160,22 @@ class Relay:
             self.gate.drain()
             await self.gate.wait_idle()
             # 3. Closing the channel makes the batcher flush its partial batch and
-            #    close its output, which ends the sender once it has delivered.
+            #    close its output; delivery commits what it gets to the spool (if
+            #    any) and ends the sender once everything is handed on.
             await self._events_send.aclose()
-            # 4. The sender delivers what it holds.
+            # 4. The sender delivers what it holds (with a spool: what is spooled).
             await self._delivered.wait()
         if deadline.cancelled_caught:
             # Sends still waiting on a full channel give up their event (counted there).
             self.gate.abort()
-        # 5. Whatever STAG did not take by now is lost: count it and say so.
+        # 5. Whatever is neither delivered nor spooled by now is lost: count it and
+        #    say so. With a spool, what the sender still holds stays spooled.
+        spooled = self.delivery.spool is not None
         undelivered = (
             self._events_recv.statistics().current_buffer_used
             + self.batcher.held_events()
-            + self.sender.held_events()
+            + self.delivery.held_events()
+            + (0 if spooled else self.sender.held_events())
         )
         if undelivered > 0:
             self.metrics.events_dropped.labels("shutdown").inc(undelivered)
@@ -165,6 +185,7 @@ class Relay:
             events_read=self.gate.events_in,
             events_delivered=self.sender.status()["events_sent"],
             events_undelivered=undelivered,
+            events_left_in_spool=self.sender.held_events() if spooled else 0,
         )
 
     def status_snapshot(self) -> StatusSnapshot:
@@ -187,7 +208,8 @@ class Relay:
             self.gate.abort()
 
     async def _deliver(self) -> None:
-        await self.sender.run(self._batches_recv)
+        await self.sender.run(self._shipments_recv)
+        await self.delivery.settle()
         self._delivered.set()
 
     async def _serve(self, listeners: list[trio.SocketListener]) -> None:
@@ -234,6 +256,13 @@ class Relay:
     def _refresh_gauges(self) -> None:
         self.metrics.channel_events.set(self._events_recv.statistics().current_buffer_used)
         self.metrics.sessions_active.set(len(self.sessions))
+        spool = self.delivery.status()
+        if spool is not None:
+            self.metrics.spool_batches.set(spool["batches"])
+            self.metrics.spool_events.set(spool["events"])
+            self.metrics.spool_bytes.set(spool["bytes"])
+            self.metrics.spool_oldest_age.set(spool["oldest_batch_age_seconds"])
+            self.metrics.spool_dead_letters.set(spool["dead_letters"])
 
     def status(self) -> dict[str, Any]:
         """The /status document: what an operator needs to see at a glance."""
@@ -260,6 +289,8 @@ class Relay:
                 "ingest_path": self.config.stag.ingest_path,
                 **stag,
             },
+            # null when delivery.spool_path is empty (memory only).
+            "spool": self.delivery.status(),
             "events": {
                 "sent": stag["events_sent"],
                 "batches_sent": stag["batches_sent"],

@@ -317,6 +317,18 @@ class LogConfig:
 
 
 @attrs.frozen
+class DeliveryConfig:
+    # SQLite spool file; empty keeps undelivered batches in memory only.
+    spool_path: str = ""
+    # 1 GiB: hours of a busy relay's traffic, a fraction of any server's disk.
+    spool_max_bytes: int = 1024**3
+    # block: backpressure reaches the clients; drop_oldest: oldest batches are dropped.
+    when_full: str = attrs.field(default="block", metadata=_rule(_one_of("block", "drop_oldest")))
+    # 64 MiB of batches STAG refused, kept for inspection and requeueing.
+    dead_letter_max_bytes: int = 64 * 1024**2
+
+
+@attrs.frozen
 class Config:
     server: ServerConfig = ServerConfig()
     stag: StagConfig = StagConfig()
@@ -324,6 +336,7 @@ class Config:
     batch: BatchConfig = BatchConfig()
     session: SessionConfig = SessionConfig()
     log: LogConfig = LogConfig()
+    delivery: DeliveryConfig = DeliveryConfig()
 
 
 class ConfigError(Exception):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import itertools
 import time
 from typing import Final
+from urllib.parse import parse_qs
 
 import orjson
 import structlog
@@ -36,6 +37,9 @@ MESSAGE_QUEUE_SIZE: Final = 4
 # A client that does not take an error reply or a close frame within this long is
 # not reading: give up on it rather than hold its task.
 SEND_TIMEOUT: Final = 5.0
+# Replies (errors, acks) waiting for a client: acks come one per batch, so this is
+# many batches' worth; a client further behind than that is not reading.
+REPLY_QUEUE: Final = 64
 CLOSE_GOING_AWAY: Final = 1001
 CLOSE_INTERNAL_ERROR: Final = 1011
 CLOSE_TRY_AGAIN_LATER: Final = 1013
@@ -87,10 +91,13 @@ class Gate:
             if ws is None:
                 nursery.cancel_scope.cancel()
                 return
-            connection = Connection(self, ws, bound)
+            connection = Connection(
+                self, ws, bound, nursery.cancel_scope, acks=_wants_acks(request.query)
+            )
             self._opened(connection)
             try:
                 nursery.start_soon(connection.heartbeat)
+                nursery.start_soon(connection.write_replies)
                 await connection.run()
             finally:
                 self._closed(connection)
@@ -125,14 +132,37 @@ class Gate:
             self._idle.set()
 
 
+def _wants_acks(query: str) -> bool:
+    return any(value in ("1", "true") for value in parse_qs(query).get("ack", ()))
+
+
 class Connection:
-    """One client's WebSocket: read, parse, transform, send into the channel."""
+    """One client's WebSocket: read, parse, transform, send into the channel.
+
+    Replies (errors, acknowledgements) go through a small queue drained by
+    ``write_replies``, so neither this task nor the delivery stage ever waits on a
+    client that does not read; a client whose queue overflows is closed.
+    """
 
     def __init__(
-        self, gate: Gate, ws: WebSocketConnection, log: structlog.typing.FilteringBoundLogger
+        self,
+        gate: Gate,
+        ws: WebSocketConnection,
+        log: structlog.typing.FilteringBoundLogger,
+        scope: trio.CancelScope,
+        *,
+        acks: bool = False,
     ) -> None:
         self.gate = gate
         self.ws = ws
+        self.acks = acks
+        # The connection's whole nursery: cancelled to drop a client that does not read.
+        self._scope = scope
+        self._replies_send, self._replies_recv = trio.open_memory_channel[str](REPLY_QUEUE)
+        # Acknowledgements owed: events in the pipeline, and duplicates seen meanwhile
+        # (acknowledged with the next acknowledgement, as they are already safe).
+        self._unacked = 0
+        self._duplicates: list[int] = []
         self.log = log
         self.session_id: str | None = None
         # True while a send waits on a full channel; ``stalls`` counts such waits
@@ -188,7 +218,10 @@ class Connection:
                     packet_type=packet.type,
                 )
             event = gate.sessions.accept(
-                packet, received_at_ms=time.time_ns() // 1_000_000, now=trio.current_time()
+                packet,
+                received_at_ms=time.time_ns() // 1_000_000,
+                now=trio.current_time(),
+                origin=self if self.acks else None,
             )
         except PacketError as exc:
             gate.metrics.packet(exc.packet_type, "invalid").inc()
@@ -203,6 +236,10 @@ class Connection:
         if event is None:
             # Resent after a reconnect, most likely: already forwarded, no reply needed.
             self._duplicate[packet.type].inc()
+            if self.acks:
+                self._duplicates.append(packet.frame_number)
+                if not self._unacked:
+                    self.acknowledge(packet.session_id, [])
             return
         self._processing.observe(time.perf_counter() - started)
         try:
@@ -211,6 +248,8 @@ class Connection:
             if not await self._send_waiting(event):
                 return
         gate.events_in += 1
+        if self.acks:
+            self._unacked += 1
         self._ok[packet.type].inc()
 
     async def _send_waiting(self, event: Event) -> bool:
@@ -238,11 +277,50 @@ class Connection:
         reply: dict[str, object] = {"type": "error", "code": "invalid_packet", "message": message}
         if frame_number is not None:
             reply["frame_number"] = frame_number
-        with trio.move_on_after(SEND_TIMEOUT) as timeout:
-            await self.ws.send_message(orjson.dumps(reply).decode())
-        if timeout.cancelled_caught:
+        self._reply(orjson.dumps(reply).decode())
+        await trio.lowlevel.checkpoint()
+
+    def _reply(self, text: str) -> None:
+        """Queue a reply; a client that lets the queue fill is not reading: drop it."""
+        try:
+            self._replies_send.send_nowait(text)
+        except trio.WouldBlock:
             self.log.info("client does not read its replies, closing")
-            await self._close(CLOSE_INTERNAL_ERROR, "replies not read")
+            self._scope.cancel()
+        except trio.ClosedResourceError:
+            pass  # the connection has ended; nobody to tell
+
+    async def write_replies(self) -> None:
+        """Send queued replies in order; give up on a client that stops reading."""
+        async with self._replies_recv:
+            async for text in self._replies_recv:
+                with trio.move_on_after(SEND_TIMEOUT) as timeout:
+                    try:
+                        await self.ws.send_message(text)
+                    except ConnectionClosed:
+                        return
+                if timeout.cancelled_caught:
+                    self.log.info("client does not read its replies, closing")
+                    self._scope.cancel()
+                    return
+
+    # -- acknowledgements (events.Origin) ---------------------------------------------
+
+    def acknowledge(self, session_id: str, frame_numbers: list[int]) -> None:
+        """These frames are durable: tell the client, with any duplicates seen meanwhile."""
+        self._unacked -= len(frame_numbers)
+        if self._duplicates:
+            frame_numbers = frame_numbers + self._duplicates
+            self._duplicates = []
+        if frame_numbers:
+            message = {"type": "ack", "session_id": session_id, "frame_numbers": frame_numbers}
+            self._reply(orjson.dumps(message).decode())
+
+    def forget(self, count: int) -> None:
+        """These events will never be durable (STAG refused them): no acknowledgement."""
+        self._unacked -= count
+        if not self._unacked and self._duplicates and self.session_id is not None:
+            self.acknowledge(self.session_id, [])
 
     async def _close(self, code: int, reason: str) -> None:
         with trio.move_on_after(SEND_TIMEOUT):

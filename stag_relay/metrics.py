@@ -30,8 +30,8 @@ PACKET_TYPES: Final = ("pose", "mesh", "unknown")
 # websocket.max_message_size, the connection is closed with 1009.
 PACKET_STATUSES: Final = ("ok", "invalid", "duplicate", "too_large")
 # rejected: STAG answered a 4xx that retrying cannot fix; shutdown: still held when
-# server.shutdown_timeout ran out.
-DROP_REASONS: Final = ("rejected", "shutdown")
+# server.shutdown_timeout ran out; spool_full: dropped by delivery.when_full=drop_oldest.
+DROP_REASONS: Final = ("rejected", "shutdown", "spool_full")
 STAG_OUTCOMES: Final = ("success", "retry", "rejected", "too_large", "error")
 
 # Batches are 1..batch.max_size events; these cover the defaults (5) to large (1000).
@@ -101,6 +101,22 @@ class RelayMetrics:
         )
         self.sessions_active = Gauge(
             "relay_sessions_active", "Sessions held (connected or within session.ttl)", registry=r
+        )
+        self.spool_batches = Gauge(
+            "relay_spool_batches", "Batches in the spool, waiting for STAG", registry=r
+        )
+        self.spool_events = Gauge("relay_spool_events", "Events in the spool", registry=r)
+        self.spool_bytes = Gauge("relay_spool_bytes", "Bytes of batches in the spool", registry=r)
+        self.spool_oldest_age = Gauge(
+            "relay_spool_oldest_age_seconds", "Age of the oldest batch in the spool", registry=r
+        )
+        self.spool_dead_letters = Gauge(
+            "relay_spool_dead_letters", "Batches STAG refused, kept in the spool", registry=r
+        )
+        self.spool_corrupt = Counter(
+            "relay_spool_corrupt",
+            "Spool files found corrupt or foreign at start and moved aside",
+            registry=r,
         )
         self.build_info = Info("relay_build", "stag-relay build", registry=r)
         self.build_info.info({"version": __version__})

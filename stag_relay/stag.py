@@ -11,14 +11,17 @@ from __future__ import annotations
 
 import random
 import time
+from collections.abc import Callable
 from typing import Final
+
+import attrs
 
 import httpx
 import structlog
 import trio
 
 from stag_relay.config import StagConfig
-from stag_relay.events import Batch, encode_batch
+from stag_relay.events import WireBatch
 from stag_relay.metrics import RelayMetrics
 from stag_relay.retry import Decision, RetryPolicy, Verdict
 
@@ -33,6 +36,27 @@ _OUTCOMES: Final = {
     Verdict.REJECT: "rejected",
     Verdict.SPLIT: "too_large",
 }
+
+
+def _ignore_delivered() -> None:
+    pass
+
+
+def _ignore_rejected(status: int, answer: str) -> None:
+    pass
+
+
+@attrs.define(eq=False)
+class Shipment:
+    """A batch handed to the sender, and whom to tell how its delivery ended.
+
+    ``on_rejected`` gets STAG's status and the start of its answer; for a batch split
+    on 413 it is called once, for the first part STAG refused, after every part ended.
+    """
+
+    wire: WireBatch
+    on_delivered: Callable[[], None] = _ignore_delivered
+    on_rejected: Callable[[int, str], None] = _ignore_rejected
 
 
 class StagSender:
@@ -91,7 +115,7 @@ class StagSender:
             "batches_sent": self._batches_sent,
         }
 
-    async def run(self, batches: trio.MemoryReceiveChannel[Batch]) -> None:
+    async def run(self, batches: trio.MemoryReceiveChannel[Shipment]) -> None:
         """Deliver every batch from ``batches``; return once it is closed and drained."""
         slots = self._config.max_in_flight
         # A connection per slot, all kept alive: a request never waits for the pool.
@@ -116,46 +140,50 @@ class StagSender:
                     except trio.EndOfChannel:
                         free.release()
                         break
-                    self._held += len(batch)
+                    self._held += batch.wire.count
                     nursery.start_soon(self._deliver_in_slot, client, batch, free)
 
     async def _deliver_in_slot(
-        self, client: httpx.AsyncClient, batch: Batch, free: trio.Semaphore
+        self, client: httpx.AsyncClient, shipment: Shipment, free: trio.Semaphore
     ) -> None:
         try:
-            await self._deliver(client, batch)
+            refusal = await self._deliver(client, shipment.wire)
         finally:
             free.release()
+        if refusal is None:
+            shipment.on_delivered()
+        else:
+            shipment.on_rejected(*refusal)
 
-    async def _deliver(self, client: httpx.AsyncClient, batch: Batch) -> None:
-        """Send ``batch`` until STAG takes or refuses it; retries share one batch id."""
+    async def _deliver(self, client: httpx.AsyncClient, batch: WireBatch) -> tuple[int, str] | None:
+        """Send ``batch`` until STAG takes or refuses it; retries share one batch id.
+
+        Returns ``None`` when STAG took all of it, else its first refusal.
+        """
         attempt = 0
         while True:
             decision, response = await self._attempt(client, batch, attempt)
             if decision.verdict is Verdict.DELIVERED:
                 self._delivered(batch)
-                return
+                return None
             if decision.verdict is Verdict.SPLIT:
-                if len(batch) < 2:
+                if batch.count < 2:
                     assert response is not None
-                    self._rejected(batch, response, "event too large for STAG")
-                    return
+                    return self._rejected(batch, response, "event too large for STAG")
                 # In turn within this slot, so a split never exceeds max_in_flight.
-                for half in batch.split():
-                    await self._deliver(client, half)
-                return
+                refusals = [await self._deliver(client, half) for half in batch.split()]
+                return next((r for r in refusals if r is not None), None)
             if decision.verdict is Verdict.REJECT:
                 assert response is not None
-                self._rejected(batch, response, "STAG rejected a batch")
-                return
+                return self._rejected(batch, response, "STAG rejected a batch")
             attempt += 1
             await trio.sleep(decision.delay)
 
     async def _attempt(
-        self, client: httpx.AsyncClient, batch: Batch, attempt: int
+        self, client: httpx.AsyncClient, batch: WireBatch, attempt: int
     ) -> tuple[Decision, httpx.Response | None]:
         """One request; its decision, with the response when there was one."""
-        body = encode_batch(batch, self._relay_id, int(time.time() * 1000))
+        body = batch.body(self._relay_id, int(time.time() * 1000))
         started = trio.current_time()
         try:
             response = await client.post(
@@ -183,8 +211,8 @@ class StagSender:
             self._answered()
         return decision, response
 
-    def _delivered(self, batch: Batch) -> None:
-        size = len(batch)
+    def _delivered(self, batch: WireBatch) -> None:
+        size = batch.count
         self._metrics.events_sent.inc(size)
         self._metrics.batches_sent.inc()
         self._metrics.batch_size.observe(size)
@@ -193,17 +221,21 @@ class StagSender:
         self._last_success = time.time()
         self._held -= size
 
-    def _rejected(self, batch: Batch, response: httpx.Response, message: str) -> None:
-        size = len(batch)
+    def _rejected(
+        self, batch: WireBatch, response: httpx.Response, message: str
+    ) -> tuple[int, str]:
+        size = batch.count
         self._metrics.events_dropped.labels("rejected").inc(size)
         self._held -= size
+        answer = response.text[:_ANSWER_PREVIEW]
         logger.warning(
             message,
             status=response.status_code,
             batch_id=batch.batch_id,
             events=size,
-            answer=response.text[:_ANSWER_PREVIEW],
+            answer=answer,
         )
+        return response.status_code, answer
 
     def _answered(self) -> None:
         if self._reachable is not True:

@@ -22,7 +22,7 @@ from typing import Final
 
 import attrs
 
-from stag_relay.events import Anchor, Event, MeshUpdate
+from stag_relay.events import Anchor, Event, MeshUpdate, Origin
 from stag_relay.packets import Packet
 
 # Fixed, never to be regenerated: event ids and pose anchor ids are uuid5 names
@@ -154,13 +154,16 @@ class Sessions:
             evicted += 1
         return evicted
 
-    def accept(self, packet: Packet, *, received_at_ms: int, now: float) -> Event | None:
+    def accept(
+        self, packet: Packet, *, received_at_ms: int, now: float, origin: Origin | None = None
+    ) -> Event | None:
         """Record ``packet`` and return its event, or None for a duplicate or stale frame.
 
         A frame is stale when its number is not greater than the last accepted
         one of the same type (for meshes, of the same anchor). The session must
         have been attached (KeyError otherwise). ``now`` is not used: the ttl
-        only runs while no connection holds the session.
+        only runs while no connection holds the session. ``origin`` is carried on
+        the event, to be acknowledged once the event is durable.
         """
         session = self._sessions[packet.session_id]
         frame_number = packet.frame_number
@@ -191,6 +194,7 @@ class Sessions:
                 "pose",
                 (anchor,),
                 (),
+                origin,
             )
         mesh = packet.mesh
         if mesh is None:
@@ -215,4 +219,5 @@ class Sessions:
             "mesh",
             (),
             (MeshUpdate(mesh.anchor_id, False, mesh.vertices, mesh.faces),),
+            origin,
         )

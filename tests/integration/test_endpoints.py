@@ -51,7 +51,8 @@ async def test_status_reports_pipeline_state(relay: Relay, stag: StagServer) -> 
     assert doc["stag"]["url"] == stag.url
     for key in ("reachable", "last_success", "last_failure", "consecutive_failures"):
         assert key in doc["stag"]
-    assert doc["events"]["dropped"] == {"rejected": 0, "shutdown": 0}
+    assert doc["events"]["dropped"] == {"rejected": 0, "shutdown": 0, "spool_full": 0}
+    assert doc["spool"] is None
     assert doc["packets"]["pose"]["ok"] == 0
 
 

@@ -242,7 +242,7 @@ async def test_stag_503_for_a_while_loses_nothing(nursery: trio.Nursery, stag: S
     _, _, body = await trio.to_thread.run_sync(http_get, port, "/status")
     status = json.loads(body)
     assert status["stag"]["reachable"] is True
-    assert status["events"]["dropped"] == {"rejected": 0, "shutdown": 0}
+    assert status["events"]["dropped"] == {"rejected": 0, "shutdown": 0, "spool_full": 0}
 
 
 async def test_stag_rejection_is_counted_as_dropped(

@@ -114,6 +114,10 @@ def test_every_key_has_an_environment_variable() -> None:
         "RELAY_SESSION_MAX_SESSIONS": "13",
         "RELAY_LOG_LEVEL": "debug",
         "RELAY_LOG_FORMAT": "json",
+        "RELAY_DELIVERY_SPOOL_PATH": "/var/lib/stag-relay/spool.sqlite3",
+        "RELAY_DELIVERY_SPOOL_MAX_BYTES": "14",
+        "RELAY_DELIVERY_WHEN_FULL": "drop_oldest",
+        "RELAY_DELIVERY_DEAD_LETTER_MAX_BYTES": "15",
     }
     config = load(environ=environ)
     assert attrs.asdict(config) == {
@@ -137,6 +141,12 @@ def test_every_key_has_an_environment_variable() -> None:
         "batch": {"max_size": 11, "timeout": 0.5},
         "session": {"ttl": 3600.0, "max_sessions": 13},
         "log": {"level": "debug", "format": "json"},
+        "delivery": {
+            "spool_path": "/var/lib/stag-relay/spool.sqlite3",
+            "spool_max_bytes": 14,
+            "when_full": "drop_oldest",
+            "dead_letter_max_bytes": 15,
+        },
     }
 
 

@@ -21,9 +21,9 @@ import trio.lowlevel
 import trio.testing
 
 from stag_relay.config import StagConfig
-from stag_relay.events import Anchor, Batch, Event, MeshUpdate
+from stag_relay.events import Anchor, Batch, Event, MeshUpdate, to_wire
 from stag_relay.metrics import RelayMetrics
-from stag_relay.stag import StagSender
+from stag_relay.stag import Shipment, StagSender
 from tests.support.stag_server import StagServer
 
 VERSION = "1.2.3"
@@ -90,7 +90,7 @@ async def wait_until(predicate: Callable[[], bool], what: str) -> None:
 class Run:
     """A sender running in a nursery, fed through an unbuffered channel."""
 
-    def __init__(self, sender: StagSender, send: trio.MemorySendChannel[Batch]) -> None:
+    def __init__(self, sender: StagSender, send: trio.MemorySendChannel[Shipment]) -> None:
         self.sender = sender
         self.send = send
         self.done = trio.Event()
@@ -101,7 +101,7 @@ async def run_sender() -> AsyncIterator[Callable[[StagSender], Run]]:
     async with trio.open_nursery() as nursery:
 
         def start(sender: StagSender) -> Run:
-            send, recv = trio.open_memory_channel[Batch](0)
+            send, recv = trio.open_memory_channel[Shipment](0)
             run = Run(sender, send)
 
             async def go() -> None:
@@ -118,13 +118,13 @@ async def run_sender() -> AsyncIterator[Callable[[StagSender], Run]]:
 
 async def deliver(sender: StagSender, *batches: Batch) -> None:
     """Hand ``batches`` to a fresh run of ``sender`` and wait until it returns."""
-    send, recv = trio.open_memory_channel[Batch](0)
+    send, recv = trio.open_memory_channel[Shipment](0)
     with trio.fail_after(GUARD):
         async with trio.open_nursery() as nursery:
             nursery.start_soon(sender.run, recv)
             async with send:
                 for b in batches:
-                    await send.send(b)
+                    await send.send(Shipment(to_wire(b)))
 
 
 async def test_delivers_with_headers_and_body(server: StagServer) -> None:
@@ -264,8 +264,8 @@ async def test_retry_after_is_honoured(
         version=VERSION,
     )
     server.fail_next(503, retry_after="30")
-    send, recv = trio.open_memory_channel[Batch](1)
-    send.send_nowait(batch("b", 0, 2))
+    send, recv = trio.open_memory_channel[Shipment](1)
+    send.send_nowait(Shipment(to_wire(batch("b", 0, 2))))
     async with trio.open_nursery() as nursery:
         nursery.start_soon(sender.run, recv)
         # Mock time does not move, so the guard is wall time.
@@ -366,7 +366,7 @@ async def test_connection_refused_then_stag_comes_up(
     sender = StagSender(config(server.url), metrics, relay_id=RELAY_ID, version=VERSION)
     with structlog.testing.capture_logs() as logs:
         run = run_sender(sender)
-        await run.send.send(batch("b", 0, 3))
+        await run.send.send(Shipment(to_wire(batch("b", 0, 3))))
         await wait_until(lambda: failures(sender) >= 3, "3 failures")
         assert sender.status()["reachable"] is False
         assert sender.held_events() == 3
@@ -408,7 +408,7 @@ async def test_max_in_flight_is_respected(
             nonlocal taken
             async with run.send:
                 for b in batches:
-                    await run.send.send(b)
+                    await run.send.send(Shipment(to_wire(b)))
                     taken += 1
 
         nursery.start_soon(feed)

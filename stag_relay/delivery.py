@@ -1,0 +1,317 @@
+"""Delivery: batches from the batcher to the STAG sender, through the spool when there is one.
+
+Memory only (no ``delivery.spool_path``): each batch goes straight to the sender, the
+connections are acknowledged when STAG accepts it, and a full pipeline blocks the
+batcher (backpressure). With a spool: each batch is committed before anything else
+happens to it, its connections are acknowledged right then, and the sender is fed
+from the spool in order, oldest first, so a STAG outage fills the disk, not the
+clients' sockets. Delivered batches are deleted; refused ones become dead letters.
+
+SQLite is only ever called from a worker thread, one call at a time.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+from typing import Any, Final, TypeVar
+
+import structlog
+import trio
+
+from stag_relay.config import DeliveryConfig
+from stag_relay.events import Batch, Origin, WireBatch, to_wire
+from stag_relay.metrics import RelayMetrics
+from stag_relay.spool import Spool, SpooledBatch, open_spool
+from stag_relay.stag import Shipment
+
+# Committed batches kept in memory for the sender, so a healthy STAG never makes the
+# relay read back what it just wrote; beyond this the sender reads from disk.
+MEMORY_WINDOW_BYTES: Final = 16 * 1024 * 1024
+# Batches read from disk at a time when catching up on a backlog.
+READ_PAGE: Final = 64
+
+log = structlog.get_logger("stag_relay.delivery")
+T = TypeVar("T")
+
+Acks = dict[Origin, tuple[str, list[int]]]
+
+
+def group_acks(batch: Batch) -> Acks:
+    """Frame numbers per connection that asked for acknowledgements."""
+    acks: Acks = {}
+    for event in batch.events:
+        origin = event.origin
+        if origin is not None:
+            entry = acks.get(origin)
+            if entry is None:
+                acks[origin] = (event.session_id, [event.frame_number])
+            else:
+                entry[1].append(event.frame_number)
+    return acks
+
+
+def send_acks(acks: Acks) -> None:
+    for origin, (session_id, frames) in acks.items():
+        origin.acknowledge(session_id, frames)
+
+
+def forget_acks(acks: Acks, status: int = 0, answer: str = "") -> None:
+    for origin, (_, frames) in acks.items():
+        origin.forget(len(frames))
+
+
+class Delivery:
+    """The stage between the batcher and the sender; see the module docstring."""
+
+    def __init__(self, config: DeliveryConfig, metrics: RelayMetrics) -> None:
+        self._config = config
+        self._metrics = metrics
+        self.spool: Spool | None = None
+        # Events taken from the batcher and neither spooled nor handed to the sender.
+        self._holding = 0
+        self._limiter = trio.CapacityLimiter(1)
+        # With a spool: the sender's queue (memory window, then disk), and what it holds.
+        self._window: deque[tuple[int, WireBatch]] = deque()
+        self._window_bytes = 0
+        self._spill_from: int | None = None
+        self._last_seq = 0
+        self._in_flight: set[int] = set()
+        self._dropped: set[int] = set()
+        self._to_delete: list[int] = []
+        self._buried: list[tuple[int, int, str]] = []
+        self._changed = trio.Event()
+        self._tidy_needed = trio.Event()
+        self._committing = True
+        self.dead_letters = 0
+        self.oldest_created: float | None = None
+
+    async def _spool_call(self, fn: Callable[..., T], *args: Any) -> T:
+        return await trio.to_thread.run_sync(partial(fn, *args), limiter=self._limiter)
+
+    async def open(self) -> None:
+        """Open the spool, if configured; a corrupt one is set aside and counted."""
+        path = self._config.spool_path
+        if not path:
+            return
+        spool, moved = await trio.to_thread.run_sync(open_spool, path)
+        if moved is not None:
+            self._metrics.spool_corrupt.inc()
+            log.error(
+                "spool file is corrupt or not ours; moved it aside and started a fresh spool",
+                spool=path,
+                moved_to=str(moved),
+            )
+        self.spool = spool
+        stats = await self._spool_call(spool.stats)
+        self.oldest_created = stats.oldest_created
+        self.dead_letters = stats.dead_letters
+        if stats.batches:
+            # Everything already on disk is sent first, oldest first.
+            first = await self._spool_call(spool.read_from, 0, 1)
+            self._spill_from = first[0].seq if first else None
+            self._last_seq = await self._spool_call(spool.last_seq)
+            log.info(
+                "spool holds undelivered batches; sending them first",
+                spool=path,
+                batches=stats.batches,
+                events=stats.events,
+            )
+        if stats.dead_letters:
+            log.warning(
+                "spool holds dead letters (batches STAG refused)",
+                spool=path,
+                dead_letters=stats.dead_letters,
+                hint="stag-relay spool list-dead / requeue-dead",
+            )
+
+    async def close(self) -> None:
+        if self.spool is not None:
+            await self._spool_call(self.spool.close)
+
+    def held_events(self) -> int:
+        """Events that would be lost if the relay stopped now (not spooled, not sent)."""
+        return self._holding
+
+    async def run(
+        self, batches: trio.MemoryReceiveChannel[Batch], shipments: trio.MemorySendChannel[Shipment]
+    ) -> None:
+        """Move batches to the sender until ``batches`` is closed and all is handed on."""
+        if self.spool is None:
+            await self._run_in_memory(batches, shipments)
+            return
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._commit, batches, self.spool)
+            nursery.start_soon(self._tidy, self.spool)
+            await self._feed(shipments, self.spool)
+            nursery.cancel_scope.cancel()
+
+    # -- memory only ------------------------------------------------------------------
+
+    async def _run_in_memory(
+        self, batches: trio.MemoryReceiveChannel[Batch], shipments: trio.MemorySendChannel[Shipment]
+    ) -> None:
+        async with shipments:
+            async for batch in batches:
+                acks = group_acks(batch)
+                shipment = Shipment(
+                    to_wire(batch),
+                    on_delivered=partial(send_acks, acks),
+                    on_rejected=partial(forget_acks, acks),
+                )
+                self._holding = len(batch)
+                await shipments.send(shipment)
+                self._holding = 0
+
+    # -- with a spool -----------------------------------------------------------------
+
+    async def _commit(self, batches: trio.MemoryReceiveChannel[Batch], spool: Spool) -> None:
+        """Commit each batch, acknowledge its connections, queue it for the sender."""
+        async for batch in batches:
+            self._holding = len(batch)
+            wire = to_wire(batch)
+            await self._make_room(spool, len(wire.events))
+            created = time.time()
+            seq = await self._spool_call(
+                spool.append, wire.batch_id, wire.count, wire.events, created
+            )
+            self._holding = 0
+            if self.oldest_created is None:
+                self.oldest_created = created
+            send_acks(group_acks(batch))
+            self._last_seq = seq
+            if self._spill_from is None and self._window_bytes < MEMORY_WINDOW_BYTES:
+                self._window.append((seq, wire))
+                self._window_bytes += len(wire.events)
+            elif self._spill_from is None:
+                self._spill_from = seq
+            self._wake()
+        self._committing = False
+        self._wake()
+
+    async def _make_room(self, spool: Spool, size: int) -> None:
+        limit = self._config.spool_max_bytes
+        # An empty spool takes any batch, however large: otherwise it could never move.
+        while spool.bytes and spool.bytes + size > limit:
+            if self._config.when_full == "drop_oldest":
+                victims = await self._spool_call(spool.oldest, set(self._in_flight), 16)
+                if victims:
+                    await self._drop(spool, victims)
+                    continue
+            # block (or nothing droppable): wait for the sender to free room.
+            await self._wait_for_change()
+
+    async def _drop(self, spool: Spool, victims: list[SpooledBatch]) -> None:
+        seqs = [v.seq for v in victims]
+        await self._spool_call(spool.delete, seqs)
+        events = sum(v.count for v in victims)
+        self._dropped.update(seqs)
+        self._metrics.events_dropped.labels("spool_full").inc(events)
+        log.warning("spool full: dropped the oldest batches", batches=len(seqs), events=events)
+
+    async def _feed(self, shipments: trio.MemorySendChannel[Shipment], spool: Spool) -> None:
+        """Hand spooled batches to the sender in order until nothing is left to send."""
+        async with shipments:
+            while True:
+                item = await self._next(spool)
+                if item is None:
+                    return
+                seq, wire = item
+                self._in_flight.add(seq)
+                shipment = Shipment(
+                    wire,
+                    on_delivered=partial(self._delivered, seq),
+                    on_rejected=partial(self._rejected, seq),
+                )
+                await shipments.send(shipment)
+
+    async def _next(self, spool: Spool) -> tuple[int, WireBatch] | None:
+        while True:
+            while self._window:
+                seq, wire = self._window.popleft()
+                self._window_bytes -= len(wire.events)
+                if seq not in self._dropped:
+                    return seq, wire
+                self._dropped.discard(seq)
+            if self._spill_from is None:
+                # Nothing left in memory or on disk to skip: forget what was dropped.
+                self._dropped.clear()
+            if self._spill_from is not None:
+                start = self._spill_from
+                page = await self._spool_call(spool.read_from, start, READ_PAGE)
+                if page:
+                    self._window.extend(
+                        (b.seq, WireBatch(b.batch_id, b.count, b.events)) for b in page
+                    )
+                    self._window_bytes += sum(len(b.events) for b in page)
+                    self._spill_from = page[-1].seq + 1
+                if not page or self._spill_from > self._last_seq:
+                    # Caught up with the disk: new batches may stay in memory again.
+                    self._spill_from = None
+                continue
+            if not self._committing:
+                return None
+            await self._wait_for_change()
+
+    def _delivered(self, seq: int) -> None:
+        self._in_flight.discard(seq)
+        self._to_delete.append(seq)
+        self._tidy_needed.set()
+
+    def _rejected(self, seq: int, status: int, answer: str) -> None:
+        self._in_flight.discard(seq)
+        self._buried.append((seq, status, answer))
+        self._tidy_needed.set()
+
+    async def _tidy(self, spool: Spool) -> None:
+        """Remove delivered batches and bury refused ones, many per transaction."""
+        while True:
+            await self._tidy_needed.wait()
+            self._tidy_needed = trio.Event()
+            await self._flush_tidy(spool)
+
+    async def settle(self) -> None:
+        """After the sender has finished: record the last deliveries in the spool."""
+        if self.spool is not None:
+            await self._flush_tidy(self.spool)
+
+    async def _flush_tidy(self, spool: Spool) -> None:
+        if self._to_delete:
+            seqs, self._to_delete = self._to_delete, []
+            await self._spool_call(spool.delete, seqs)
+        while self._buried:
+            seq, status, answer = self._buried.pop(0)
+            await self._spool_call(
+                spool.bury, seq, status, answer, self._config.dead_letter_max_bytes
+            )
+        stats = await self._spool_call(spool.stats)
+        self.oldest_created = stats.oldest_created
+        self.dead_letters = stats.dead_letters
+        # Room was freed: a commit waiting on a full spool may go on.
+        self._wake()
+
+    def _wake(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+
+    async def _wait_for_change(self) -> None:
+        await self._changed.wait()
+
+    def status(self) -> dict[str, Any] | None:
+        """Spool figures for /status and /metrics; ``None`` without a spool."""
+        spool = self.spool
+        if spool is None:
+            return None
+        return {
+            "path": str(Path(spool.path)),
+            "batches": spool.batches,
+            "events": spool.events,
+            "bytes": spool.bytes,
+            "oldest_batch_age_seconds": (
+                round(time.time() - self.oldest_created, 3) if self.oldest_created else 0.0
+            ),
+            "dead_letters": self.dead_letters,
+        }

@@ -1,0 +1,290 @@
+"""The spool: an SQLite file that holds every batch from before its first send until
+STAG accepts it, and the batches STAG refused (dead letters).
+
+Plain blocking code: the relay calls it from one worker thread at a time (see
+``delivery.py``), and the ``stag-relay spool`` commands call it directly.
+
+The rules it keeps:
+
+- a batch is committed (WAL, ``synchronous=NORMAL``: durable when the process dies,
+  which is what a crash or ``kill -9`` is) before it is first sent or acknowledged;
+- rows leave in ``seq`` order, oldest first, and keep their ``batch_id`` for life, so
+  STAG's ``Idempotency-Key`` deduplicates a batch delivered just before a crash;
+- a file that is not ours, or corrupt, is never read nor silently replaced: opening
+  it raises ``SpoolCorrupt`` and ``open_spool`` moves it aside.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sqlite3
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Final
+
+import attrs
+
+# "STAG" in ASCII: marks the file as ours (PRAGMA application_id).
+APPLICATION_ID: Final = 0x53544147
+SCHEMA_VERSION: Final = 1
+
+_SCHEMA: Final = """
+CREATE TABLE IF NOT EXISTS batches (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    batch_id TEXT NOT NULL,
+    created REAL NOT NULL,
+    count INTEGER NOT NULL,
+    events BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS dead_letters (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    batch_id TEXT NOT NULL,
+    created REAL NOT NULL,
+    failed REAL NOT NULL,
+    count INTEGER NOT NULL,
+    status INTEGER NOT NULL,
+    answer TEXT NOT NULL,
+    events BLOB NOT NULL
+);
+"""
+
+
+class SpoolCorrupt(Exception):
+    """The file is not a stag-relay spool, or it is damaged."""
+
+
+@attrs.frozen
+class SpooledBatch:
+    seq: int
+    batch_id: str
+    created: float
+    count: int
+    # The events as one JSON array, exactly as they go to STAG.
+    events: bytes
+
+
+@attrs.frozen
+class DeadLetter:
+    seq: int
+    batch_id: str
+    created: float
+    failed: float
+    count: int
+    status: int
+    answer: str
+    size: int
+
+
+@attrs.frozen
+class SpoolStats:
+    batches: int
+    events: int
+    bytes: int
+    oldest_created: float | None
+    dead_letters: int
+    dead_letter_events: int
+    dead_letter_bytes: int
+
+
+class Spool:
+    """One spool file. Not thread-safe: one caller at a time."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        try:
+            self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            self._check_and_prepare()
+        except sqlite3.DatabaseError as exc:
+            with contextlib.suppress(Exception):
+                self._db.close()
+            raise SpoolCorrupt(f"{self.path}: {exc}") from exc
+        # Totals kept in memory: the hot path asks "is it full?" per batch.
+        self.batches, self.events, self.bytes = self._totals("batches")
+
+    def _check_and_prepare(self) -> None:
+        db = self._db
+        (app_id,) = db.execute("PRAGMA application_id").fetchone()
+        tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master")}
+        if app_id == 0 and not tables:
+            db.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+            db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        elif app_id != APPLICATION_ID:
+            raise sqlite3.DatabaseError("not a stag-relay spool (foreign SQLite database)")
+        else:
+            (version,) = db.execute("PRAGMA user_version").fetchone()
+            if version != SCHEMA_VERSION:
+                raise sqlite3.DatabaseError(f"spool schema version {version} is not supported")
+            (check,) = db.execute("PRAGMA quick_check").fetchone()
+            if check != "ok":
+                raise sqlite3.DatabaseError(f"integrity check failed: {check}")
+        db.execute("PRAGMA journal_mode = WAL")
+        # Durable against the process dying (the WAL is written before commit returns);
+        # FULL would also survive power loss, at an fsync per commit.
+        db.execute("PRAGMA synchronous = NORMAL")
+        db.executescript(_SCHEMA)
+
+    def _totals(self, table: str) -> tuple[int, int, int]:
+        row = self._db.execute(
+            f"SELECT COUNT(*), COALESCE(SUM(count), 0), COALESCE(SUM(LENGTH(events)), 0) "
+            f"FROM {table}"
+        ).fetchone()
+        return int(row[0]), int(row[1]), int(row[2])
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self._db
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    def append(self, batch_id: str, count: int, events: bytes, created: float) -> int:
+        """Commit one batch; return its ``seq``."""
+        with self._transaction() as db:
+            cursor = db.execute(
+                "INSERT INTO batches (batch_id, created, count, events) VALUES (?, ?, ?, ?)",
+                (batch_id, created, count, events),
+            )
+        self.batches += 1
+        self.events += count
+        self.bytes += len(events)
+        assert cursor.lastrowid is not None
+        return cursor.lastrowid
+
+    def read_from(self, seq: int, limit: int) -> list[SpooledBatch]:
+        """Up to ``limit`` batches with ``seq`` at least ``seq``, oldest first."""
+        rows = self._db.execute(
+            "SELECT seq, batch_id, created, count, events FROM batches "
+            "WHERE seq >= ? ORDER BY seq LIMIT ?",
+            (seq, limit),
+        ).fetchall()
+        return [SpooledBatch(r[0], r[1], r[2], r[3], bytes(r[4])) for r in rows]
+
+    def last_seq(self) -> int:
+        """The newest batch's ``seq`` (0 when empty); new batches always get a larger one."""
+        (seq,) = self._db.execute("SELECT COALESCE(MAX(seq), 0) FROM batches").fetchone()
+        return int(seq)
+
+    def oldest(self, exclude: set[int], limit: int = 64) -> list[SpooledBatch]:
+        """The oldest batches not in ``exclude`` (those being sent right now)."""
+        found: list[SpooledBatch] = []
+        start = 0
+        while len(found) < limit:
+            page = self.read_from(start, limit + len(exclude))
+            if not page:
+                break
+            found.extend(b for b in page if b.seq not in exclude)
+            start = page[-1].seq + 1
+        return found[:limit]
+
+    def delete(self, seqs: list[int]) -> None:
+        """Forget delivered (or dropped) batches."""
+        if not seqs:
+            return
+        with self._transaction() as db:
+            for seq in seqs:
+                row = db.execute(
+                    "DELETE FROM batches WHERE seq = ? RETURNING count, LENGTH(events)", (seq,)
+                ).fetchone()
+                if row is not None:
+                    self.batches -= 1
+                    self.events -= int(row[0])
+                    self.bytes -= int(row[1])
+
+    def bury(self, seq: int, status: int, answer: str, max_bytes: int) -> None:
+        """Move a batch STAG refused to the dead letters, keeping them under ``max_bytes``."""
+        with self._transaction() as db:
+            row = db.execute(
+                "DELETE FROM batches WHERE seq = ? RETURNING batch_id, created, count, events",
+                (seq,),
+            ).fetchone()
+            if row is None:
+                return
+            self.batches -= 1
+            self.events -= int(row[2])
+            self.bytes -= len(row[3])
+            db.execute(
+                "INSERT INTO dead_letters (batch_id, created, failed, count, status, answer, "
+                "events) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (row[0], row[1], time.time(), row[2], status, answer, row[3]),
+            )
+            # Oldest dead letters go first when the table outgrows its bound.
+            (total,) = db.execute(
+                "SELECT COALESCE(SUM(LENGTH(events)), 0) FROM dead_letters"
+            ).fetchone()
+            while total > max_bytes:
+                oldest = db.execute(
+                    "DELETE FROM dead_letters WHERE seq = (SELECT MIN(seq) FROM dead_letters) "
+                    "RETURNING LENGTH(events)"
+                ).fetchone()
+                if oldest is None:
+                    break
+                total -= int(oldest[0])
+
+    def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
+        rows = self._db.execute(
+            "SELECT seq, batch_id, created, failed, count, status, answer, LENGTH(events) "
+            "FROM dead_letters ORDER BY seq LIMIT ?",
+            (limit,),
+        ).fetchall()
+        return [DeadLetter(*row) for row in rows]
+
+    def requeue_dead(self) -> int:
+        """Put every dead letter back in line (at the end), same batch ids; return how many."""
+        with self._transaction() as db:
+            rows = db.execute(
+                "DELETE FROM dead_letters RETURNING batch_id, created, count, events"
+            ).fetchall()
+            for batch_id, created, count, events in sorted(rows, key=lambda r: r[1]):
+                db.execute(
+                    "INSERT INTO batches (batch_id, created, count, events) VALUES (?, ?, ?, ?)",
+                    (batch_id, created, count, events),
+                )
+                self.batches += 1
+                self.events += count
+                self.bytes += len(events)
+        return len(rows)
+
+    def stats(self) -> SpoolStats:
+        (oldest,) = self._db.execute("SELECT MIN(created) FROM batches").fetchone()
+        dead, dead_events, dead_bytes = self._totals("dead_letters")
+        return SpoolStats(
+            self.batches, self.events, self.bytes, oldest, dead, dead_events, dead_bytes
+        )
+
+    def close(self) -> None:
+        self._db.close()
+
+
+def quarantine(path: Path) -> Path:
+    """Move a spool file (and its WAL files) aside as ``<path>.corrupt-<time>``."""
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+    target = path.with_name(f"{path.name}.corrupt-{stamp}")
+    n = 1
+    while target.exists():
+        target = path.with_name(f"{path.name}.corrupt-{stamp}-{n}")
+        n += 1
+    path.rename(target)
+    for suffix in ("-wal", "-shm"):
+        side = path.with_name(path.name + suffix)
+        if side.exists():
+            side.rename(target.with_name(target.name + suffix))
+    return target
+
+
+def open_spool(path: str | os.PathLike[str]) -> tuple[Spool, Path | None]:
+    """Open the spool at ``path``; a corrupt or foreign file is moved aside first.
+
+    Returns the spool and, when a file was set aside, where it went.
+    """
+    spool_path = Path(path)
+    spool_path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        return Spool(spool_path), None
+    except SpoolCorrupt:
+        moved = quarantine(spool_path)
+        return Spool(spool_path), moved
