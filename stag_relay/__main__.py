@@ -35,7 +35,7 @@ log = structlog.get_logger("stag_relay")
 
 # Tools beside the relay itself, as subcommands: each module has
 # ``configure_parser(parser)`` and ``run(args) -> int``. Imported only when used.
-TOOLS: Final[dict[str, str]] = {}
+TOOLS: Final[dict[str, str]] = {"spool": "stag_relay.spoolcmd"}
 
 
 def build_parser() -> argparse.ArgumentParser:
