@@ -15,6 +15,7 @@ from stag_relay.app import Relay
 from tests.support.clients import ClientConnection, connect_relay, pose_packet
 from tests.support.relays import RelayProcess, make_config
 from tests.support.stag_server import StagServer
+from tests.support.waiting import wait_until
 
 
 class AckingClient:
@@ -172,9 +173,7 @@ async def test_full_spool_with_block_slows_clients_and_loses_nothing(
 
     nursery.start_soon(sender)
     # The spool fills up and the relay stops reading: the connection waits on a full channel.
-    with trio.fail_after(60):
-        while not any(c.blocked for c in relay.gate.connections):
-            await trio.sleep(0.01)
+    await wait_until(lambda: any(c.blocked for c in relay.gate.connections))
     spool = relay.delivery.spool
     assert spool is not None
     assert spool.bytes <= 20_000 + 2_000  # one batch may overshoot the bound
@@ -217,9 +216,7 @@ async def test_full_spool_with_drop_oldest_counts_exactly_what_it_drops(
     assert lost is not None and lost > 0
     await trio.to_thread.run_sync(stag.wait_for_events, total - int(lost), 120.0)
     # Settled: the spool is empty, and what arrived plus what was dropped is all.
-    with trio.fail_after(60):
-        while relay.delivery.spool is not None and relay.delivery.spool.batches:
-            await trio.sleep(0.01)
+    await wait_until(lambda: relay.delivery.spool is not None and not relay.delivery.spool.batches)
     delivered = frames_of(stag, "lossy")
     assert len(delivered) == len(set(delivered))
     assert len(delivered) + lost == total

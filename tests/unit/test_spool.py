@@ -66,7 +66,7 @@ def test_oldest_skips_what_is_being_sent(tmp_path: Path) -> None:
 def test_a_file_that_is_not_sqlite_is_set_aside(tmp_path: Path) -> None:
     path = tmp_path / "spool.sqlite3"
     path.write_bytes(b"certainly not a database" * 100)
-    with pytest.raises(SpoolCorrupt, match="spool.sqlite3"):
+    with pytest.raises(SpoolCorrupt, match=r"spool\.sqlite3"):
         Spool(path)
     spool, moved = open_spool(path)
     assert moved is not None and moved.name.startswith("spool.sqlite3.corrupt-")

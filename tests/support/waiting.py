@@ -1,0 +1,22 @@
+"""Waiting for state that changes outside the test's control (another thread, a socket)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import trio
+
+# Far beyond anything a passing test needs; short enough that a failing one reports.
+DEFAULT_TIMEOUT = 60.0
+
+
+async def wait_until(predicate: Callable[[], object], *, timeout: float = DEFAULT_TIMEOUT) -> None:
+    """Return once ``predicate()`` is true; fail the test after ``timeout`` seconds.
+
+    A poll, not a sleep that hopes: it returns the moment the condition holds and
+    fails loudly if it never does. For state owned by other threads or processes,
+    where there is no trio.Event to wait on.
+    """
+    with trio.fail_after(timeout):
+        while not predicate():
+            await trio.sleep(0.01)  # noqa: ASYNC110
