@@ -17,7 +17,7 @@ from collections import deque
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
-from typing import Any, Final, TypeVar
+from typing import Any, Final, Protocol, TypeVar
 
 import structlog
 import trio
@@ -38,6 +38,20 @@ log = structlog.get_logger("stag_relay.delivery")
 T = TypeVar("T")
 
 Acks = dict[Origin, tuple[str, list[int]]]
+
+
+class MeshBases(Protocol):
+    """What delivery tells the mesh pipeline: STAG now holds this mesh (a diff base)."""
+
+    def delivered(self, session_id: str, anchor_id: str, event_id: str) -> None: ...
+
+
+MeshRef = tuple[str, str, str]
+
+
+def mesh_refs(batch: Batch) -> list[MeshRef]:
+    """(session, anchor, event id) of every mesh in ``batch``."""
+    return [(e.session_id, m.anchor_id, e.event_id) for e in batch.events for m in e.meshes]
 
 
 def group_acks(batch: Batch) -> Acks:
@@ -64,6 +78,14 @@ def forget_acks(acks: Acks, status: int = 0, answer: str = "") -> None:
         origin.forget(len(frames))
 
 
+def report_meshes(meshes: MeshBases | None, refs: list[MeshRef]) -> None:
+    # Only a mesh STAG accepted may become the base of a delta: anything refused,
+    # dropped or lost is simply never reported, and its anchor's next update goes full.
+    if meshes is not None:
+        for ref in refs:
+            meshes.delivered(*ref)
+
+
 class Delivery:
     """The stage between the batcher and the sender; see the module docstring."""
 
@@ -71,6 +93,9 @@ class Delivery:
         self._config = config
         self._metrics = metrics
         self.spool: Spool | None = None
+        # Set by the app when mesh diffs run: told which meshes STAG accepted.
+        self.meshes: MeshBases | None = None
+        self._mesh_refs: dict[int, list[MeshRef]] = {}
         # Events taken from the batcher and neither spooled nor handed to the sender.
         self._holding = 0
         self._limiter = trio.CapacityLimiter(1)
@@ -157,14 +182,19 @@ class Delivery:
         async with shipments:
             async for batch in batches:
                 acks = group_acks(batch)
+                refs = mesh_refs(batch)
                 shipment = Shipment(
                     to_wire(batch),
-                    on_delivered=partial(send_acks, acks),
+                    on_delivered=partial(self._delivered_from_memory, acks, refs),
                     on_rejected=partial(forget_acks, acks),
                 )
                 self._holding = len(batch)
                 await shipments.send(shipment)
                 self._holding = 0
+
+    def _delivered_from_memory(self, acks: Acks, refs: list[MeshRef]) -> None:
+        send_acks(acks)
+        report_meshes(self.meshes, refs)
 
     # -- with a spool -----------------------------------------------------------------
 
@@ -182,6 +212,9 @@ class Delivery:
             if self.oldest_created is None:
                 self.oldest_created = created
             send_acks(group_acks(batch))
+            refs = mesh_refs(batch)
+            if refs:
+                self._mesh_refs[seq] = refs
             self._last_seq = seq
             if self._spill_from is None and self._window_bytes < MEMORY_WINDOW_BYTES:
                 self._window.append((seq, wire))
@@ -209,6 +242,8 @@ class Delivery:
         await self._spool_call(spool.delete, seqs)
         events = sum(v.count for v in victims)
         self._dropped.update(seqs)
+        for seq in seqs:
+            self._mesh_refs.pop(seq, None)
         self._metrics.events_dropped.labels("spool_full").inc(events)
         log.warning("spool full: dropped the oldest batches", batches=len(seqs), events=events)
 
@@ -257,11 +292,13 @@ class Delivery:
             await self._wait_for_change()
 
     def _delivered(self, seq: int) -> None:
+        report_meshes(self.meshes, self._mesh_refs.pop(seq, []))
         self._in_flight.discard(seq)
         self._to_delete.append(seq)
         self._tidy_needed.set()
 
     def _rejected(self, seq: int, status: int, answer: str) -> None:
+        self._mesh_refs.pop(seq, None)
         self._in_flight.discard(seq)
         self._buried.append((seq, status, answer))
         self._tidy_needed.set()
