@@ -157,7 +157,8 @@ async def _watch_signals(
             # clean exit: `systemctl reload` would stop it for good.
             if not draining and reload is not None:
                 relay.notifier.reloading()
-                relay.notifier.ready(reload())
+                status, keys = reload(), relay.reload_keys()
+                relay.notifier.ready(status if keys is None else f"{status}; {keys}")
             continue
         if not draining:
             draining = True

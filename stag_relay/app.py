@@ -9,6 +9,7 @@ whole shutdown sequence is ``Relay._shut_down``, in the order it happens.
 from __future__ import annotations
 
 import socket
+import ssl
 import time
 import uuid
 from typing import Any, Final
@@ -17,20 +18,34 @@ import structlog
 import trio
 
 from stag_relay import __version__
+from stag_relay.access import AccessControl
 from stag_relay.batching import Batcher, BatchPolicy
 from stag_relay.config import Config, redact_url
 from stag_relay.delivery import Delivery
 from stag_relay.events import Batch, Event
-from stag_relay.front import FrontDoor, HttpRequest, HttpResponse, error_response, json_response
+from stag_relay.front import (
+    FrontDoor,
+    HttpRequest,
+    HttpResponse,
+    error_response,
+    error_sites,
+    json_response,
+)
 from stag_relay.gate import Gate
+from stag_relay.mesh import MeshSettings
+from stag_relay.meshwork import open_mesh_pipeline
 from stag_relay.metrics import DROP_REASONS, PACKET_STATUSES, PACKET_TYPES, RelayMetrics
 from stag_relay.stag import Shipment, StagSender
 from stag_relay.systemd import Notifier, StatusSnapshot, run_watchdog
+from stag_relay.tls import server_context
 from stag_relay.transform import Sessions
 
 WEBSOCKET_PATH: Final = "/ws/streamkit"
 # How often expired sessions are swept; a session may outlive its ttl by this much.
 _MAX_SWEEP_INTERVAL: Final = 30.0
+# Retry-After for an upgrade refused at server.max_connections: long enough that a
+# fleet of reconnecting clients does not hammer a full relay, short enough to matter.
+_FULL_RETRY_AFTER: Final = "5"
 
 log = structlog.get_logger("stag_relay.app")
 
@@ -80,12 +95,24 @@ class Relay:
         self.sender = StagSender(
             config.stag, self.metrics, relay_id=self.relay_id, version=__version__
         )
+        # Keys (re-read on SIGHUP) and origins; see access.py and SECURITY.md.
+        self.access = AccessControl(config.auth, config.websocket.allowed_origins, self.metrics)
+        self._tls: ssl.SSLContext | None = None
+        if config.server.tls_cert:
+            self._tls = server_context(config.server.tls_cert, config.server.tls_key)
+        # WebSocket connections from admission to their end (server.max_connections).
+        self._websockets = 0
         self.front = FrontDoor(
-            endpoints={"/health": self._health, "/status": self._status, "/metrics": self._metrics},
+            endpoints={
+                "/health": self._health,
+                "/status": self.access.protect(self._status),
+                "/metrics": self.access.protect(self._metrics),
+            },
             websocket_path=WEBSOCKET_PATH,
             admit=self._admit,
-            serve_websocket=self.gate.serve,
+            serve_websocket=self._serve_websocket,
             handshake_timeout=config.server.handshake_timeout,
+            on_error=self._connection_failed,
         )
         self._shutdown_requested = trio.Event()
         self._delivered = trio.Event()
@@ -111,11 +138,24 @@ class Relay:
         task_status: trio.TaskStatus[list[int]] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         """Serve until ``shut_down``; ``task_status`` gets the bound ports."""
-        server = self.config.server
         if listeners is None:
             listeners = await self.listen()
+        mesh = self.config.mesh
+        settings = MeshSettings(
+            max_vertices=mesh.max_vertices,
+            max_faces=mesh.max_faces,
+            keyframe_interval=mesh.keyframe_interval,
+            max_state_bytes=mesh.max_state_bytes,
+        )
         try:
-            await self._run(listeners, task_status)
+            # Mesh workers are processes: started before serving, stopped after the
+            # shutdown sequence (a mesh still being diffed then is counted lost).
+            async with open_mesh_pipeline(
+                settings, workers=mesh.workers, metrics=self.metrics.mesh
+            ) as meshes:
+                self.gate.meshes = meshes
+                self.delivery.meshes = meshes
+                await self._run(listeners, task_status)
         finally:
             with trio.CancelScope(shield=True):
                 await self.delivery.close()
@@ -139,7 +179,9 @@ class Relay:
                 stag=redact_url(self.config.stag.url),
                 relay_id=self.relay_id,
                 version=__version__,
+                tls=self._tls is not None,
             )
+            self.access.announce()
             task_status.started(self.ports)
             self.notifier.ready(f"listening on port {', '.join(map(str, self.ports))}")
             await self._shutdown_requested.wait()
@@ -173,6 +215,7 @@ class Relay:
         spooled = self.delivery.spool is not None
         undelivered = (
             self._events_recv.statistics().current_buffer_used
+            + self.gate.held_events()
             + self.batcher.held_events()
             + self.delivery.held_events()
             + (0 if spooled else self.sender.held_events())
@@ -213,9 +256,33 @@ class Relay:
         self._delivered.set()
 
     async def _serve(self, listeners: list[trio.SocketListener]) -> None:
+        served: list[trio.abc.Listener[Any]] = list(listeners)
+        if self._tls is not None:
+            # The TLS handshake runs lazily, inside the front door's handshake_timeout.
+            served = [
+                trio.SSLListener(listener, self._tls, https_compatible=True)
+                for listener in listeners
+            ]
         async with trio.open_nursery() as handlers:
             with self._listen_scope:
-                await trio.serve_listeners(self.front.handle, listeners, handler_nursery=handlers)
+                await trio.serve_listeners(self.front.handle, served, handler_nursery=handlers)
+
+    def _connection_failed(self, peer: str, error: Exception) -> None:
+        self.metrics.connection_errors.inc()
+        log.error("connection ended by an unexpected error", peer=peer, sites=error_sites(error))
+
+    def reload_keys(self) -> str | None:
+        """SIGHUP: re-read auth.api_keys_file (None: none configured); connections stay."""
+        return self.access.reload()
+
+    async def _serve_websocket(self, stream: trio.abc.Stream, request: HttpRequest) -> None:
+        # Counted from admission (no checkpoint between _admit and here), so that
+        # concurrent handshakes cannot overshoot server.max_connections.
+        self._websockets += 1
+        try:
+            await self.gate.serve(stream, request)
+        finally:
+            self._websockets -= 1
 
     async def _sweep_sessions(self) -> None:
         interval = max(1.0, min(self.config.session.ttl / 4, _MAX_SWEEP_INTERVAL))
@@ -229,7 +296,16 @@ class Relay:
 
     def _admit(self, request: HttpRequest) -> HttpResponse | None:
         if self.draining:
+            self.metrics.connections_refused.labels("draining").inc()
             return error_response(503, "relay is shutting down", (("retry-after", "1"),))
+        refusal = self.access.admit(request)
+        if refusal is not None:
+            return refusal
+        if self._websockets >= self.config.server.max_connections:
+            self.metrics.connections_refused.labels("capacity").inc()
+            return error_response(
+                503, "relay is at its connection limit", (("retry-after", _FULL_RETRY_AFTER),)
+            )
         return None
 
     def _health(self, request: HttpRequest) -> HttpResponse:

@@ -32,6 +32,9 @@ from ruamel.yaml.comments import TaggedScalar
 from ruamel.yaml.error import MarkedYAMLError, YAMLError
 from ruamel.yaml.scalarbool import ScalarBoolean
 
+from stag_relay.auth import KeyFormatError, check_key, normalize_origin, parse_keys_file
+from stag_relay.tls import TlsError, server_context
+
 # --- durations ---------------------------------------------------------------
 
 # unit -> (multiplier, divisor): milliseconds divide by 1000 rather than
@@ -248,6 +251,76 @@ def _url_path(value: object) -> str:
     return text
 
 
+_TRUE: Final = ("true", "yes", "on", "1")
+_FALSE: Final = ("false", "no", "off", "0")
+
+
+def _boolean(value: object) -> bool:
+    if isinstance(value, bool):
+        return value
+    # Only the environment and flags give text; in YAML `"true"` in quotes is a mistake.
+    if isinstance(value, _Text) and value.strip().lower() in _TRUE + _FALSE:
+        return value.strip().lower() in _TRUE
+    raise ValueError(f"expected true or false, got {_show(value)}")
+
+
+def _readable_file(value: object) -> str:
+    # Empty means "not configured"; anything else must be a file we can read now,
+    # so that a typo is a configuration error at start, not a failure at first use.
+    path = _text(value).strip()
+    if path:
+        try:
+            with open(path, "rb") as file:
+                file.read(1)
+        except OSError as exc:
+            raise ValueError(f"cannot read {path}: {exc.strerror}") from None
+    return path
+
+
+def _items(value: object) -> list[object]:
+    # A YAML list, or (environment, flags) text separated by commas.
+    if isinstance(value, _Text):
+        return [item.strip() for item in value.split(",") if item.strip()]
+    if isinstance(value, list):
+        return list(value)
+    raise ValueError(f"expected a list, got {_kind(value)} (in YAML: one '- item' per line)")
+
+
+def _api_keys(value: object) -> tuple[str, ...]:
+    # Never echo a key, not even a malformed one: name its position instead.
+    keys = []
+    for number, item in enumerate(_items(value), start=1):
+        if not isinstance(item, str):
+            raise ValueError(f"key {number}: expected text, got {_kind(item)} (put it in quotes)")
+        try:
+            keys.append(check_key(item.strip(), f"key {number}"))
+        except KeyFormatError as exc:
+            raise ValueError(str(exc)) from None
+    return tuple(keys)
+
+
+def _keys_file(value: object) -> str:
+    path = _readable_file(value)
+    if path:
+        try:
+            parse_keys_file(Path(path).read_text(encoding="utf-8"))
+        except UnicodeDecodeError:
+            raise ValueError(f"{path} is not UTF-8 text") from None
+        except KeyFormatError as exc:
+            raise ValueError(f"{path} {exc}") from None
+    return path
+
+
+def _origins(value: object) -> tuple[str, ...]:
+    origins = []
+    for item in _items(value):
+        origin = normalize_origin(item) if isinstance(item, str) else None
+        if origin is None:
+            raise ValueError(f"expected origins like https://app.example.com, got {_show(item)}")
+        origins.append(origin)
+    return tuple(origins)
+
+
 def _rule(rule: Rule) -> dict[str, Rule]:
     return {_RULE: rule}
 
@@ -266,6 +339,24 @@ class ServerConfig:
     handshake_timeout: float = attrs.field(default=10.0, metadata=_DURATION)
     # From SIGTERM to exit: time to flush what the relay holds to STAG.
     shutdown_timeout: float = attrs.field(default=10.0, metadata=_DURATION)
+    # Open WebSocket connections at most; beyond it an upgrade gets 503. Each one holds
+    # a few tasks and buffers: size it to what the host can serve, not to hope.
+    max_connections: int = 10_000
+    # PEM certificate chain and private key: both set serves wss:// and https://.
+    tls_cert: str = attrs.field(default="", metadata=_rule(_readable_file))
+    tls_key: str = attrs.field(default="", metadata=_rule(_readable_file))
+
+
+@attrs.frozen
+class AuthConfig:
+    # Keys that open the WebSocket; repr masks them so a logged Config does not leak them.
+    api_keys: tuple[str, ...] = attrs.field(
+        default=(), metadata=_rule(_api_keys), repr=lambda keys: f"<{len(keys)} keys>"
+    )
+    # A file of keys, one per line, re-read on SIGHUP.
+    api_keys_file: str = attrs.field(default="", metadata=_rule(_keys_file))
+    # /status and /metrics need a key too (/health never does).
+    protect_endpoints: bool = attrs.field(default=False, metadata=_rule(_boolean))
 
 
 @attrs.frozen
@@ -294,6 +385,12 @@ class WebSocketConfig:
     buffer_size: int = 1024
     heartbeat_interval: float = attrs.field(default=30.0, metadata=_DURATION)
     max_message_size: int = 8 * 1024 * 1024
+    # Per connection: 4x a 60 Hz pose stream, headroom for pose and mesh together.
+    max_packets_per_second: int = 240
+    # Invalid packets in a row that close a connection with 1008.
+    max_invalid_packets: int = 100
+    # Browser origins that may connect; empty lets any in.
+    allowed_origins: tuple[str, ...] = attrs.field(default=(), metadata=_rule(_origins))
 
 
 @attrs.frozen
@@ -329,14 +426,29 @@ class DeliveryConfig:
 
 
 @attrs.frozen
+class MeshConfig:
+    # Per mesh packet; more is an invalid packet (memory and CPU bound per client).
+    max_vertices: int = 1_000_000
+    max_faces: int = 2_000_000
+    # A full mesh at least every N updates of an anchor, so a lost base heals.
+    keyframe_interval: int = 30
+    # Worker processes that decode and diff (a crash in Draco costs one packet).
+    workers: int = 2
+    # Meshes held as diff bases, all anchors and workers (least recently used go).
+    max_state_bytes: int = 256 * 1024**2
+
+
+@attrs.frozen
 class Config:
     server: ServerConfig = ServerConfig()
+    auth: AuthConfig = AuthConfig()
     stag: StagConfig = StagConfig()
     websocket: WebSocketConfig = WebSocketConfig()
     batch: BatchConfig = BatchConfig()
     session: SessionConfig = SessionConfig()
     log: LogConfig = LogConfig()
     delivery: DeliveryConfig = DeliveryConfig()
+    mesh: MeshConfig = MeshConfig()
 
 
 class ConfigError(Exception):
@@ -623,7 +735,24 @@ def _structure(settings: Mapping[str, _Setting], problems: list[str]) -> Config 
             f" ({maximum.where if maximum else 'default'}); make retry_initial <= retry_max"
         )
         return None
+    tls_problem = _check_tls(config.server, describe)
+    if tls_problem is not None:
+        problems.append(tls_problem)
+        return None
     return config
+
+
+def _check_tls(server: ServerConfig, describe: Callable[[str], str]) -> str | None:
+    # Each path was found readable on its own; here they must form a pair that loads.
+    if bool(server.tls_cert) != bool(server.tls_key):
+        given, missing = ("tls_cert", "tls_key") if server.tls_cert else ("tls_key", "tls_cert")
+        return f"{describe('server.' + given)}: set server.{missing} as well, or neither"
+    if server.tls_cert:
+        try:
+            server_context(server.tls_cert, server.tls_key)
+        except TlsError as exc:
+            return f"{describe('server.tls_cert')} and server.tls_key: {exc}"
+    return None
 
 
 def _choose_file(
@@ -694,6 +823,10 @@ def dump_config(config: Config) -> str:
                 value = "***" if value else ""
             elif rule is _http_url:
                 value = _mask_url(value)
+            elif rule is _api_keys:
+                value = ["***"] * len(value)
+            if isinstance(value, tuple):
+                value = list(value)
             body[field.name] = value
         document[section] = body
     yaml = YAML(typ="safe", pure=True)

@@ -10,6 +10,7 @@ replays the head, and everything else is answered here through h11.
 from __future__ import annotations
 
 import http
+import traceback
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Final
 
@@ -80,6 +81,37 @@ def error_response(
 Endpoint = Callable[[HttpRequest], HttpResponse]
 Admit = Callable[[HttpRequest], HttpResponse | None]
 ServeWebSocket = Callable[[trio.abc.Stream, HttpRequest], Awaitable[None]]
+OnError = Callable[[str, Exception], None]
+
+
+def error_sites(exc: BaseException) -> list[str]:
+    """Where an error came from, as "Type at file:line in function", innermost last,
+    through exception groups and chained exceptions.
+
+    Without the exceptions' messages: those may quote what a client sent (a packet
+    error echoes part of a value), and client data never goes into the log.
+    """
+    sites: list[str] = []
+    seen: set[int] = set()
+
+    def walk(error: BaseException) -> None:
+        if id(error) in seen:
+            return
+        seen.add(id(error))
+        chained = error.__cause__ or error.__context__
+        if chained is not None:
+            walk(chained)
+        frames = traceback.extract_tb(error.__traceback__)
+        site = type(error).__name__
+        if frames:
+            site += f" at {frames[-1].filename}:{frames[-1].lineno} in {frames[-1].name}"
+        sites.append(site)
+        if isinstance(error, BaseExceptionGroup):
+            for inner in error.exceptions:
+                walk(inner)
+
+    walk(exc)
+    return sites
 
 
 class ReplayStream(trio.abc.Stream):
@@ -112,6 +144,8 @@ class ReplayStream(trio.abc.Stream):
 
 
 def peer_name(stream: trio.abc.Stream) -> str:
+    if isinstance(stream, trio.SSLStream):
+        stream = stream.transport_stream
     socket = getattr(stream, "socket", None)
     if socket is None:
         return "unknown"
@@ -141,7 +175,9 @@ class FrontDoor:
         serve_websocket: ServeWebSocket,
         handshake_timeout: float,
         max_head_bytes: int = MAX_HEAD_BYTES,
+        on_error: OnError | None = None,
     ) -> None:
+        self._on_error = on_error
         self._endpoints = endpoints
         self._websocket_path = websocket_path
         self._admit = admit
@@ -150,9 +186,27 @@ class FrontDoor:
         self._max_head_bytes = max_head_bytes
 
     async def handle(self, stream: trio.abc.Stream) -> None:
-        """Serve one TCP connection until it closes, is upgraded or misbehaves."""
+        """Serve one TCP connection until it closes, is upgraded or misbehaves.
+
+        With TLS (``stream`` is a trio.SSLStream) the handshake runs inside the first
+        read, so it counts against handshake_timeout like the request head.
+        """
         peer = peer_name(stream)
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=self._max_head_bytes)
+        try:
+            await self._handle(stream, conn, peer)
+        except Exception as exc:
+            # A bug met on one connection ends that connection, not the relay and
+            # its thousands of other clients; on_error makes it loud (log, metric).
+            if self._on_error is None:
+                raise
+            self._on_error(peer, exc)
+        finally:
+            # Close now rather than when the stream is garbage: a connection cut off
+            # (a client that does not read its replies) must see its end at once.
+            await trio.aclose_forcefully(stream)
+
+    async def _handle(self, stream: trio.abc.Stream, conn: h11.Connection, peer: str) -> None:
         try:
             while True:
                 upgrade: HttpRequest | None = None

@@ -44,7 +44,6 @@ import attrs
 import structlog
 import trio
 import trio_parallel  # type: ignore[import-untyped]
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from stag_relay.events import Event, MeshUpdate
 from stag_relay.mesh import (
@@ -56,6 +55,7 @@ from stag_relay.mesh import (
     run_job,
     worker_pid,
 )
+from stag_relay.metrics import MeshMetrics
 from stag_relay.packets import MeshData
 
 # The largest mesh the default limits allow (2,000,000 faces) took 3.2 s to
@@ -66,62 +66,12 @@ JOB_TIMEOUT: Final = 10.0
 # Workers exit at once when asked (they only wait on their pipe); past this
 # they are killed rather than hold up the relay's shutdown.
 GRACE_PERIOD: Final = 5.0
-MESH_KINDS: Final = ("full", "delta")
-# crash: the worker process died (a decoder segfault); timeout: it ran past
-# JOB_TIMEOUT and was killed; error: the job raised, a bug in the relay.
-FAILURE_REASONS: Final = ("crash", "timeout", "error")
-# A 40,000-triangle mesh decodes in about 3.5 ms; a million vertices in ~100 ms.
-_DECODE_BUCKETS: Final = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
 
 log = structlog.get_logger("stag_relay.meshwork")
 
 AnchorKey = tuple[str, str]
 # (session_id, anchor_id, event_id): one mesh update, as the sender reports its fate.
 MeshRef = tuple[str, str, str]
-
-
-class MeshMetrics:
-    """The mesh pipeline's metrics, registered in the relay's registry."""
-
-    def __init__(self, registry: CollectorRegistry) -> None:
-        self.bytes_in = Counter(
-            "relay_mesh_bytes_in",
-            "Mesh data received from clients: base64 characters of vertices and faces",
-            registry=registry,
-        )
-        self.bytes_out = Counter(
-            "relay_mesh_bytes_out",
-            "Mesh data sent to STAG: base64 characters of the full buffers, or of "
-            "removed_faces and added",
-            registry=registry,
-        )
-        self.updates = Counter(
-            "relay_mesh_updates",
-            "Mesh updates sent to STAG, by kind (full or delta)",
-            ["kind"],
-            registry=registry,
-        )
-        for kind in MESH_KINDS:
-            self.updates.labels(kind)
-        self.decode_seconds = Histogram(
-            "relay_mesh_decode_seconds",
-            "Time to decode and check one mesh packet, in a worker process",
-            buckets=_DECODE_BUCKETS,
-            registry=registry,
-        )
-        self.state_bytes = Gauge(
-            "relay_mesh_state_bytes",
-            "Bytes of mesh state held by the workers to compute deltas",
-            registry=registry,
-        )
-        self.worker_failures = Counter(
-            "relay_mesh_worker_failures",
-            "Mesh jobs whose worker process was lost or failed, by reason",
-            ["reason"],
-            registry=registry,
-        )
-        for reason in FAILURE_REASONS:
-            self.worker_failures.labels(reason)
 
 
 @attrs.define(slots=True, eq=False)

@@ -27,8 +27,14 @@ disable_created_metrics()  # type: ignore[no-untyped-call]
 PACKET_TYPES: Final = ("pose", "mesh", "unknown")
 # ok: forwarded; invalid: error reply sent; duplicate: frame not newer than the last
 # accepted one (resends after reconnects), dropped without a reply; too_large: over
-# websocket.max_message_size, the connection is closed with 1009.
-PACKET_STATUSES: Final = ("ok", "invalid", "duplicate", "too_large")
+# websocket.max_message_size, the connection is closed with 1009; rate_limited: over
+# websocket.max_packets_per_second, refused unparsed (so its type is "unknown").
+PACKET_STATUSES: Final = ("ok", "invalid", "duplicate", "too_large", "rate_limited")
+# Why an upgrade was answered with an HTTP error instead: 401, 403, 503 (full), 503.
+REFUSAL_REASONS: Final = ("unauthorized", "origin", "capacity", "draining")
+# Why the relay closed a connection to protect the others: far over the packet rate
+# for long (1008), max_invalid_packets in a row (1008), replies not read (dropped).
+POLICY_CLOSE_REASONS: Final = ("rate_limit", "invalid_packets", "slow_reader")
 # rejected: STAG answered a 4xx that retrying cannot fix; shutdown: still held when
 # server.shutdown_timeout ran out; spool_full: dropped by delivery.when_full=drop_oldest.
 DROP_REASONS: Final = ("rejected", "shutdown", "spool_full")
@@ -38,6 +44,58 @@ STAG_OUTCOMES: Final = ("success", "retry", "rejected", "too_large", "error")
 _BATCH_BUCKETS: Final = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
 # Parsing and transforming a pose packet takes tens of microseconds.
 _PROCESSING_BUCKETS: Final = (1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 5e-3, 0.025, 0.1)
+
+
+MESH_KINDS: Final = ("full", "delta")
+# crash: the worker process died (a decoder segfault); timeout: it ran past the job
+# timeout and was killed; error: the job raised, a bug in the relay.
+FAILURE_REASONS: Final = ("crash", "timeout", "error")
+# A 40,000-triangle mesh decodes in about 3.5 ms; a million vertices in ~100 ms.
+_DECODE_BUCKETS: Final = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
+
+
+class MeshMetrics:
+    """The mesh pipeline's metrics, registered in the relay's registry."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.bytes_in = Counter(
+            "relay_mesh_bytes_in",
+            "Mesh data received from clients: base64 characters of vertices and faces",
+            registry=registry,
+        )
+        self.bytes_out = Counter(
+            "relay_mesh_bytes_out",
+            "Mesh data sent to STAG: base64 characters of the full buffers, or of "
+            "removed_faces and added",
+            registry=registry,
+        )
+        self.updates = Counter(
+            "relay_mesh_updates",
+            "Mesh updates sent to STAG, by kind (full or delta)",
+            ["kind"],
+            registry=registry,
+        )
+        for kind in MESH_KINDS:
+            self.updates.labels(kind)
+        self.decode_seconds = Histogram(
+            "relay_mesh_decode_seconds",
+            "Time to decode and check one mesh packet, in a worker process",
+            buckets=_DECODE_BUCKETS,
+            registry=registry,
+        )
+        self.state_bytes = Gauge(
+            "relay_mesh_state_bytes",
+            "Bytes of mesh state held by the workers to compute deltas",
+            registry=registry,
+        )
+        self.worker_failures = Counter(
+            "relay_mesh_worker_failures",
+            "Mesh jobs whose worker process was lost or failed, by reason",
+            ["reason"],
+            registry=registry,
+        )
+        for reason in FAILURE_REASONS:
+            self.worker_failures.labels(reason)
 
 
 class RelayMetrics:
@@ -64,6 +122,32 @@ class RelayMetrics:
         self.heartbeat_timeouts = Counter(
             "relay_heartbeat_timeouts",
             "Connections closed because the client did not answer a ping in time",
+            registry=r,
+        )
+        self.connections_refused = Counter(
+            "relay_connections_refused",
+            "WebSocket upgrades refused before the handshake, by reason",
+            ["reason"],
+            registry=r,
+        )
+        for reason in REFUSAL_REASONS:
+            self.connections_refused.labels(reason)
+        self.policy_closes = Counter(
+            "relay_policy_closes",
+            "Connections the relay closed to protect the others, by reason",
+            ["reason"],
+            registry=r,
+        )
+        for reason in POLICY_CLOSE_REASONS:
+            self.policy_closes.labels(reason)
+        self.connection_errors = Counter(
+            "relay_connection_errors",
+            "Connections ended by an unexpected error in the relay (a bug; logged)",
+            registry=r,
+        )
+        self.error_replies_suppressed = Counter(
+            "relay_error_replies_suppressed",
+            "Error replies not sent because a connection was over its error reply rate",
             registry=r,
         )
         self.batch_size = Histogram(
@@ -118,6 +202,7 @@ class RelayMetrics:
             "Spool files found corrupt or foreign at start and moved aside",
             registry=r,
         )
+        self.mesh = MeshMetrics(r)
         self.build_info = Info("relay_build", "stag-relay build", registry=r)
         self.build_info.info({"version": __version__})
 

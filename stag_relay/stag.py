@@ -15,7 +15,6 @@ from collections.abc import Callable
 from typing import Final
 
 import attrs
-
 import httpx
 import structlog
 import trio

@@ -12,6 +12,7 @@ from websockets.exceptions import ConnectionClosed
 
 from stag_relay.app import Relay
 from tests.support.clients import connect_relay, mesh_packet, pose_packet, stream_poses
+from tests.support.meshes import draco_grid
 from tests.support.relays import http_get, make_config
 from tests.support.stag_server import StagServer
 
@@ -99,7 +100,8 @@ async def test_event_and_request_shape(nursery: trio.Nursery, stag: StagServer) 
     assert mesh["anchors"] == []
     assert mesh["meshes"][0]["anchor_id"] == "anchor-456"
     assert mesh["meshes"][0]["is_delta"] is False
-    assert mesh["meshes"][0]["vertices_delta"] == "AAECAw=="
+    assert mesh["meshes"][0]["vertices_delta"] == draco_grid()
+    assert mesh["meshes"][0]["face_count"] == 128
 
 
 INVALID = [

@@ -14,6 +14,8 @@ from typing import Any
 
 from websockets.sync.client import ClientConnection, connect
 
+from tests.support.meshes import draco_grid
+
 __all__ = ["ClientConnection", "connect_relay", "mesh_packet", "pose_packet", "stream_poses"]
 
 
@@ -42,10 +44,12 @@ def mesh_packet(
     frame_number: int,
     *,
     anchor_id: str = "anchor-1",
-    vertices: str = "AAECAw==",
+    vertices: str | None = None,
     faces: str = "",
     timestamp: int | None = None,
 ) -> str:
+    if vertices is None:
+        vertices = draco_grid()
     return json.dumps(
         {
             "session_id": session_id,

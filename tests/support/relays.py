@@ -16,6 +16,9 @@ import attrs
 
 from stag_relay.config import Config
 
+# websocket.max_packets_per_second for test relays: beyond any rate a test reaches.
+UNLIMITED_RATE = 10**9
+
 
 def make_config(stag_url: str, **sections: Mapping[str, Any]) -> Config:
     """Defaults for a test relay on 127.0.0.1, port 0, talking to ``stag_url``.
@@ -27,6 +30,9 @@ def make_config(stag_url: str, **sections: Mapping[str, Any]) -> Config:
         config,
         server=attrs.evolve(config.server, host="127.0.0.1", port=0),
         stag=attrs.evolve(config.stag, url=stag_url, retry_initial=0.01, retry_max=0.2),
+        # Tests stream as fast as the machine allows; the per-connection packet rate
+        # limit has its own tests (test_security.py), which set it explicitly.
+        websocket=attrs.evolve(config.websocket, max_packets_per_second=UNLIMITED_RATE),
     )
     for name, values in sections.items():
         config = attrs.evolve(config, **{name: attrs.evolve(getattr(config, name), **values)})
@@ -54,6 +60,7 @@ class RelayProcess:
         full_env = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
         full_env.update(env)
         full_env.setdefault("RELAY_LOG_FORMAT", "json")
+        full_env.setdefault("RELAY_WEBSOCKET_MAX_PACKETS_PER_SECOND", str(UNLIMITED_RATE))
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "stag_relay", *args],
             env=full_env,

@@ -10,13 +10,13 @@ import trio
 DEFAULT_TIMEOUT = 60.0
 
 
-async def wait_until(predicate: Callable[[], object], *, timeout: float = DEFAULT_TIMEOUT) -> None:
-    """Return once ``predicate()`` is true; fail the test after ``timeout`` seconds.
+async def wait_until(predicate: Callable[[], object], *, limit: float = DEFAULT_TIMEOUT) -> None:
+    """Return once ``predicate()`` is true; fail the test after ``limit`` seconds.
 
     A poll, not a sleep that hopes: it returns the moment the condition holds and
     fails loudly if it never does. For state owned by other threads or processes,
     where there is no trio.Event to wait on.
     """
-    with trio.fail_after(timeout):
-        while not predicate():
-            await trio.sleep(0.01)  # noqa: ASYNC110
+    with trio.fail_after(limit):
+        while not predicate():  # noqa: ASYNC110
+            await trio.sleep(0.01)

@@ -97,6 +97,13 @@ def test_every_key_has_an_environment_variable() -> None:
         "RELAY_SERVER_PORT": "1",
         "RELAY_SERVER_HANDSHAKE_TIMEOUT": "2s",
         "RELAY_SERVER_SHUTDOWN_TIMEOUT": "3s",
+        "RELAY_SERVER_MAX_CONNECTIONS": "16",
+        # Empty: not configured (a path here must name a readable file).
+        "RELAY_SERVER_TLS_CERT": "",
+        "RELAY_SERVER_TLS_KEY": "",
+        "RELAY_AUTH_API_KEYS": "key-1, key-2",
+        "RELAY_AUTH_API_KEYS_FILE": "",
+        "RELAY_AUTH_PROTECT_ENDPOINTS": "true",
         "RELAY_STAG_URL": "http://stag:1",
         "RELAY_STAG_INGEST_PATH": "/in",
         "RELAY_STAG_TIMEOUT": "4s",
@@ -108,6 +115,9 @@ def test_every_key_has_an_environment_variable() -> None:
         "RELAY_WEBSOCKET_BUFFER_SIZE": "8",
         "RELAY_WEBSOCKET_HEARTBEAT_INTERVAL": "9s",
         "RELAY_WEBSOCKET_MAX_MESSAGE_SIZE": "10",
+        "RELAY_WEBSOCKET_MAX_PACKETS_PER_SECOND": "17",
+        "RELAY_WEBSOCKET_MAX_INVALID_PACKETS": "18",
+        "RELAY_WEBSOCKET_ALLOWED_ORIGINS": "https://a.example,http://b.example:8080",
         "RELAY_BATCH_MAX_SIZE": "11",
         "RELAY_BATCH_TIMEOUT": "500ms",
         "RELAY_SESSION_TTL": "1h",
@@ -118,6 +128,11 @@ def test_every_key_has_an_environment_variable() -> None:
         "RELAY_DELIVERY_SPOOL_MAX_BYTES": "14",
         "RELAY_DELIVERY_WHEN_FULL": "drop_oldest",
         "RELAY_DELIVERY_DEAD_LETTER_MAX_BYTES": "15",
+        "RELAY_MESH_MAX_VERTICES": "16",
+        "RELAY_MESH_MAX_FACES": "17",
+        "RELAY_MESH_KEYFRAME_INTERVAL": "18",
+        "RELAY_MESH_WORKERS": "3",
+        "RELAY_MESH_MAX_STATE_BYTES": "19",
     }
     config = load(environ=environ)
     assert attrs.asdict(config) == {
@@ -126,6 +141,14 @@ def test_every_key_has_an_environment_variable() -> None:
             "port": 1,
             "handshake_timeout": 2.0,
             "shutdown_timeout": 3.0,
+            "max_connections": 16,
+            "tls_cert": "",
+            "tls_key": "",
+        },
+        "auth": {
+            "api_keys": ("key-1", "key-2"),
+            "api_keys_file": "",
+            "protect_endpoints": True,
         },
         "stag": {
             "url": "http://stag:1",
@@ -137,7 +160,14 @@ def test_every_key_has_an_environment_variable() -> None:
             "retry_max": 7.0,
             "relay_id": "relay-1",
         },
-        "websocket": {"buffer_size": 8, "heartbeat_interval": 9.0, "max_message_size": 10},
+        "websocket": {
+            "buffer_size": 8,
+            "heartbeat_interval": 9.0,
+            "max_message_size": 10,
+            "max_packets_per_second": 17,
+            "max_invalid_packets": 18,
+            "allowed_origins": ("https://a.example", "http://b.example:8080"),
+        },
         "batch": {"max_size": 11, "timeout": 0.5},
         "session": {"ttl": 3600.0, "max_sessions": 13},
         "log": {"level": "debug", "format": "json"},
@@ -146,6 +176,13 @@ def test_every_key_has_an_environment_variable() -> None:
             "spool_max_bytes": 14,
             "when_full": "drop_oldest",
             "dead_letter_max_bytes": 15,
+        },
+        "mesh": {
+            "max_vertices": 16,
+            "max_faces": 17,
+            "keyframe_interval": 18,
+            "workers": 3,
+            "max_state_bytes": 19,
         },
     }
 
