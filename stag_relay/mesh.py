@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import binascii
 import os
+import signal
 import time
 from collections import OrderedDict
 from collections.abc import Mapping
@@ -693,6 +694,10 @@ def init_worker(settings: MeshSettings, max_bytes: int) -> None:
     global _worker_store
     _worker_store = MeshStore(settings, max_bytes)
     _limit_address_space(WORKER_MEMORY_HEADROOM + max_bytes)
+    # systemd, timeout(1) and a terminal's Ctrl-C signal the whole process group; the
+    # relay drains and then stops its workers itself, and needs them until then.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _limit_address_space(headroom: int) -> None:
