@@ -63,3 +63,14 @@ def deploy(session: nox.Session) -> None:
         *session.posargs,
         env={"STAG_RELAY_REQUIRE_DEPLOY_TOOLS": "1"},
     )
+
+
+@nox.session(python=PYTHON)
+def bench(session: nox.Session) -> None:
+    """The benchmark against the stack's own ceiling (minutes; not part of `tests`).
+
+    Arguments go to tests/benchmark/bench.py: nox -s bench -- --repeats 5 --only flood
+    """
+    session.install("-e", ".[test]")
+    session.run("python", "tests/benchmark/bench.py", *session.posargs)
+    session.run("python", "tests/benchmark/mesh_bench.py")

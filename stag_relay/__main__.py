@@ -35,7 +35,12 @@ log = structlog.get_logger("stag_relay")
 
 # Tools beside the relay itself, as subcommands: each module has
 # ``configure_parser(parser)`` and ``run(args) -> int``. Imported only when used.
-TOOLS: Final[dict[str, str]] = {"spool": "stag_relay.spoolcmd"}
+TOOLS: Final[dict[str, str]] = {
+    "spool": "stag_relay.spoolcmd",
+    "loadgen": "stag_relay.loadgen",
+    "sink": "stag_relay.sink",
+    "demo": "stag_relay.demo",
+}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,837 @@
+"""The benchmark: the relay against this stack's own ceiling, on this machine, in one run.
+
+    nox -s bench                        # or: python tests/benchmark/bench.py
+    python tests/benchmark/bench.py --repeats 5 --only flood,paced --output results.json
+
+Not part of the test suite (pytest collects ``test_*.py`` under tests/unit and
+tests/integration only). Each workload is repeated (``--repeats``, at least 3 for
+the figures in docs/performance.md) and the medians are reported, because this
+machine is small and shared; every relay figure is set beside the bare
+trio-websocket server's (tests/benchmark/bare_server.py) measured with the same
+client in the same repeat, bare first, so slow drift hits both alike.
+
+1. flood: 20 connections x 5,000 pose packets as fast as possible, batch.max_size
+   100. Relay: events delivered per second (first packet sent to last event at the
+   stand-in) with nothing lost; bare: messages read per second (first sent to
+   every close handshake done, which the server answers only after reading what
+   came before). Target: relay / bare >= 0.8.
+2. paced: 200 connections x 60 Hz for 10 s, batch.max_size 100, batch.timeout
+   50ms. p50/p99 from each packet's timestamp to its arrival at the stand-in
+   (timestamps are whole milliseconds, floored: up to 1 ms is added). CPU of the
+   relay process per event against the bare server's CPU per message (from
+   /proc/<pid>/stat, between all connections being open and the last arrival).
+   Targets: p99 <= 20 ms, CPU per event <= 1.5 x bare.
+3. idle: 3,000 connections open and quiet. RSS growth of the server process per
+   connection. Target <= 32 KiB (bare ~21 KiB).
+4. mesh beside pose: 20 connections x 60 Hz poses for 10 s, with and without a
+   growing 40,000-triangle Draco mesh per connection per second: pose p99 beside
+   meshes against pose-only, and mesh characters out (at the stand-in) / in (sent).
+   Skipped when DracoPy is missing; ``MESH_RELAY_ENV`` is the hook for the mesh
+   pipeline's settings.
+
+Keeping the client and the stand-in from distorting the figures on 2 cores: the
+server under test (relay or bare) is pinned to CPU 0 and everything else (the
+load generator, the stand-in, this script) to the other CPUs (``--no-pin`` to
+turn it off; the mesh workload is never pinned, since the mesh pipeline may use
+worker processes); the stand-in and the load generator are separate processes;
+the load generator encodes its frames itself (2-4 us a packet, see
+stag_relay/loadgen.py) and the stand-in only parses batches.
+
+Results go to a JSON file (``--output``, default bench-results.json) and a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import os
+import platform
+import re
+import resource
+import signal
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import IO, Any, Final
+
+ROOT: Final = Path(__file__).resolve().parents[2]
+PYTHON: Final = sys.executable
+BARE_SERVER: Final = str(Path(__file__).with_name("bare_server.py"))
+
+# The issue's workloads.
+FLOOD_CONNECTIONS: Final = 20
+FLOOD_PACKETS: Final = 5000
+PACED_CONNECTIONS: Final = 200
+PACED_RATE: Final = 60.0
+PACED_SECONDS: Final = 10.0
+IDLE_CONNECTIONS: Final = 3000
+MESH_CONNECTIONS: Final = 20
+MESH_TRIANGLES: Final = 40_000
+BATCH_MAX_SIZE: Final = 100
+# A flood is what websocket.max_packets_per_second (240 by default) exists to refuse;
+# the flood measures the pipeline, so the limit is lifted far above what it sends.
+FLOOD_PACKET_RATE_LIMIT: Final = "10000000"
+PACED_BATCH_TIMEOUT: Final = "50ms"
+# The issue's targets.
+TARGET_FLOOD_RATIO: Final = 0.8
+TARGET_P99_MS: Final = 20.0
+TARGET_CPU_RATIO: Final = 1.5
+TARGET_RSS_PER_CONNECTION: Final = 32 * 1024
+# Relay settings for the mesh workload, beyond the batch settings (the mesh
+# pipeline's keys, e.g. RELAY_MESH_WORKERS, once it has them).
+MESH_RELAY_ENV: dict[str, str] = {}
+# How long after "all connected" the idle servers settle before RSS is read.
+IDLE_SETTLE: Final = 2.0
+# Generous: a loaded 2-core machine can be ten times slower than a quiet one.
+TIMEOUT: Final = 300.0
+# No event arriving for this long while some are missing: they are lost (the
+# relay retries STAG within stag.retry_max, 10 s by default).
+STALL: Final = 30.0
+
+
+# --- processes --------------------------------------------------------------------
+
+
+# Every child started, so that an interrupted run leaves none behind.
+_CHILDREN: list[Child] = []
+
+
+class Child:
+    """A child process whose stdout and stderr lines are collected by threads."""
+
+    def __init__(
+        self,
+        name: str,
+        argv: list[str],
+        *,
+        env: dict[str, str] | None = None,
+        cpus: set[int] | None = None,
+    ) -> None:
+        self.name = name
+        full_env = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
+        full_env.update(env or {})
+        self.proc = subprocess.Popen(
+            argv,
+            cwd=ROOT,
+            env=full_env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        _CHILDREN.append(self)
+        if cpus:
+            # Right after the exec: the interpreter has no other thread yet, and
+            # threads started later inherit the mask.
+            os.sched_setaffinity(self.proc.pid, cpus)
+        self.stdout: list[str] = []
+        self.stderr: list[str] = []
+        self._cond = threading.Condition()
+        for stream, lines in ((self.proc.stdout, self.stdout), (self.proc.stderr, self.stderr)):
+            assert stream is not None
+            threading.Thread(target=self._read, args=(stream, lines), daemon=True).start()
+
+    def _read(self, stream: IO[str], lines: list[str]) -> None:
+        for line in stream:
+            with self._cond:
+                lines.append(line.rstrip("\n"))
+                self._cond.notify_all()
+        with self._cond:
+            self._cond.notify_all()
+
+    def wait_for(
+        self, predicate: Callable[[str], Any], *, stderr: bool = False, timeout: float = TIMEOUT
+    ) -> Any:
+        """The first truthy ``predicate(line)`` on stdout (or stderr)."""
+        lines = self.stderr if stderr else self.stdout
+        deadline = time.monotonic() + timeout
+        seen = 0
+        with self._cond:
+            while True:
+                for line in lines[seen:]:
+                    found = predicate(line)
+                    if found:
+                        return found
+                seen = len(lines)
+                if self.proc.poll() is not None and seen == len(lines):
+                    # Drain what the reader threads still hold.
+                    self._cond.wait(0.2)
+                    if seen == len(lines):
+                        break
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._cond.wait(min(left, 0.5))
+        raise RuntimeError(f"{self.name}: expected output never came\n{self.tail()}")
+
+    def tail(self, n: int = 20) -> str:
+        with self._cond:
+            return "\n".join(["-- stdout", *self.stdout[-n:], "-- stderr", *self.stderr[-n:]])
+
+    def cpu_seconds(self) -> float:
+        """User + system CPU of the process so far (not of its children)."""
+        with open(f"/proc/{self.proc.pid}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def rss_bytes(self) -> int:
+        with open(f"/proc/{self.proc.pid}/status") as status:
+            for line in status:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+        raise RuntimeError(f"{self.name}: no VmRSS")
+
+    def stop(self, timeout: float = 60.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise RuntimeError(f"{self.name} did not stop on SIGTERM\n{self.tail()}") from None
+
+    def wait(self, timeout: float = TIMEOUT) -> int:
+        return self.proc.wait(timeout)
+
+
+def http_json(url: str) -> Any:
+    with urllib.request.urlopen(url, timeout=30) as response:
+        return json.loads(response.read())
+
+
+class Pinning:
+    """Which CPUs the server under test gets, and which everything else gets."""
+
+    def __init__(self, enabled: bool) -> None:
+        cpus = sorted(os.sched_getaffinity(0))
+        self.enabled = enabled and len(cpus) >= 2
+        self.server: set[int] | None = {cpus[0]} if self.enabled else None
+        self.others: set[int] | None = set(cpus[1:]) if self.enabled else None
+
+    def describe(self) -> str:
+        if not self.enabled:
+            return "none"
+        return f"server on CPU {sorted(self.server or ())}, client and stand-in on CPUs " + str(
+            sorted(self.others or ())
+        )
+
+
+def start_sink(pin: Pinning) -> tuple[Child, str]:
+    sink = Child(
+        "sink",
+        [PYTHON, "-m", "stag_relay.sink", "--port", "0", "--quiet"],
+        cpus=pin.others,
+    )
+    url = sink.wait_for(
+        lambda line: (m := re.search(r"listening on (http://\S+?)/ingest", line)) and m.group(1),
+        stderr=True,
+        timeout=60,
+    )
+    return sink, url
+
+
+def start_relay(stag_url: str, cpus: set[int] | None, **settings: str) -> tuple[Child, int]:
+    env = {
+        "RELAY_SERVER_HOST": "127.0.0.1",
+        "RELAY_SERVER_PORT": "0",
+        "RELAY_STAG_URL": stag_url,
+        "RELAY_LOG_FORMAT": "json",
+        # The relay under test must not pick up a relay.yaml from the working tree.
+        "RELAY_CONFIG": os.devnull,
+        **settings,
+    }
+    relay = Child("relay", [PYTHON, "-m", "stag_relay"], env=env, cpus=cpus)
+
+    def listening(line: str) -> int | None:
+        with contextlib.suppress(ValueError):
+            record = json.loads(line)
+            if isinstance(record, dict) and record.get("event") == "relay listening":
+                return int(record["ports"][0])
+        return None
+
+    return relay, relay.wait_for(listening, stderr=True, timeout=60)
+
+
+def start_bare(pin: Pinning) -> tuple[Child, int]:
+    bare = Child("bare", [PYTHON, BARE_SERVER], cpus=pin.server)
+    port = bare.wait_for(lambda line: line.startswith("listening ") and int(line.split()[1]))
+    return bare, port
+
+
+class Loadgen:
+    """``stag-relay loadgen`` as a child, reporting JSON lines."""
+
+    def __init__(self, port: int, pin: Pinning, *options: str) -> None:
+        argv = [
+            PYTHON,
+            "-m",
+            "stag_relay.loadgen",
+            f"ws://127.0.0.1:{port}/ws/streamkit",
+            "--progress",
+            "jsonl",
+            *options,
+        ]
+        self.child = Child("loadgen", argv, cpus=pin.others)
+
+    def connected(self) -> dict[str, Any]:
+        record: dict[str, Any] = self.child.wait_for(_json_event("connected"))
+        return record
+
+    def done(self) -> dict[str, Any]:
+        summary: dict[str, Any] = self.child.wait_for(_json_event("done"))
+        self.child.wait()
+        return summary
+
+
+def _json_event(name: str) -> Callable[[str], dict[str, Any] | None]:
+    def match(line: str) -> dict[str, Any] | None:
+        with contextlib.suppress(ValueError):
+            record = json.loads(line)
+            if isinstance(record, dict) and record.get("event") == name:
+                return record
+        return None
+
+    return match
+
+
+def wait_for_events(sink_url: str, expected: int, timeout: float = TIMEOUT) -> dict[str, Any]:
+    """The stand-in's stats once it has ``expected`` events, or once none has arrived
+    for ``STALL`` seconds (something was lost), or after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    last_count, last_change = -1, time.monotonic()
+    while True:
+        stats: dict[str, Any] = http_json(f"{sink_url}/stats")
+        now = time.monotonic()
+        if stats["events"] != last_count:
+            last_count, last_change = stats["events"], now
+        if stats["events"] >= expected or now > deadline or now - last_change > STALL:
+            return stats
+        time.sleep(0.05)
+
+
+@contextlib.contextmanager
+def relay_with_sink(
+    pin: Pinning, *, pin_relay: bool = True, **settings: str
+) -> Iterator[tuple[Child, int, Child, str]]:
+    sink, sink_url = start_sink(pin)
+    relay: Child | None = None
+    try:
+        relay, port = start_relay(sink_url, pin.server if pin_relay else None, **settings)
+        yield relay, port, sink, sink_url
+        code = relay.stop()
+        if code != 0:
+            raise RuntimeError(f"relay exited with status {code}\n{relay.tail()}")
+    finally:
+        if relay is not None and relay.proc.poll() is None:
+            relay.proc.kill()
+        sink.stop()
+
+
+def packets_ok(status: dict[str, Any]) -> int:
+    return sum(int(by_status.get("ok", 0)) for by_status in status["packets"].values())
+
+
+def packets_not_ok(status: dict[str, Any]) -> int:
+    return sum(
+        int(n)
+        for by_status in status["packets"].values()
+        for key, n in by_status.items()
+        if key != "ok"
+    )
+
+
+# --- workloads --------------------------------------------------------------------
+
+
+def flood(pin: Pinning) -> dict[str, Any]:
+    options = (
+        "--connections",
+        str(FLOOD_CONNECTIONS),
+        "--rate",
+        "0",
+        "--count",
+        str(FLOOD_PACKETS),
+    )
+    total = FLOOD_CONNECTIONS * FLOOD_PACKETS
+
+    bare, port = start_bare(pin)
+    try:
+        cpu0 = bare.cpu_seconds()
+        summary = Loadgen(port, pin, *options).done()
+        bare_cpu = bare.cpu_seconds() - cpu0
+    finally:
+        bare.stop()
+    bare_rate = summary["read_rate"]
+    result: dict[str, Any] = {
+        "bare": {
+            "messages": summary["sent"],
+            "messages_per_second": round(bare_rate, 1),
+            "cpu_us_per_message": round(bare_cpu / summary["sent"] * 1e6, 2),
+            "client_cpu_us_per_message": _client_cpu(summary),
+        }
+    }
+
+    with relay_with_sink(
+        pin,
+        RELAY_BATCH_MAX_SIZE=str(BATCH_MAX_SIZE),
+        RELAY_WEBSOCKET_MAX_PACKETS_PER_SECOND=FLOOD_PACKET_RATE_LIMIT,
+    ) as (
+        relay,
+        port,
+        _,
+        sink_url,
+    ):
+        cpu0 = relay.cpu_seconds()
+        summary = Loadgen(port, pin, *options).done()
+        stats = wait_for_events(sink_url, summary["sent"])
+        relay_cpu = relay.cpu_seconds() - cpu0
+        status = http_json(f"http://127.0.0.1:{port}/status")
+    events = stats["events"]
+    span = stats["last_arrival_at"] - summary["started_at"] if events else 0.0
+    relay_rate = events / span if span > 0 else 0.0
+    result["relay"] = {
+        "sent": summary["sent"],
+        "events_delivered": events,
+        "lost": summary["sent"] - events,
+        "packets_not_ok": packets_not_ok(status),
+        "error_replies": summary["errors"],
+        "max_batch": stats["batch_size"]["max"],
+        "events_per_second": round(relay_rate, 1),
+        "cpu_us_per_event": round(relay_cpu / max(events, 1) * 1e6, 2),
+        "client_cpu_us_per_message": _client_cpu(summary),
+    }
+    result["ratio"] = round(relay_rate / bare_rate, 3) if bare_rate else None
+    result["nothing_lost"] = (
+        events == summary["sent"] == total
+        and packets_ok(status) == total
+        and result["relay"]["packets_not_ok"] == 0
+        and summary["errors"] == 0
+    )
+    return result
+
+
+def paced(pin: Pinning) -> dict[str, Any]:
+    options = [
+        *("--connections", str(PACED_CONNECTIONS), "--rate", f"{PACED_RATE:g}"),
+        *("--duration", f"{PACED_SECONDS:g}s"),
+    ]
+
+    bare, port = start_bare(pin)
+    try:
+        loadgen = Loadgen(port, pin, *options)
+        loadgen.connected()
+        cpu0 = bare.cpu_seconds()
+        summary = loadgen.done()
+        bare_cpu = bare.cpu_seconds() - cpu0
+    finally:
+        bare.stop()
+    bare_per_message = bare_cpu / summary["sent"]
+    result: dict[str, Any] = {
+        "bare": {
+            "messages": summary["sent"],
+            "cpu_us_per_message": round(bare_per_message * 1e6, 2),
+            "client_max_lag_ms": round(summary["max_lag_ms"], 2),
+        }
+    }
+
+    with relay_with_sink(
+        pin,
+        RELAY_BATCH_MAX_SIZE=str(BATCH_MAX_SIZE),
+        RELAY_BATCH_TIMEOUT=PACED_BATCH_TIMEOUT,
+    ) as (relay, port, _, sink_url):
+        loadgen = Loadgen(port, pin, *options)
+        loadgen.connected()
+        cpu0 = relay.cpu_seconds()
+        summary = loadgen.done()
+        stats = wait_for_events(sink_url, summary["sent"])
+        relay_cpu = relay.cpu_seconds() - cpu0
+    events = stats["events"]
+    relay_per_event = relay_cpu / max(events, 1)
+    latency = stats["latency_ms"]
+    result["relay"] = {
+        "sent": summary["sent"],
+        "events_delivered": events,
+        "lost": summary["sent"] - events,
+        "error_replies": summary["errors"],
+        "latency_p50_ms": latency["p50"],
+        "latency_p99_ms": latency["p99"],
+        "latency_max_ms": latency["max"],
+        "relay_latency_p99_ms": stats["relay_latency_ms"]["p99"],
+        "cpu_us_per_event": round(relay_per_event * 1e6, 2),
+        "client_max_lag_ms": round(summary["max_lag_ms"], 2),
+        "mean_batch": stats["batch_size"]["mean"],
+    }
+    result["cpu_ratio"] = round(relay_per_event / bare_per_message, 3)
+    result["nothing_lost"] = events == summary["sent"] and summary["errors"] == 0
+    return result
+
+
+def idle(pin: Pinning, connections: int) -> dict[str, Any]:
+    hold = IDLE_SETTLE + 3.0
+    options = ("--connections", str(connections), "--count", "0", "--duration", f"{hold:g}s")
+
+    def measure(server: Child, port: int, status_url: str | None) -> dict[str, Any]:
+        time.sleep(0.5)
+        base = server.rss_bytes()
+        loadgen = Loadgen(port, pin, *options)
+        connected = loadgen.connected()
+        time.sleep(IDLE_SETTLE)
+        rss = server.rss_bytes()
+        active = http_json(status_url)["connections"]["active"] if status_url else None
+        summary = loadgen.done()
+        return {
+            "connections": connected["connections"],
+            "server_active_connections": active,
+            "rss_base_mib": round(base / 2**20, 1),
+            "rss_open_mib": round(rss / 2**20, 1),
+            "rss_per_connection_kib": round((rss - base) / connections / 1024, 2),
+            "connect_seconds": round(summary["connect_seconds"], 2),
+            "connect_failures": summary["connect_failures"],
+        }
+
+    bare, port = start_bare(pin)
+    try:
+        result: dict[str, Any] = {"bare": measure(bare, port, None)}
+    finally:
+        bare.stop()
+    with relay_with_sink(pin) as (relay, port, _, _):
+        result["relay"] = measure(relay, port, f"http://127.0.0.1:{port}/status")
+    result["ratio"] = round(
+        result["relay"]["rss_per_connection_kib"] / result["bare"]["rss_per_connection_kib"], 3
+    )
+    return result
+
+
+def mesh(pin: Pinning, connections: int) -> dict[str, Any]:
+    options = [
+        *("--connections", str(connections), "--rate", f"{PACED_RATE:g}"),
+        *("--duration", f"{PACED_SECONDS:g}s"),
+    ]
+    settings = {
+        "RELAY_BATCH_MAX_SIZE": str(BATCH_MAX_SIZE),
+        "RELAY_BATCH_TIMEOUT": PACED_BATCH_TIMEOUT,
+        **MESH_RELAY_ENV,
+    }
+    result: dict[str, Any] = {}
+    for name, extra in (
+        ("pose_only", ()),
+        ("with_mesh", ("--mesh-triangles", str(MESH_TRIANGLES), "--mesh-rate", "1")),
+    ):
+        with relay_with_sink(pin, pin_relay=False, **settings) as (_, port, _, sink_url):
+            summary = Loadgen(port, pin, *options, *extra).done()
+            stats = wait_for_events(sink_url, summary["sent"])
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as r:
+                metrics = r.read().decode()
+        pose = stats["latency_ms_by_type"].get("pose", {})
+        result[name] = {
+            "sent": summary["sent"],
+            "mesh_sent": summary["mesh_sent"],
+            "events_delivered": stats["events"],
+            "lost": summary["sent"] - stats["events"],
+            "error_replies": summary["errors"],
+            "error_samples": summary["error_samples"],
+            "pose_p50_ms": pose.get("p50"),
+            "pose_p99_ms": pose.get("p99"),
+            "mesh_chars_in": summary["mesh_chars"],
+            "mesh_chars_out": stats["mesh_chars"],
+        }
+        result["relay_sends_mesh_diffs"] = "relay_mesh_updates_total" in metrics
+    with_mesh, pose_only = result["with_mesh"], result["pose_only"]
+    if with_mesh["mesh_chars_in"]:
+        result["mesh_out_over_in"] = round(
+            with_mesh["mesh_chars_out"] / with_mesh["mesh_chars_in"], 3
+        )
+    if with_mesh["pose_p99_ms"] and pose_only["pose_p99_ms"]:
+        result["pose_p99_ratio"] = round(with_mesh["pose_p99_ms"] / pose_only["pose_p99_ms"], 3)
+    return result
+
+
+def _client_cpu(summary: dict[str, Any]) -> float:
+    return round(float(summary["client_cpu_seconds"]) / max(int(summary["sent"]), 1) * 1e6, 2)
+
+
+# --- aggregation and report ---------------------------------------------------------
+
+
+def median_of(runs: list[dict[str, Any]], *path: str) -> float | None:
+    values = []
+    for run in runs:
+        value: Any = run
+        for key in path:
+            value = value.get(key) if isinstance(value, dict) else None
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            values.append(value)
+    if not values:
+        return None
+    median = statistics.median(values)
+    if all(isinstance(v, int) for v in values) and median == int(median):
+        return int(median)
+    return round(median, 3)
+
+
+MEDIANS: Final[dict[str, list[tuple[str, ...]]]] = {
+    "flood": [
+        ("bare", "messages_per_second"),
+        ("relay", "events_per_second"),
+        ("ratio",),
+        ("bare", "cpu_us_per_message"),
+        ("relay", "cpu_us_per_event"),
+        ("relay", "lost"),
+    ],
+    "paced": [
+        ("relay", "latency_p50_ms"),
+        ("relay", "latency_p99_ms"),
+        ("relay", "relay_latency_p99_ms"),
+        ("bare", "cpu_us_per_message"),
+        ("relay", "cpu_us_per_event"),
+        ("cpu_ratio",),
+        ("relay", "lost"),
+    ],
+    "idle": [
+        ("bare", "rss_per_connection_kib"),
+        ("relay", "rss_per_connection_kib"),
+        ("ratio",),
+    ],
+    "mesh": [
+        ("pose_only", "pose_p99_ms"),
+        ("with_mesh", "pose_p99_ms"),
+        ("pose_p99_ratio",),
+        ("mesh_out_over_in",),
+    ],
+}
+
+
+def summarise(name: str, runs: list[dict[str, Any]]) -> dict[str, Any]:
+    return {".".join(path): median_of(runs, *path) for path in MEDIANS[name]}
+
+
+def targets(workloads: dict[str, Any]) -> list[dict[str, Any]]:
+    rows = []
+
+    def add(name: str, measured: float | None, target: str, met: bool | None) -> None:
+        rows.append({"target": name, "goal": target, "measured": measured, "met": met})
+
+    if "flood" in workloads:
+        f = workloads["flood"]
+        ratio = f["median"]["ratio"]
+        lost = all(run["nothing_lost"] for run in f["runs"])
+        add(
+            "flood relay / bare",
+            ratio,
+            f">= {TARGET_FLOOD_RATIO}",
+            None if ratio is None else ratio >= TARGET_FLOOD_RATIO and lost,
+        )
+        add("flood: nothing lost (every repeat)", None, "yes", lost)
+    if "paced" in workloads:
+        p = workloads["paced"]["median"]
+        p99 = p["relay.latency_p99_ms"]
+        add(
+            "paced p99 latency (ms)",
+            p99,
+            f"<= {TARGET_P99_MS:g}",
+            None if p99 is None else p99 <= TARGET_P99_MS,
+        )
+        cpu = p["cpu_ratio"]
+        add(
+            "paced CPU per event / bare's per message",
+            cpu,
+            f"<= {TARGET_CPU_RATIO}",
+            None if cpu is None else cpu <= TARGET_CPU_RATIO,
+        )
+    if "mesh" in workloads and "median" in workloads["mesh"]:
+        m = workloads["mesh"]["median"]
+        ratio = m["pose_p99_ratio"]
+        add(
+            "mesh: pose p99 beside meshes / pose-only",
+            ratio,
+            "<= 2",
+            None if ratio is None else ratio <= 2,
+        )
+        out_in = m["mesh_out_over_in"]
+        add(
+            "mesh: characters out / in", out_in, "<= 0.3", None if out_in is None else out_in <= 0.3
+        )
+    if "idle" in workloads:
+        rss = workloads["idle"]["median"]["relay.rss_per_connection_kib"]
+        add(
+            "idle RSS per connection (KiB)",
+            rss,
+            f"<= {TARGET_RSS_PER_CONNECTION // 1024}",
+            None if rss is None else rss <= TARGET_RSS_PER_CONNECTION / 1024,
+        )
+    return rows
+
+
+def machine() -> dict[str, Any]:
+    model = "unknown"
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as cpuinfo:
+        for line in cpuinfo:
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    commit = None
+    with contextlib.suppress(OSError, subprocess.CalledProcessError):
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        changed = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        if changed:
+            commit += " (with uncommitted changes)"
+    return {
+        "nproc": os.cpu_count(),
+        "cpu_model": model,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "commit": commit,
+        "load_average_at_start": os.getloadavg(),
+    }
+
+
+def print_report(results: dict[str, Any]) -> None:
+    workloads = results["workloads"]
+    lines = [
+        f"stag-relay benchmark, {results['date']}, {results['machine']['cpu_model']}, "
+        f"{results['machine']['nproc']} CPUs, Python {results['machine']['python']}",
+        f"medians of {results['repeats']} repeats; pinning: {results['pinning']}",
+        "",
+    ]
+    for name, data in workloads.items():
+        if "skipped" in data:
+            lines.append(f"{name}: skipped ({data['skipped']})")
+            continue
+        lines.append(f"{name}:")
+        for key, value in data["median"].items():
+            per_run = [_dig(run, key) for run in data["runs"]]
+            lines.append(f"  {key:<36} {_fmt(value):>12}   runs: {', '.join(map(_fmt, per_run))}")
+    lines.append("")
+    lines.append("targets:")
+    for row in results["targets"]:
+        verdict = {True: "met", False: "NOT MET", None: "-"}[row["met"]]
+        lines.append(
+            f"  {row['target']:<44} {_fmt(row['measured']):>10}  goal {row['goal']:<8} {verdict}"
+        )
+    print("\n".join(lines))
+
+
+def _dig(run: dict[str, Any], dotted: str) -> Any:
+    value: Any = run
+    for key in dotted.split("."):
+        value = value.get(key) if isinstance(value, dict) else None
+    return value
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:,.3f}" if abs(value) < 10 else f"{value:,.1f}"
+    return str(value)
+
+
+# --- main -------------------------------------------------------------------------
+
+
+def main() -> int:
+    # SIGTERM (nohup runs, CI timeouts) unwinds like Ctrl-C, through the cleanup below.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        return _main()
+    finally:
+        for child in _CHILDREN:
+            if child.proc.poll() is None:
+                child.proc.kill()
+                child.proc.wait()
+
+
+def _main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3, help="repeats per workload (3)")
+    parser.add_argument(
+        "--only", default="flood,paced,idle,mesh", help="workloads to run, comma-separated"
+    )
+    parser.add_argument("--idle-connections", type=int, default=IDLE_CONNECTIONS)
+    parser.add_argument(
+        "--mesh-connections",
+        type=int,
+        default=MESH_CONNECTIONS,
+        help=f"connections of the mesh workload, each with a mesh a second ({MESH_CONNECTIONS})",
+    )
+    parser.add_argument("--no-pin", action="store_true", help="do not pin processes to CPUs")
+    parser.add_argument("--output", default="bench-results.json", help="JSON results file")
+    args = parser.parse_args()
+
+    # Thousands of sockets in the load generator and in the server; children inherit.
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    need = args.idle_connections * 2 + 1024
+    if soft != resource.RLIM_INFINITY and soft < need:
+        resource.setrlimit(
+            resource.RLIMIT_NOFILE,
+            (hard if hard == resource.RLIM_INFINITY else min(need, hard), hard),
+        )
+    pin = Pinning(not args.no_pin)
+    if pin.others:
+        os.sched_setaffinity(0, pin.others)
+    chosen = [name.strip() for name in args.only.split(",") if name.strip()]
+    results: dict[str, Any] = {
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "machine": machine(),
+        "repeats": args.repeats,
+        "pinning": pin.describe(),
+        "workloads": {},
+    }
+    runners: dict[str, Callable[[], dict[str, Any]]] = {
+        "flood": lambda: flood(pin),
+        "paced": lambda: paced(pin),
+        "idle": lambda: idle(pin, args.idle_connections),
+        "mesh": lambda: mesh(pin, args.mesh_connections),
+    }
+    for name in chosen:
+        if name not in runners:
+            parser.error(f"unknown workload {name!r} (flood, paced, idle, mesh)")
+        if name == "mesh":
+            try:
+                import DracoPy  # noqa: F401
+            except ImportError:
+                results["workloads"]["mesh"] = {"skipped": "DracoPy is not installed"}
+                print("mesh: skipped, DracoPy is not installed", flush=True)
+                continue
+        runs = []
+        for repeat in range(1, args.repeats + 1):
+            started = time.monotonic()
+            print(f"{name}: repeat {repeat}/{args.repeats} ...", end=" ", flush=True)
+            run = runners[name]()
+            runs.append(run)
+            print(f"{time.monotonic() - started:.0f}s", flush=True)
+        results["workloads"][name] = {"runs": runs, "median": summarise(name, runs)}
+        # Partial results survive a later failure.
+        Path(args.output).write_text(json.dumps(results, indent=2) + "\n")
+    results["machine"]["load_average_at_end"] = os.getloadavg()
+    results["targets"] = targets(results["workloads"])
+    Path(args.output).write_text(json.dumps(results, indent=2) + "\n")
+    print()
+    print_report(results)
+    print(f"\nresults written to {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
