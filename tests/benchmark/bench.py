@@ -54,6 +54,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.request
@@ -84,6 +85,8 @@ TARGET_FLOOD_RATIO: Final = 0.8
 TARGET_P99_MS: Final = 20.0
 TARGET_CPU_RATIO: Final = 1.5
 TARGET_RSS_PER_CONNECTION: Final = 32 * 1024
+# Issue 4: a spool may cost at most this share of the memory-only flood throughput.
+TARGET_SPOOL_COST: Final = 0.25
 # Relay settings for the mesh workload, beyond the batch settings (the mesh
 # pipeline's keys, e.g. RELAY_MESH_WORKERS, once it has them).
 MESH_RELAY_ENV: dict[str, str] = {}
@@ -379,16 +382,39 @@ def flood(pin: Pinning) -> dict[str, Any]:
         }
     }
 
-    with relay_with_sink(
-        pin,
-        RELAY_BATCH_MAX_SIZE=str(BATCH_MAX_SIZE),
-        RELAY_WEBSOCKET_MAX_PACKETS_PER_SECOND=FLOOD_PACKET_RATE_LIMIT,
-    ) as (
-        relay,
-        port,
-        _,
-        sink_url,
-    ):
+    result["relay"], status = _relay_flood(pin, options)
+    memory_rate = result["relay"]["events_per_second"]
+    result["ratio"] = round(memory_rate / bare_rate, 3) if bare_rate else None
+    result["nothing_lost"] = (
+        result["relay"]["events_delivered"] == result["relay"]["sent"] == total
+        and packets_ok(status) == total
+        and result["relay"]["packets_not_ok"] == 0
+        and result["relay"]["error_replies"] == 0
+    )
+    # The same flood into a relay with a spool (issue 4: the spool's cost): every
+    # batch is then committed to SQLite before it is sent, and deleted after.
+    with tempfile.TemporaryDirectory(prefix="stag-bench-spool-") as spool_dir:
+        spooled, _ = _relay_flood(
+            pin, options, RELAY_DELIVERY_SPOOL_PATH=str(Path(spool_dir) / "spool.sqlite3")
+        )
+    result["relay_spool"] = spooled
+    result["spool_cost"] = (
+        round(1 - spooled["events_per_second"] / memory_rate, 3) if memory_rate else None
+    )
+    result["nothing_lost"] = result["nothing_lost"] and spooled["lost"] == 0
+    return result
+
+
+def _relay_flood(
+    pin: Pinning, options: tuple[str, ...], **env: str
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The flood through a relay (``env`` on top of its settings): figures and /status."""
+    settings = {
+        "RELAY_BATCH_MAX_SIZE": str(BATCH_MAX_SIZE),
+        "RELAY_WEBSOCKET_MAX_PACKETS_PER_SECOND": FLOOD_PACKET_RATE_LIMIT,
+        **env,
+    }
+    with relay_with_sink(pin, pin_relay=True, **settings) as (relay, port, _, sink_url):
         cpu0 = relay.cpu_seconds()
         summary = Loadgen(port, pin, *options).done()
         stats = wait_for_events(sink_url, summary["sent"])
@@ -397,7 +423,7 @@ def flood(pin: Pinning) -> dict[str, Any]:
     events = stats["events"]
     span = stats["last_arrival_at"] - summary["started_at"] if events else 0.0
     relay_rate = events / span if span > 0 else 0.0
-    result["relay"] = {
+    figures = {
         "sent": summary["sent"],
         "events_delivered": events,
         "lost": summary["sent"] - events,
@@ -408,14 +434,7 @@ def flood(pin: Pinning) -> dict[str, Any]:
         "cpu_us_per_event": round(relay_cpu / max(events, 1) * 1e6, 2),
         "client_cpu_us_per_message": _client_cpu(summary),
     }
-    result["ratio"] = round(relay_rate / bare_rate, 3) if bare_rate else None
-    result["nothing_lost"] = (
-        events == summary["sent"] == total
-        and packets_ok(status) == total
-        and result["relay"]["packets_not_ok"] == 0
-        and summary["errors"] == 0
-    )
-    return result
+    return figures, status
 
 
 def paced(pin: Pinning) -> dict[str, Any]:
@@ -585,6 +604,8 @@ MEDIANS: Final[dict[str, list[tuple[str, ...]]]] = {
         ("bare", "cpu_us_per_message"),
         ("relay", "cpu_us_per_event"),
         ("relay", "lost"),
+        ("relay_spool", "events_per_second"),
+        ("spool_cost",),
     ],
     "paced": [
         ("relay", "latency_p50_ms"),
@@ -630,6 +651,13 @@ def targets(workloads: dict[str, Any]) -> list[dict[str, Any]]:
             None if ratio is None else ratio >= TARGET_FLOOD_RATIO and lost,
         )
         add("flood: nothing lost (every repeat)", None, "yes", lost)
+        cost = f["median"]["spool_cost"]
+        add(
+            "flood: the spool's throughput cost",
+            cost,
+            f"<= {TARGET_SPOOL_COST}",
+            None if cost is None else cost <= TARGET_SPOOL_COST,
+        )
     if "paced" in workloads:
         p = workloads["paced"]["median"]
         p99 = p["relay.latency_p99_ms"]
