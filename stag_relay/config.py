@@ -12,6 +12,7 @@ field by field, so one run reports every bad value at once.
 
 from __future__ import annotations
 
+import argparse
 import difflib
 import math
 import os
@@ -87,6 +88,14 @@ def parse_duration(text: str | int | float) -> float:
     if not math.isfinite(seconds) or seconds < 0:
         raise invalid
     return seconds
+
+
+def duration_argument(text: str) -> float:
+    """``parse_duration`` for argparse (``type=``): a bad value is a usage error."""
+    try:
+        return parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def format_duration(seconds: float) -> str:

@@ -26,7 +26,7 @@ import httpx
 import orjson
 import trio
 
-from stag_relay.config import parse_duration
+from stag_relay.config import duration_argument
 from stag_relay.sink import LatencyHistogram, Ledger, Sink, SinkSettings
 
 DEFAULT_DURATION: Final = 10.0
@@ -63,7 +63,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "-d",
         "--duration",
-        type=_duration,
+        type=duration_argument,
         default=DEFAULT_DURATION,
         help=f"how long the load generator streams (default {DEFAULT_DURATION:g}s)",
     )
@@ -95,13 +95,6 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--batch-timeout", help="the relay's batch.timeout, e.g. 50ms (default: its own)"
     )
-
-
-def _duration(text: str) -> float:
-    try:
-        return parse_duration(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def run(args: argparse.Namespace) -> int:

@@ -44,7 +44,7 @@ from websockets.http11 import Response
 from websockets.uri import parse_uri
 
 from stag_relay import __version__
-from stag_relay.config import parse_duration
+from stag_relay.config import duration_argument
 
 try:  # websockets' C masking, ~20x the pure-Python fallback on a pose packet
     from websockets.speedups import apply_mask
@@ -774,7 +774,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "-d",
         "--duration",
-        type=_duration,
+        type=duration_argument,
         help=f"stop after this long (100ms, 10s, 5m); default {DEFAULT_DURATION:g}s when "
         "--count is not given",
     )
@@ -787,7 +787,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--ack-timeout",
-        type=_duration,
+        type=duration_argument,
         default=30.0,
         help="longest wait for the acknowledgements (default 30s)",
     )
@@ -828,13 +828,6 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--json", metavar="PATH", help="write the summary as JSON to PATH ('-': stdout)"
     )
-
-
-def _duration(text: str) -> float:
-    try:
-        return parse_duration(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def settings_from_args(args: argparse.Namespace) -> LoadSettings:

@@ -31,7 +31,7 @@ import orjson
 import trio
 
 from stag_relay import __version__
-from stag_relay.config import parse_duration
+from stag_relay.config import duration_argument
 
 DEFAULT_HOST: Final = "127.0.0.1"
 # The relay's default stag.url is http://localhost:8080: a sink started with no
@@ -479,14 +479,14 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--for",
         dest="fail_for",
-        type=_duration,
+        type=duration_argument,
         metavar="DURATION",
         help="... for this long (default: until stopped)",
     )
     parser.add_argument(
         "--after",
         dest="fail_after",
-        type=_duration,
+        type=duration_argument,
         default=0.0,
         metavar="DURATION",
         help="... starting this long after start (default 0s)",
@@ -494,7 +494,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--every",
         dest="fail_every",
-        type=_duration,
+        type=duration_argument,
         metavar="DURATION",
         help="... and again every DURATION",
     )
@@ -503,22 +503,15 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--api-key", help="require this X-API-Key (401 otherwise)")
     parser.add_argument(
-        "--delay", type=_duration, default=0.0, help="wait this long before each answer"
+        "--delay", type=duration_argument, default=0.0, help="wait this long before each answer"
     )
-    parser.add_argument("--duration", type=_duration, help="stop after this long")
+    parser.add_argument("--duration", type=duration_argument, help="stop after this long")
     parser.add_argument(
         "--json", metavar="PATH", help="write the summary as JSON to PATH ('-': stdout)"
     )
     parser.add_argument(
         "--quiet", action="store_true", help="no live display (the summary still prints)"
     )
-
-
-def _duration(text: str) -> float:
-    try:
-        return parse_duration(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def settings_from_args(args: argparse.Namespace) -> SinkSettings:
