@@ -7,60 +7,22 @@ client is wsproto driven by hand; it answers close frames so closes complete.
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import trio
 import trio.testing
-from wsproto import ConnectionType, WSConnection
-from wsproto.events import AcceptConnection, CloseConnection, Request, TextMessage
 
 from stag_relay.events import Event as SpatialEvent
-from stag_relay.front import HttpRequest
 from stag_relay.gate import SEND_TIMEOUT, Gate
 from stag_relay.limits import ERROR_REPLY_BURST, FAR_OVER_FACTOR, FAR_OVER_WINDOWS
 from stag_relay.metrics import RelayMetrics
 from stag_relay.transform import Sessions
 from tests.support.clients import pose_packet
+from tests.support.memory_ws import MemoryClient, StreamPair
+from tests.support.memory_ws import connect as open_client
 from tests.support.relays import make_config
 
-UPGRADE = HttpRequest("GET", "/ws/streamkit", "/ws/streamkit", "", (), "test-peer")
 INVALID = '{"session_id": "s", "frame_number": -1}'
-
-
-class Client:
-    """A WebSocket client over an in-memory stream."""
-
-    def __init__(self, stream: trio.abc.Stream) -> None:
-        self.stream = stream
-        self.ws = WSConnection(ConnectionType.CLIENT)
-        self.closed_with: int | None = None
-        self.replies: list[dict[str, Any]] = []
-
-    async def handshake(self) -> None:
-        await self.stream.send_all(self.ws.send(Request(host="relay", target="/ws/streamkit")))
-        while True:
-            self.ws.receive_data(await self.stream.receive_some())
-            if any(isinstance(event, AcceptConnection) for event in self.ws.events()):
-                return
-
-    async def send(self, *texts: str) -> None:
-        for text in texts:
-            await self.stream.send_all(self.ws.send(TextMessage(data=text)))
-
-    async def run(self) -> None:
-        """Read until the relay closes; answer its close frame so the close completes."""
-        while self.closed_with is None:
-            data = await self.stream.receive_some()
-            self.ws.receive_data(data or None)
-            for event in self.ws.events():
-                if isinstance(event, TextMessage):
-                    self.replies.append(json.loads(event.data))
-                elif isinstance(event, CloseConnection):
-                    self.closed_with = event.code
-                    await self.stream.send_all(self.ws.send(event.response()))
-            if not data:
-                return
 
 
 def build_gate(
@@ -82,14 +44,11 @@ def sample(gate: Gate, name: str, **labels: str) -> float:
 async def connect(
     nursery: trio.Nursery,
     gate: Gate,
-    pair: Any = trio.testing.memory_stream_pair,
+    pair: StreamPair = trio.testing.memory_stream_pair,
     *,
     reading: bool = True,
-) -> Client:
-    server_end, client_end = pair()
-    nursery.start_soon(gate.serve, server_end, UPGRADE)
-    client = Client(client_end)
-    await client.handshake()
+) -> MemoryClient:
+    client = await open_client(nursery, gate, pair)
     if reading:
         nursery.start_soon(client.run)
     return client

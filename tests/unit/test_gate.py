@@ -10,67 +10,17 @@ import json
 
 import trio
 import trio.testing
-from wsproto import ConnectionType, WSConnection
-from wsproto.events import (
-    AcceptConnection,
-    CloseConnection,
-    Event,
-    Ping,
-    Request,
-    TextMessage,
-)
 
 from stag_relay.config import Config
 from stag_relay.events import Event as SpatialEvent
-from stag_relay.front import HttpRequest
 from stag_relay.gate import Gate
 from stag_relay.metrics import RelayMetrics
 from stag_relay.transform import Sessions
 from tests.support.clients import pose_packet
+from tests.support.memory_ws import connect
 from tests.support.relays import make_config
 
 INTERVAL = 30.0
-UPGRADE = HttpRequest("GET", "/ws/streamkit", "/ws/streamkit", "", (), "test-peer")
-
-
-class Client:
-    """A WebSocket client over a memory stream; pings are answered only when told."""
-
-    def __init__(self, stream: trio.abc.Stream) -> None:
-        self.stream = stream
-        self.ws = WSConnection(ConnectionType.CLIENT)
-        self.answer_pings = False
-        self.pings_seen = 0
-        self.closed_with: int | None = None
-        self.texts: list[str] = []
-
-    async def handshake(self) -> None:
-        await self.stream.send_all(self.ws.send(Request(host="relay", target="/ws/streamkit")))
-        while not any(isinstance(e, AcceptConnection) for e in await self.receive()):
-            pass
-
-    async def receive(self) -> list[Event]:
-        data = await self.stream.receive_some()
-        self.ws.receive_data(data or None)
-        events = list(self.ws.events())
-        for event in events:
-            if isinstance(event, Ping):
-                self.pings_seen += 1
-                if self.answer_pings:
-                    await self.stream.send_all(self.ws.send(event.response()))
-            elif isinstance(event, CloseConnection):
-                self.closed_with = event.code
-            elif isinstance(event, TextMessage):
-                self.texts.append(event.data)
-        return events
-
-    async def run(self) -> None:
-        """Keep reading (and answering pings, when told) until the relay closes."""
-        while self.closed_with is None:
-            await self.receive()
-
-    async def send_text(self, text: str) -> None:
-        await self.stream.send_all(self.ws.send(TextMessage(data=text)))
 
 
 def build_gate(capacity: int) -> tuple[Gate, trio.MemoryReceiveChannel[SpatialEvent]]:
@@ -87,14 +37,6 @@ def build_gate(capacity: int) -> tuple[Gate, trio.MemoryReceiveChannel[SpatialEv
 
 def heartbeat_timeouts(gate: Gate) -> float | None:
     return gate.metrics.registry.get_sample_value("relay_heartbeat_timeouts_total")
-
-
-async def connect(nursery: trio.Nursery, gate: Gate) -> Client:
-    server_end, client_end = trio.testing.memory_stream_pair()
-    nursery.start_soon(gate.serve, server_end, UPGRADE)
-    client = Client(client_end)
-    await client.handshake()
-    return client
 
 
 async def test_a_peer_that_never_answers_pings_is_closed(
@@ -131,7 +73,7 @@ async def test_backpressure_is_not_mistaken_for_a_dead_peer(
         client = await connect(nursery, gate)
         # One event fills the channel; the second leaves the connection waiting on it.
         for frame in (1, 2, 3):
-            await client.send_text(pose_packet("held", frame))
+            await client.send(pose_packet("held", frame))
         nursery.start_soon(client.run)
         # Pings go unanswered for many intervals, but the relay is the one not reading.
         await trio.sleep(INTERVAL * 20)
@@ -152,8 +94,8 @@ async def test_drain_closes_with_1001_after_what_was_read_is_in_the_channel(
     async with trio.open_nursery() as nursery:
         client = await connect(nursery, gate)
         client.answer_pings = True
-        await client.send_text(pose_packet("drain", 1))
-        await client.send_text(pose_packet("drain", 2))
+        await client.send(pose_packet("drain", 1))
+        await client.send(pose_packet("drain", 2))
         nursery.start_soon(client.run)
         await trio.testing.wait_all_tasks_blocked()
         gate.drain()
@@ -169,7 +111,7 @@ async def test_error_reply_names_the_field(autojump_clock: trio.testing.MockCloc
     gate, _events = build_gate(capacity=10)
     async with trio.open_nursery() as nursery:
         client = await connect(nursery, gate)
-        await client.send_text('{"session_id": "s", "frame_number": -1}')
+        await client.send('{"session_id": "s", "frame_number": -1}')
         while not client.texts:
             await client.receive()
         reply = json.loads(client.texts[0])

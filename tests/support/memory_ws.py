@@ -1,0 +1,86 @@
+"""A WebSocket client over an in-memory stream, for the gate's tests under trio's mock clock.
+
+wsproto driven by hand, so a test decides exactly when (and whether) pings are
+answered and what the client reads.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Callable
+from typing import Any
+
+import trio
+import trio.testing
+from wsproto import ConnectionType, WSConnection
+from wsproto.events import AcceptConnection, CloseConnection, Event, Ping, Request, TextMessage
+
+from stag_relay.front import HttpRequest
+from stag_relay.gate import Gate
+
+UPGRADE = HttpRequest("GET", "/ws/streamkit", "/ws/streamkit", "", (), "test-peer")
+
+StreamPair = Callable[[], tuple[trio.abc.Stream, trio.abc.Stream]]
+
+
+class MemoryClient:
+    """Answers pings only when ``answer_pings`` is set; answers the relay's close frame."""
+
+    def __init__(self, stream: trio.abc.Stream) -> None:
+        self.stream = stream
+        self.ws = WSConnection(ConnectionType.CLIENT)
+        self.answer_pings = False
+        self.pings_seen = 0
+        self.closed_with: int | None = None
+        self.texts: list[str] = []
+
+    @property
+    def replies(self) -> list[dict[str, Any]]:
+        return [json.loads(text) for text in self.texts]
+
+    async def handshake(self) -> None:
+        await self.stream.send_all(self.ws.send(Request(host="relay", target="/ws/streamkit")))
+        while not any(isinstance(e, AcceptConnection) for e in await self.receive()):
+            pass
+
+    async def receive(self) -> list[Event]:
+        """Read once from the stream and handle what it brought; [] at its end."""
+        data = await self.stream.receive_some()
+        self.ws.receive_data(data or None)
+        events = list(self.ws.events())
+        for event in events:
+            if isinstance(event, Ping):
+                self.pings_seen += 1
+                if self.answer_pings:
+                    await self.stream.send_all(self.ws.send(event.response()))
+            elif isinstance(event, CloseConnection):
+                self.closed_with = event.code
+                # The relay may already have hung up; the close is what counts.
+                with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                    await self.stream.send_all(self.ws.send(event.response()))
+            elif isinstance(event, TextMessage):
+                self.texts.append(event.data)
+        if not data:
+            self.closed_with = self.closed_with or 1006
+        return events
+
+    async def run(self) -> None:
+        """Keep reading until the relay closes the connection."""
+        while self.closed_with is None:
+            await self.receive()
+
+    async def send(self, *texts: str) -> None:
+        for text in texts:
+            await self.stream.send_all(self.ws.send(TextMessage(data=text)))
+
+
+async def connect(
+    nursery: trio.Nursery, gate: Gate, pair: StreamPair = trio.testing.memory_stream_pair
+) -> MemoryClient:
+    """Open a connection served by ``gate`` and complete its handshake."""
+    server_end, client_end = pair()
+    nursery.start_soon(gate.serve, server_end, UPGRADE)
+    client = MemoryClient(client_end)
+    await client.handshake()
+    return client
