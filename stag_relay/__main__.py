@@ -20,10 +20,12 @@ import structlog
 import trio
 
 from stag_relay import __version__
-from stag_relay.app import Relay
+from stag_relay.app import Relay, default_relay_id
 from stag_relay.config import Config, ConfigError, dump_config, load_config
 from stag_relay.logs import configure_logging
+from stag_relay.supervisor import Supervisor, worker_command
 from stag_relay.systemd import Notifier
+from stag_relay.workers import WorkerRole, check_port_free
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -86,6 +88,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.log_level is not None:
         overrides["log.level"] = args.log_level
     try:
+        # Set by a supervisor for its workers (server.workers > 1); None when alone.
+        role = WorkerRole.from_environ(os.environ)
+    except ValueError as exc:
+        print(f"stag-relay: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    worker = role.index if role is not None else None
+    try:
         loaded = load_config(config_path=args.config, environ=os.environ, overrides=overrides)
     except ConfigError as exc:
         print(f"stag-relay: invalid configuration\n{exc}", file=sys.stderr)
@@ -95,8 +104,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"# configuration from {loaded.source or 'defaults only'}")
         print(dump_config(config), end="")
         return EXIT_OK
-    configure_logging(config.log.level, config.log.format)
-    if loaded.source:
+    configure_logging(config.log.level, config.log.format, worker=worker)
+    if loaded.source and role is None:
         log.info("configuration loaded", source=loaded.source)
 
     def reload() -> str:
@@ -106,7 +115,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         except ConfigError as exc:
             log.error("reload failed, keeping the running configuration", problems=exc.problems)
             return "reload failed: configuration invalid, see the log"
-        configure_logging(new.config.log.level, new.config.log.format)
+        configure_logging(new.config.log.level, new.config.log.format, worker=worker)
         restart_needed = _changed_keys(config, new.config) - {"log.level", "log.format"}
         if restart_needed:
             log.warning(
@@ -116,7 +125,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return "configuration reloaded"
 
     try:
-        trio.run(serve, config, reload)
+        if role is None and config.server.workers > 1:
+            return _supervise(args, config, reload)
+        trio.run(serve, config, reload, role)
     except OSError as exc:
         log.error(
             "cannot listen",
@@ -129,6 +140,34 @@ def main(argv: Sequence[str] | None = None) -> int:
     return EXIT_OK
 
 
+def _supervise(args: argparse.Namespace, config: Config, reload: Callable[[], str]) -> int:
+    """server.workers > 1: this process becomes the supervisor of that many relays."""
+    # The port is checked here, where "in use" is one clear error, and fixed for all
+    # workers (port 0 would give each worker a port of its own).
+    port = check_port_free(config.server.host, config.server.port)
+    argv = ["--port", str(port)]
+    if args.config is not None:
+        argv += ["--config", args.config]
+    if args.host is not None:
+        argv += ["--host", args.host]
+    if args.log_level is not None:
+        argv += ["--log-level", args.log_level]
+    config = attrs.evolve(config, server=attrs.evolve(config.server, port=port))
+    environ = dict(os.environ)
+    if not config.stag.relay_id:
+        # One relay to STAG, however many processes: the workers share one id.
+        environ["RELAY_STAG_RELAY_ID"] = default_relay_id()
+    supervisor = Supervisor(
+        config,
+        worker_command(argv),
+        notifier=Notifier.from_environ(),
+        reload=reload,
+        environ=environ,
+    )
+    log.info("starting workers", workers=config.server.workers, port=port)
+    return trio.run(supervisor.run)
+
+
 def _changed_keys(old: Config, new: Config) -> set[str]:
     changed = set()
     for section in attrs.fields(Config):
@@ -139,9 +178,11 @@ def _changed_keys(old: Config, new: Config) -> set[str]:
     return changed
 
 
-async def serve(config: Config, reload: Callable[[], str] | None = None) -> None:
+async def serve(
+    config: Config, reload: Callable[[], str] | None = None, role: WorkerRole | None = None
+) -> None:
     """Run a relay until SIGTERM/SIGINT has drained it; SIGHUP calls ``reload``."""
-    relay = Relay(config, notifier=Notifier.from_environ())
+    relay = Relay(config, notifier=Notifier.from_environ(), worker=role)
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         # Bound outside any nursery so "address in use" reaches main() as a plain OSError.
         listeners = await relay.listen()

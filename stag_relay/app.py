@@ -8,12 +8,14 @@ whole shutdown sequence is ``Relay._shut_down``, in the order it happens.
 
 from __future__ import annotations
 
+import os
 import socket
 import ssl
 import time
 import uuid
 from typing import Any, Final
 
+import attrs
 import structlog
 import trio
 
@@ -39,6 +41,18 @@ from stag_relay.stag import Shipment, StagSender
 from stag_relay.systemd import Notifier, StatusSnapshot, run_watchdog
 from stag_relay.tls import server_context
 from stag_relay.transform import Sessions
+from stag_relay.workers import (
+    STATE_INTERVAL,
+    WorkerRole,
+    combine_states,
+    open_shared_listeners,
+    orphan_spools,
+    publish_state,
+    read_states,
+    read_supervisor,
+    spool_path_for,
+    state_file,
+)
 
 WEBSOCKET_PATH: Final = "/ws/streamkit"
 # How often expired sessions are swept; a session may outlive its ttl by this much.
@@ -65,11 +79,22 @@ class Relay:
         metrics: RelayMetrics | None = None,
         relay_id: str | None = None,
         notifier: Notifier | None = None,
+        worker: WorkerRole | None = None,
     ) -> None:
         self.config = config
-        # systemd's sd_notify; the default one does nothing (tests, Docker, a terminal).
+        # systemd's sd_notify (a worker's goes to its supervisor); the default one does
+        # nothing (tests, Docker, a terminal).
         self.notifier = notifier if notifier is not None else Notifier()
-        self.metrics = metrics if metrics is not None else RelayMetrics()
+        # One of several worker processes (server.workers > 1), or None when alone.
+        self.worker = worker
+        if metrics is None:
+            metrics = RelayMetrics(worker.directory if worker is not None else None)
+        self.metrics = metrics
+        if worker is not None:
+            directory = worker.directory
+            self.metrics.worker_restarts = lambda: int(
+                read_supervisor(directory).get("worker_restarts", 0)
+            )
         self.relay_id = relay_id or config.stag.relay_id or default_relay_id()
         self.draining = False
         self.ports: list[int] = []
@@ -91,7 +116,12 @@ class Relay:
             new_batch_id=lambda: uuid.uuid4().hex,
         )
         self.batcher = Batcher(self.policy, self.metrics)
-        self.delivery = Delivery(config.delivery, self.metrics)
+        self.delivery = Delivery(
+            attrs.evolve(
+                config.delivery, spool_path=spool_path_for(config.delivery.spool_path, worker)
+            ),
+            self.metrics,
+        )
         self.sender = StagSender(
             config.stag, self.metrics, relay_id=self.relay_id, version=__version__
         )
@@ -125,9 +155,15 @@ class Relay:
     async def listen(self) -> list[trio.SocketListener]:
         """Open the spool and bind the port: what can fail at start, before any task
         runs, so such errors surface plainly (OSError, SpoolUnavailable)."""
-        await self.delivery.open()
+        orphans = await trio.to_thread.run_sync(
+            orphan_spools, self.config.delivery.spool_path, self.worker
+        )
+        await self.delivery.open(adopt=orphans)
         server = self.config.server
-        listeners = await trio.open_tcp_listeners(server.port, host=server.host or None)
+        if self.worker is not None:
+            listeners = await open_shared_listeners(server.host, server.port)
+        else:
+            listeners = await trio.open_tcp_listeners(server.port, host=server.host or None)
         self.ports = sorted({listener.socket.getsockname()[1] for listener in listeners})
         return listeners
 
@@ -172,6 +208,8 @@ class Relay:
             root.start_soon(self._abort_sends_when_cancelled)
             root.start_soon(self._serve, listeners)
             root.start_soon(run_watchdog, self.notifier, self.status_snapshot)
+            if self.worker is not None:
+                root.start_soon(self._publish_state)
             log.info(
                 "relay listening",
                 host=server.host,
@@ -180,6 +218,7 @@ class Relay:
                 relay_id=self.relay_id,
                 version=__version__,
                 tls=self._tls is not None,
+                workers=self.worker.count if self.worker is not None else 1,
             )
             self.access.announce()
             task_status.started(self.ports)
@@ -196,6 +235,7 @@ class Relay:
         # 1. /health answers 503 and the listener closes: no new clients.
         self.draining = True
         self._listen_scope.cancel()
+        await self._publish_now()
         with trio.move_on_after(timeout) as deadline:
             # 2. Every connection stops reading; each closes with 1001 once what
             #    it read is in the channel.
@@ -309,7 +349,8 @@ class Relay:
         return None
 
     def _health(self, request: HttpRequest) -> HttpResponse:
-        if self.draining:
+        states = self._worker_states()
+        if any(state["draining"] for state in states):
             return json_response(503, {"status": "draining"})
         return json_response(
             200,
@@ -317,7 +358,7 @@ class Relay:
                 "status": "ok",
                 "version": __version__,
                 "uptime_seconds": round(time.time() - self._started_at, 3),
-                "connections": len(self.gate.connections),
+                "connections": int(self.metrics.totals()("relay_connections_active")),
             },
         )
 
@@ -340,21 +381,66 @@ class Relay:
             self.metrics.spool_oldest_age.set(spool["oldest_batch_age_seconds"])
             self.metrics.spool_dead_letters.set(spool["dead_letters"])
 
+    def worker_state(self) -> dict[str, Any]:
+        """This process's figures, as the other workers read them (see workers.py)."""
+        return {
+            "index": self.worker.index if self.worker is not None else 0,
+            "pid": os.getpid(),
+            "draining": self.draining,
+            "connections": len(self.gate.connections),
+            "sessions": len(self.sessions),
+            "events_in": self.gate.events_in,
+            "channel_depth": self._events_recv.statistics().current_buffer_used,
+            "channel_capacity": self.config.websocket.buffer_size,
+            "stag": self.sender.status(),
+            "spool": self.delivery.status(),
+        }
+
+    def _worker_states(self) -> list[dict[str, Any]]:
+        """Every worker's state, this one's fresh; just this one's when alone."""
+        own = self.worker_state()
+        if self.worker is None:
+            return [own]
+        others = [s for s in read_states(self.worker.directory) if s.get("index") != own["index"]]
+        return sorted([own, *others], key=lambda state: int(state["index"]))
+
+    async def _publish_state(self) -> None:
+        while True:
+            await self._publish_now()
+            await trio.sleep(STATE_INTERVAL)
+
+    async def _publish_now(self) -> None:
+        if self.worker is None:
+            return
+        # Another worker's /metrics shows these gauges too, so keep them current here.
+        self._refresh_gauges()
+        await trio.to_thread.run_sync(
+            publish_state, self.worker.directory, state_file(self.worker.index), self.worker_state()
+        )
+
     def status(self) -> dict[str, Any]:
-        """The /status document: what an operator needs to see at a glance."""
-        sample = self.metrics.registry.get_sample_value
-        channel = self._events_recv.statistics()
-        stag = self.sender.status()
+        """The /status document: what an operator needs to see at a glance, totalled over
+        every worker (each one listed under ``workers``)."""
+        sample = self.metrics.totals()
+        combined = combine_states(self._worker_states())
+        # Counters and the connection gauge are live in every worker's metric files;
+        # the rest of the other workers' figures are up to STATE_INTERVAL old.
+        stag = combined["stag"]
+        stag["events_sent"] = int(sample("relay_events_sent_total"))
+        stag["batches_sent"] = int(sample("relay_batches_sent_total"))
+        spool = combined["spool"]
+        if spool is not None:
+            spool["path"] = self.config.delivery.spool_path
         return {
             "version": __version__,
             "relay_id": self.relay_id,
             "uptime_seconds": round(time.time() - self._started_at, 3),
-            "draining": self.draining,
-            "connections": {"active": len(self.gate.connections)},
-            "sessions": {"active": len(self.sessions)},
+            "draining": combined["draining"],
+            "connections": {"active": int(sample("relay_connections_active"))},
+            "sessions": {"active": combined["sessions"]},
             "channel": {
-                "depth": channel.current_buffer_used,
-                "capacity": self.config.websocket.buffer_size,
+                "depth": combined["channel_depth"],
+                "capacity": combined["channel_capacity"],
             },
             "batch": {
                 "max_size": self.config.batch.max_size,
@@ -366,22 +452,24 @@ class Relay:
                 **stag,
             },
             # null when delivery.spool_path is empty (memory only).
-            "spool": self.delivery.status(),
+            "spool": spool,
             "events": {
                 "sent": stag["events_sent"],
                 "batches_sent": stag["batches_sent"],
                 "dropped": {
-                    reason: int(sample("relay_events_dropped_total", {"reason": reason}) or 0)
+                    reason: int(sample("relay_events_dropped_total", {"reason": reason}))
                     for reason in DROP_REASONS
                 },
             },
             "packets": {
                 packet_type: {
                     status: int(
-                        sample("relay_packets_total", {"type": packet_type, "status": status}) or 0
+                        sample("relay_packets_total", {"type": packet_type, "status": status})
                     )
                     for status in PACKET_STATUSES
                 }
                 for packet_type in PACKET_TYPES
             },
+            "workers": combined["workers"],
+            "worker_restarts": self.metrics.worker_restarts(),
         }

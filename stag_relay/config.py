@@ -201,6 +201,30 @@ def _port(value: object) -> int:
     return number
 
 
+def available_cpus() -> int:
+    """CPUs this process may run on (a container's or taskset's share, not the host's)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        return os.cpu_count() or 1
+
+
+# More worker processes than this is a typo (2000 for 200), not a machine.
+_MAX_WORKERS: Final = 256
+
+
+def _workers(value: object) -> int:
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return available_cpus()
+    number = _integer(value, text_ok=True)
+    if number is None or not 1 <= number <= _MAX_WORKERS:
+        raise ValueError(
+            f"expected a number of worker processes 1..{_MAX_WORKERS} or auto "
+            f"(one per CPU), got {_show(value)}"
+        )
+    return number
+
+
 def _duration(value: object) -> float:
     if not isinstance(value, str | int | float):
         raise ValueError(f"invalid duration {_show(value)} ({_DURATION_HINT})")
@@ -354,6 +378,9 @@ class ServerConfig:
     # PEM certificate chain and private key: both set serves wss:// and https://.
     tls_cert: str = attrs.field(default="", metadata=_rule(_readable_file))
     tls_key: str = attrs.field(default="", metadata=_rule(_readable_file))
+    # Processes that each run the whole pipeline on the same port (SO_REUSEPORT);
+    # "auto" is one per CPU. 1 runs a single process with no supervisor.
+    workers: int = attrs.field(default=1, metadata=_rule(_workers))
 
 
 @attrs.frozen

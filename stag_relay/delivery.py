@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any, Final, Protocol, TypeVar
@@ -25,7 +25,7 @@ import trio
 from stag_relay.config import DeliveryConfig
 from stag_relay.events import Batch, Origin, WireBatch, to_wire
 from stag_relay.metrics import RelayMetrics
-from stag_relay.spool import Spool, SpooledBatch, open_spool
+from stag_relay.spool import Spool, SpoolCorrupt, SpooledBatch, open_spool, quarantine
 from stag_relay.stag import Shipment
 
 # Committed batches kept in memory for the sender, so a healthy STAG never makes the
@@ -117,20 +117,33 @@ class Delivery:
     async def _spool_call(self, fn: Callable[..., T], *args: Any) -> T:
         return await trio.to_thread.run_sync(partial(fn, *args), limiter=self._limiter)
 
-    async def open(self) -> None:
-        """Open the spool, if configured; a corrupt one is set aside and counted."""
+    async def open(self, adopt: Sequence[Path] = ()) -> None:
+        """Open the spool, if configured; a corrupt one is set aside and counted.
+
+        ``adopt``: other spool files (of workers no longer running) whose batches move
+        into this spool first, so changing ``server.workers`` loses nothing.
+        """
         path = self._config.spool_path
         if not path:
             return
         spool, moved = await trio.to_thread.run_sync(open_spool, path)
         if moved is not None:
-            self._metrics.spool_corrupt.inc()
-            log.error(
-                "spool file is corrupt or not ours; moved it aside and started a fresh spool",
-                spool=path,
-                moved_to=str(moved),
-            )
+            self._set_aside(path, moved, "and started a fresh spool")
         self.spool = spool
+        for other in adopt:
+            try:
+                batches, dead = await self._spool_call(spool.adopt, other)
+            except SpoolCorrupt:
+                moved = await trio.to_thread.run_sync(quarantine, other)
+                self._set_aside(str(other), moved, "instead of adopting it")
+                continue
+            log.info(
+                "adopted another spool file",
+                spool=path,
+                adopted=str(other),
+                batches=batches,
+                dead_letters=dead,
+            )
         stats = await self._spool_call(spool.stats)
         self.oldest_created = stats.oldest_created
         self.dead_letters = stats.dead_letters
@@ -152,6 +165,14 @@ class Delivery:
                 dead_letters=stats.dead_letters,
                 hint="stag-relay spool list-dead / requeue-dead",
             )
+
+    def _set_aside(self, path: str, moved: Path, then: str) -> None:
+        self._metrics.spool_corrupt.inc()
+        log.error(
+            f"spool file is corrupt or not ours; moved it aside {then}",
+            spool=path,
+            moved_to=str(moved),
+        )
 
     async def close(self) -> None:
         if self.spool is not None:

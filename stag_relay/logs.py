@@ -20,10 +20,17 @@ _LEVELS = {
 }
 
 
-def configure_logging(level: str = "info", fmt: str = "auto", stream: TextIO | None = None) -> None:
+def configure_logging(
+    level: str = "info",
+    fmt: str = "auto",
+    stream: TextIO | None = None,
+    *,
+    worker: int | None = None,
+) -> None:
     """Route every structlog logger to ``stream`` (stderr) at ``level`` in ``fmt``.
 
     ``fmt`` is ``json``, ``console`` or ``auto`` (console on a terminal, else JSON).
+    ``worker``: this process's worker index, put in every line (workers share stderr).
     """
     out = stream if stream is not None else sys.stderr
     as_json = fmt == "json" or (fmt == "auto" and not out.isatty())
@@ -35,6 +42,7 @@ def configure_logging(level: str = "info", fmt: str = "auto", stream: TextIO | N
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
+            *([_AddWorker(worker)] if worker is not None else []),
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.format_exc_info,
@@ -48,3 +56,16 @@ def configure_logging(level: str = "info", fmt: str = "auto", stream: TextIO | N
     )
     # Libraries we use (httpx, trio-websocket) log through the standard library.
     logging.basicConfig(level=logging.WARNING, stream=out, force=True)
+
+
+class _AddWorker:
+    """A processor that puts the worker index in every line."""
+
+    def __init__(self, index: int) -> None:
+        self._index = index
+
+    def __call__(
+        self, logger: object, method: str, event_dict: structlog.typing.EventDict
+    ) -> structlog.typing.EventDict:
+        event_dict.setdefault("worker", self._index)
+        return event_dict

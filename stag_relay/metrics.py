@@ -7,6 +7,8 @@ session or connection id, so the series count stays bounded whatever clients sen
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Final
 
 from prometheus_client import (
@@ -14,10 +16,12 @@ from prometheus_client import (
     Counter,
     Gauge,
     Histogram,
-    Info,
     disable_created_metrics,
 )
+from prometheus_client.core import CounterMetricFamily, InfoMetricFamily, Metric
 from prometheus_client.exposition import choose_encoder
+from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.registry import Collector
 
 from stag_relay import __version__
 
@@ -87,6 +91,7 @@ class MeshMetrics:
             "relay_mesh_state_bytes",
             "Bytes of mesh state held by the workers to compute deltas",
             registry=registry,
+            multiprocess_mode="livesum",
         )
         self.worker_failures = Counter(
             "relay_mesh_worker_failures",
@@ -99,11 +104,26 @@ class MeshMetrics:
 
 
 class RelayMetrics:
-    """The relay's metrics. Hot-path children are bound once here, not per packet."""
+    """The relay's metrics. Hot-path children are bound once here, not per packet.
 
-    def __init__(self) -> None:
+    With ``multiprocess_dir`` (a worker among several, see workers.py) every process
+    writes its values to files there (prometheus-client's multiprocess mode, chosen
+    by ``PROMETHEUS_MULTIPROC_DIR`` before it is imported) and ``render`` shows the
+    sum over all workers: counters and histograms add up, gauges are ``livesum``
+    (``livemax`` for an age) so a dead worker's gauges leave with it.
+    """
+
+    def __init__(self, multiprocess_dir: Path | None = None) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
+        # Restarts of dead workers, as the supervisor counts them (0 with no supervisor).
+        self.worker_restarts: Callable[[], int] = lambda: 0
+        r.register(_LocalCollector(self))
+        self._exposed = r
+        if multiprocess_dir is not None:
+            self._exposed = CollectorRegistry()
+            MultiProcessCollector(self._exposed, path=str(multiprocess_dir))  # type: ignore[no-untyped-call]
+            self._exposed.register(_LocalCollector(self))
         self.packets = Counter(
             "relay_packets",
             "StreamKit packets received, by type and status",
@@ -114,7 +134,10 @@ class RelayMetrics:
             for s in PACKET_STATUSES:
                 self.packets.labels(t, s)
         self.connections_active = Gauge(
-            "relay_connections_active", "Open WebSocket connections", registry=r
+            "relay_connections_active",
+            "Open WebSocket connections",
+            registry=r,
+            multiprocess_mode="livesum",
         )
         self.connections_total = Counter(
             "relay_connections", "WebSocket connections accepted", registry=r
@@ -181,21 +204,43 @@ class RelayMetrics:
         for reason in DROP_REASONS:
             self.events_dropped.labels(reason)
         self.channel_events = Gauge(
-            "relay_channel_events", "Events waiting in the channel to the batcher", registry=r
+            "relay_channel_events",
+            "Events waiting in the channel to the batcher",
+            registry=r,
+            multiprocess_mode="livesum",
         )
         self.sessions_active = Gauge(
-            "relay_sessions_active", "Sessions held (connected or within session.ttl)", registry=r
+            "relay_sessions_active",
+            "Sessions held (connected or within session.ttl)",
+            registry=r,
+            multiprocess_mode="livesum",
         )
         self.spool_batches = Gauge(
-            "relay_spool_batches", "Batches in the spool, waiting for STAG", registry=r
+            "relay_spool_batches",
+            "Batches in the spool, waiting for STAG",
+            registry=r,
+            multiprocess_mode="livesum",
         )
-        self.spool_events = Gauge("relay_spool_events", "Events in the spool", registry=r)
-        self.spool_bytes = Gauge("relay_spool_bytes", "Bytes of batches in the spool", registry=r)
+        self.spool_events = Gauge(
+            "relay_spool_events", "Events in the spool", registry=r, multiprocess_mode="livesum"
+        )
+        self.spool_bytes = Gauge(
+            "relay_spool_bytes",
+            "Bytes of batches in the spool",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
         self.spool_oldest_age = Gauge(
-            "relay_spool_oldest_age_seconds", "Age of the oldest batch in the spool", registry=r
+            "relay_spool_oldest_age_seconds",
+            "Age of the oldest batch in the spool",
+            registry=r,
+            multiprocess_mode="livemax",
         )
         self.spool_dead_letters = Gauge(
-            "relay_spool_dead_letters", "Batches STAG refused, kept in the spool", registry=r
+            "relay_spool_dead_letters",
+            "Batches STAG refused, kept in the spool",
+            registry=r,
+            multiprocess_mode="livesum",
         )
         self.spool_corrupt = Counter(
             "relay_spool_corrupt",
@@ -203,8 +248,6 @@ class RelayMetrics:
             registry=r,
         )
         self.mesh = MeshMetrics(r)
-        self.build_info = Info("relay_build", "stag-relay build", registry=r)
-        self.build_info.info({"version": __version__})
 
     def packet(self, packet_type: str, status: str) -> Counter:
         """The counter child for one (type, status); unknown types count as ``unknown``."""
@@ -215,4 +258,33 @@ class RelayMetrics:
     def render(self, accept_header: str | None) -> tuple[bytes, str]:
         """The exposition body and its content type, negotiated from ``Accept``."""
         encoder, content_type = choose_encoder(accept_header or "")
-        return encoder(self.registry), content_type
+        return encoder(self._exposed), content_type
+
+    def totals(self) -> Callable[[str, dict[str, str] | None], float]:
+        """A lookup of sample values as ``/metrics`` shows them now (all workers)."""
+        values = {
+            (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in self._exposed.collect()
+            for sample in family.samples
+        }
+
+        def lookup(name: str, labels: dict[str, str] | None = None) -> float:
+            return values.get((name, tuple(sorted((labels or {}).items()))), 0.0)
+
+        return lookup
+
+
+class _LocalCollector(Collector):
+    """What only this process knows and no multiprocess file holds: the build, and the
+    supervisor's count of worker restarts."""
+
+    def __init__(self, metrics: RelayMetrics) -> None:
+        self._metrics = metrics
+
+    def collect(self) -> Iterable[Metric]:
+        yield InfoMetricFamily("relay_build", "stag-relay build", value={"version": __version__})
+        yield CounterMetricFamily(
+            "relay_worker_restarts",
+            "Worker processes the supervisor restarted after they died unexpectedly",
+            value=self._metrics.worker_restarts(),
+        )

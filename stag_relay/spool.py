@@ -249,6 +249,38 @@ class Spool:
                 self.bytes += len(events)
         return len(rows)
 
+    def adopt(self, other: Path) -> tuple[int, int]:
+        """Move every batch and dead letter of the spool file ``other`` into this one,
+        oldest first, batch ids kept, in one transaction; then delete ``other``.
+
+        Returns (batches, dead letters) moved. Raises ``SpoolCorrupt`` when ``other`` is
+        not a good spool (it is left where it is). A crash between the commit and the
+        delete leaves the batches in both files: sent twice with the same batch id,
+        which STAG's ``Idempotency-Key`` deduplicates, rather than lost.
+        """
+        # Opening checks that the file is ours and whole, and closing folds in its WAL.
+        Spool(other).close()
+        self._db.execute("ATTACH DATABASE ? AS orphan", (os.fspath(other),))
+        try:
+            with self._transaction() as db:
+                batches = db.execute(
+                    "INSERT INTO batches (batch_id, created, count, events) "
+                    "SELECT batch_id, created, count, events FROM orphan.batches ORDER BY seq"
+                ).rowcount
+                dead = db.execute(
+                    "INSERT INTO dead_letters "
+                    "(batch_id, created, failed, count, status, answer, events) "
+                    "SELECT batch_id, created, failed, count, status, answer, events "
+                    "FROM orphan.dead_letters ORDER BY seq"
+                ).rowcount
+        finally:
+            self._db.execute("DETACH DATABASE orphan")
+        for side in ("", "-wal", "-shm"):
+            with contextlib.suppress(FileNotFoundError):
+                other.with_name(other.name + side).unlink()
+        self.batches, self.events, self.bytes = self._totals("batches")
+        return batches, dead
+
     def stats(self) -> SpoolStats:
         (oldest,) = self._db.execute("SELECT MIN(created) FROM batches").fetchone()
         dead, dead_events, dead_bytes = self._totals("dead_letters")

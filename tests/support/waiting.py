@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 import trio
@@ -20,3 +21,12 @@ async def wait_until(predicate: Callable[[], object], *, limit: float = DEFAULT_
     with trio.fail_after(limit):
         while not predicate():  # noqa: ASYNC110
             await trio.sleep(0.01)
+
+
+def poll_until(predicate: Callable[[], object], *, limit: float = DEFAULT_TIMEOUT) -> None:
+    """``wait_until`` for plain (thread) code: state owned by another process."""
+    deadline = time.monotonic() + limit
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {limit} s: {predicate}")
+        time.sleep(0.01)

@@ -101,6 +101,7 @@ def test_every_key_has_an_environment_variable() -> None:
         # Empty: not configured (a path here must name a readable file).
         "RELAY_SERVER_TLS_CERT": "",
         "RELAY_SERVER_TLS_KEY": "",
+        "RELAY_SERVER_WORKERS": "3",
         "RELAY_AUTH_API_KEYS": "key-1, key-2",
         "RELAY_AUTH_API_KEYS_FILE": "",
         "RELAY_AUTH_PROTECT_ENDPOINTS": "true",
@@ -144,6 +145,7 @@ def test_every_key_has_an_environment_variable() -> None:
             "max_connections": 16,
             "tls_cert": "",
             "tls_key": "",
+            "workers": 3,
         },
         "auth": {
             "api_keys": ("key-1", "key-2"),

@@ -1,0 +1,350 @@
+"""The supervisor: with ``server.workers`` above 1, the process that runs the workers.
+
+    supervisor: signals, systemd, restarts; no sockets of the relay's own
+      ├── worker 0: python -m stag_relay (a whole relay, SO_REUSEPORT on server.port)
+      └── worker 1: ...
+
+The rules it keeps:
+
+- the workers notify it as systemd would be notified (``$NOTIFY_SOCKET`` points at a
+  socket of the supervisor's, one per worker), and it tells systemd ``READY=1`` only
+  once every worker has said it listens;
+- SIGTERM, SIGINT and SIGHUP are forwarded to every worker; a second SIGINT is
+  forwarded too (the workers exit at once) and the supervisor exits 130;
+- a worker that dies while the relay runs is started again after ``RestartBackoff``
+  and counted; one that dies before the relay was ever ready fails the start, with
+  its exit status (a port in use, say), after the others are stopped;
+- it exits 0 only when every worker drained and exited 0, and it removes the shared
+  directory (multiprocess metrics, worker states) on the way out.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Final
+
+import attrs
+import structlog
+import trio
+from prometheus_client import multiprocess
+
+from stag_relay.config import Config
+from stag_relay.systemd import Notifier, StatusSnapshot, run_watchdog
+from stag_relay.workers import (
+    DIRECTORY_ENV,
+    SUPERVISOR_FILE,
+    WORKER_ENV,
+    publish_state,
+    read_states,
+    state_file,
+)
+
+EXIT_OK: Final = 0
+EXIT_FAILURE: Final = 1
+EXIT_INTERRUPTED: Final = 130
+# After the workers were told to stop: their own shutdown_timeout, plus time to stop
+# their mesh worker processes and exit. Past it they are killed and the exit is 1.
+_EXIT_GRACE: Final = 15.0
+# A worker that takes longer than this to answer a SIGHUP is reported as not reloaded.
+_RELOAD_TIMEOUT: Final = 10.0
+# Variables of systemd's that are the supervisor's alone: a worker that saw them would
+# notify systemd directly (refused under NotifyAccess=main) or feed its watchdog.
+_SYSTEMD_ONLY: Final = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS")
+
+log = structlog.get_logger("stag_relay.supervisor")
+
+
+@attrs.define
+class RestartBackoff:
+    """How long to wait before starting a dead worker again. Pure.
+
+    Doubles from ``initial`` to ``maximum`` while a worker keeps dying, so a crash loop
+    costs little CPU and fills the log slowly; a worker that ran ``healthy_after`` had
+    recovered, and its next crash starts again from ``initial``.
+    """
+
+    # Short enough that a one-off crash costs its clients one reconnect, not minutes.
+    initial: float = 0.5
+    # A worker that cannot start (a disk full, a bug at start) is retried twice a minute.
+    maximum: float = 30.0
+    healthy_after: float = 60.0
+    _next: float = attrs.field(init=False, default=math.nan)
+
+    def delay(self, ran_for: float) -> float:
+        """The wait before the next start of a worker that ran ``ran_for`` seconds."""
+        if math.isnan(self._next) or ran_for >= self.healthy_after:
+            self._next = self.initial
+        delay = self._next
+        self._next = min(self._next * 2, self.maximum)
+        return delay
+
+
+@attrs.define(eq=False)
+class _Slot:
+    """One worker index: the process in it now, and what it told us."""
+
+    index: int
+    notify_path: Path
+    process: trio.Process | None = None
+    started_at: float = 0.0
+    ready: bool = False
+    # READY=1 messages received from this slot's processes; a reload waits for one more.
+    readies: int = 0
+    exit_status: int | None = None
+    backoff: RestartBackoff = attrs.Factory(RestartBackoff)
+
+
+def worker_environment(
+    environ: Mapping[str, str], *, index: int, count: int, directory: Path, notify: Path
+) -> dict[str, str]:
+    """The environment of worker ``index``: ours, with systemd's variables replaced."""
+    env = {k: v for k, v in environ.items() if k not in _SYSTEMD_ONLY}
+    env[WORKER_ENV] = f"{index}/{count}"
+    env[DIRECTORY_ENV] = str(directory)
+    # Read by prometheus-client when the worker imports it.
+    env["PROMETHEUS_MULTIPROC_DIR"] = str(directory)
+    env["NOTIFY_SOCKET"] = str(notify)
+    return env
+
+
+def describe_exit(status: int) -> str:
+    if status < 0:
+        try:
+            return f"killed by {signal.Signals(-status).name}"
+        except ValueError:
+            return f"killed by signal {-status}"
+    return f"exit status {status}"
+
+
+class Supervisor:
+    """Runs ``config.server.workers`` copies of ``command``; see the module docstring."""
+
+    def __init__(
+        self,
+        config: Config,
+        command: Sequence[str],
+        *,
+        notifier: Notifier | None = None,
+        reload: Callable[[], str] | None = None,
+        environ: Mapping[str, str] | None = None,
+    ) -> None:
+        self.config = config
+        self.count = config.server.workers
+        self.command = list(command)
+        self.notifier = notifier if notifier is not None else Notifier()
+        self._reload = reload
+        self._environ = dict(os.environ if environ is None else environ)
+        self.directory = Path(tempfile.mkdtemp(prefix="stag-relay-workers-"))
+        self.slots = [_Slot(i, self.directory / f"notify-{i}") for i in range(self.count)]
+        self.restarts = 0
+        self.stopping = False
+        self.interrupted = False
+        # The exit status of a worker that failed the start, which becomes ours.
+        self.start_failure: int | None = None
+        self._changed = trio.Event()
+        self._stop = trio.Event()
+        self._publish()
+
+    async def run(self) -> int:
+        """Run until every worker has exited; the exit status for the process."""
+        try:
+            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
+                async with trio.open_nursery() as nursery:
+                    async with trio.open_nursery() as workers:
+                        for slot in self.slots:
+                            workers.start_soon(self._keep_running, slot)
+                        nursery.start_soon(self._watch_signals, sigs)
+                        nursery.start_soon(self._announce_ready)
+                        nursery.start_soon(run_watchdog, self.notifier, self.status_snapshot)
+                    nursery.cancel_scope.cancel()
+        finally:
+            self.notifier.close()
+            shutil.rmtree(self.directory, ignore_errors=True)
+        return self.exit_status()
+
+    def exit_status(self) -> int:
+        if self.interrupted:
+            return EXIT_INTERRUPTED
+        if self.start_failure is not None:
+            return self.start_failure if self.start_failure > 0 else EXIT_FAILURE
+        clean = all(slot.exit_status == 0 for slot in self.slots)
+        return EXIT_OK if clean else EXIT_FAILURE
+
+    def stop(self, signum: int = signal.SIGTERM) -> None:
+        """Stop every worker (they drain) and start no more."""
+        self.stopping = True
+        self._stop.set()
+        self._signal_all(signum)
+
+    def status_snapshot(self) -> StatusSnapshot:
+        states = read_states(self.directory)
+        return StatusSnapshot(
+            connections=sum(s["connections"] for s in states),
+            events_received=sum(s["events_in"] for s in states),
+            events_sent=sum(s["stag"]["events_sent"] for s in states),
+            draining=self.stopping,
+        )
+
+    # -- one worker index ---------------------------------------------------------
+
+    async def _keep_running(self, slot: _Slot) -> None:
+        with trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_DGRAM) as inbox:
+            await inbox.bind(str(slot.notify_path))
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._listen, slot, inbox)
+                while not self.stopping:
+                    status, ran_for = await self._run_once(slot)
+                    if self.stopping:
+                        break
+                    if not self._ever_ready():
+                        log.error(
+                            "worker failed to start; stopping the others",
+                            worker=slot.index,
+                            exit=describe_exit(status),
+                        )
+                        self.start_failure = status
+                        self.stop()
+                        break
+                    self.restarts += 1
+                    self._publish()
+                    delay = slot.backoff.delay(ran_for)
+                    log.error(
+                        "worker exited unexpectedly; starting it again",
+                        worker=slot.index,
+                        exit=describe_exit(status),
+                        after_seconds=delay,
+                        worker_restarts=self.restarts,
+                    )
+                    with trio.move_on_after(delay):
+                        await self._stop.wait()
+                nursery.cancel_scope.cancel()
+
+    async def _run_once(self, slot: _Slot) -> tuple[int, float]:
+        """Start the worker in ``slot`` and wait for it to exit: its status and run time."""
+        env = worker_environment(
+            self._environ,
+            index=slot.index,
+            count=self.count,
+            directory=self.directory,
+            notify=slot.notify_path,
+        )
+        slot.ready = False
+        slot.started_at = time.monotonic()
+        process = await trio.lowlevel.open_process(self.command, env=env)
+        slot.process = process
+        log.info("worker started", worker=slot.index, pid=process.pid)
+        try:
+            status = await process.wait()
+        finally:
+            # Cancelled only when the supervisor itself is torn down: leave nothing behind.
+            if process.returncode is None:
+                process.kill()
+        slot.process = None
+        slot.ready = False
+        slot.exit_status = status
+        # Its live gauges leave with it; its counters stay in the totals.
+        multiprocess.mark_process_dead(process.pid, str(self.directory))  # type: ignore[no-untyped-call]
+        (self.directory / state_file(slot.index)).unlink(missing_ok=True)
+        if self.stopping and status == -signal.SIGTERM and slot.readies == 0:
+            # Told to stop before it had installed its handlers: nothing was lost.
+            slot.exit_status = 0
+        self._wake()
+        log.info("worker exited", worker=slot.index, pid=process.pid, exit=describe_exit(status))
+        return status, time.monotonic() - slot.started_at
+
+    async def _listen(self, slot: _Slot, inbox: trio.socket.SocketType) -> None:
+        """What the worker in ``slot`` notifies, in systemd's ``KEY=VALUE`` lines."""
+        while True:
+            datagram = await inbox.recv(4096)
+            fields = dict(
+                line.split("=", 1)
+                for line in datagram.decode(errors="replace").splitlines()
+                if "=" in line
+            )
+            if fields.get("READY") == "1":
+                slot.ready = True
+                slot.readies += 1
+                self._wake()
+            if fields.get("RELOADING") == "1" or fields.get("STOPPING") == "1":
+                slot.ready = False
+                self._wake()
+
+    # -- the whole relay ----------------------------------------------------------
+
+    def _ever_ready(self) -> bool:
+        return all(slot.readies > 0 for slot in self.slots)
+
+    async def _announce_ready(self) -> None:
+        while not all(slot.ready for slot in self.slots):
+            if self.stopping:
+                return
+            await self._changed.wait()
+        pids = [slot.process.pid for slot in self.slots if slot.process is not None]
+        log.info("relay ready", workers=self.count, pids=pids, port=self.config.server.port)
+        self.notifier.ready(f"{self.count} workers listening on port {self.config.server.port}")
+
+    async def _watch_signals(self, signals: AsyncIterator[int]) -> None:
+        async for signum in signals:
+            if signum == signal.SIGHUP:
+                if not self.stopping:
+                    await self._reload_all()
+                continue
+            if not self.stopping:
+                log.info("signal received, draining", signal=signal.Signals(signum).name)
+                self.notifier.stopping(f"draining {self.count} workers")
+                self.stop(signum)
+                # Bounded: workers that outlive their own shutdown_timeout are killed.
+                trio.lowlevel.spawn_system_task(self._kill_after_grace)
+            elif signum == signal.SIGINT:
+                log.warning("second interrupt, stopping the workers at once")
+                self.interrupted = True
+                self._signal_all(signal.SIGINT)
+
+    async def _kill_after_grace(self) -> None:
+        await trio.sleep(self.config.server.shutdown_timeout + _EXIT_GRACE)
+        for slot in self.slots:
+            if slot.process is not None and slot.process.returncode is None:
+                log.error("worker did not exit in time; killing it", worker=slot.index)
+                slot.process.kill()
+
+    async def _reload_all(self) -> None:
+        self.notifier.reloading()
+        status = self._reload() if self._reload is not None else "configuration reloaded"
+        before = {slot.index: slot.readies for slot in self.slots}
+        self._signal_all(signal.SIGHUP)
+        with trio.move_on_after(_RELOAD_TIMEOUT):
+            while any(slot.readies <= before[slot.index] for slot in self.slots):
+                await self._changed.wait()
+        late = [slot.index for slot in self.slots if slot.readies <= before[slot.index]]
+        if late:
+            log.warning("workers did not confirm the reload", workers=late)
+        self.notifier.ready(f"{status} in {self.count - len(late)} of {self.count} workers")
+
+    def _signal_all(self, signum: int) -> None:
+        for slot in self.slots:
+            if slot.process is not None and slot.process.returncode is None:
+                slot.process.send_signal(signum)
+
+    def _wake(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+
+    def _publish(self) -> None:
+        publish_state(
+            self.directory,
+            SUPERVISOR_FILE,
+            {"pid": os.getpid(), "workers": self.count, "worker_restarts": self.restarts},
+        )
+
+
+def worker_command(argv: Sequence[str]) -> list[str]:
+    """How to start a worker: this interpreter, this package, the given arguments."""
+    return [sys.executable, "-m", "stag_relay", *argv]

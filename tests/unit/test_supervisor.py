@@ -1,0 +1,56 @@
+"""supervisor.py's pure parts: the restart backoff and a worker's environment."""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from stag_relay.supervisor import RestartBackoff, describe_exit, worker_environment
+
+
+def test_backoff_doubles_while_a_worker_keeps_dying_and_is_capped() -> None:
+    backoff = RestartBackoff(initial=0.5, maximum=4.0, healthy_after=60.0)
+    assert [backoff.delay(ran_for=1.0) for _ in range(6)] == [0.5, 1.0, 2.0, 4.0, 4.0, 4.0]
+
+
+def test_backoff_starts_over_after_a_worker_ran_long_enough() -> None:
+    backoff = RestartBackoff(initial=0.5, maximum=30.0, healthy_after=60.0)
+    backoff.delay(1.0)
+    backoff.delay(1.0)
+    assert backoff.delay(ran_for=60.0) == 0.5
+    assert backoff.delay(ran_for=1.0) == 1.0
+
+
+@given(st.lists(st.floats(min_value=0, max_value=1e6), min_size=1, max_size=50))
+def test_backoff_stays_within_its_bounds(runs: list[float]) -> None:
+    backoff = RestartBackoff()
+    for ran_for in runs:
+        assert backoff.initial <= backoff.delay(ran_for) <= backoff.maximum
+
+
+def test_workers_talk_to_the_supervisor_not_to_systemd(tmp_path: Path) -> None:
+    environ = {
+        "NOTIFY_SOCKET": "/run/systemd/notify",
+        "WATCHDOG_USEC": "30000000",
+        "WATCHDOG_PID": "1",
+        "RELAY_STAG_URL": "http://stag:1",
+    }
+    env = worker_environment(
+        environ, index=1, count=2, directory=tmp_path, notify=tmp_path / "notify-1"
+    )
+    assert env == {
+        "RELAY_STAG_URL": "http://stag:1",
+        "STAG_RELAY_WORKER": "1/2",
+        "STAG_RELAY_WORKER_DIR": str(tmp_path),
+        "PROMETHEUS_MULTIPROC_DIR": str(tmp_path),
+        "NOTIFY_SOCKET": str(tmp_path / "notify-1"),
+    }
+
+
+def test_exits_are_described_for_people() -> None:
+    assert describe_exit(0) == "exit status 0"
+    assert describe_exit(-signal.SIGKILL) == "killed by SIGKILL"
+    assert describe_exit(-200) == "killed by signal 200"

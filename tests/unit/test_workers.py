@@ -1,0 +1,168 @@
+"""workers.py: a worker's role, its spool files, and the one view of all workers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from stag_relay.workers import (
+    WorkerRole,
+    check_port_free,
+    combine_states,
+    open_shared_listeners,
+    orphan_spools,
+    publish_state,
+    read_states,
+    spool_path_for,
+    state_file,
+)
+
+
+def role(index: int, count: int, tmp_path: Path) -> WorkerRole:
+    return WorkerRole(index, count, tmp_path)
+
+
+def test_role_comes_from_the_supervisors_environment(tmp_path: Path) -> None:
+    environ = {"STAG_RELAY_WORKER": "1/3", "STAG_RELAY_WORKER_DIR": str(tmp_path)}
+    assert WorkerRole.from_environ(environ) == WorkerRole(1, 3, tmp_path)
+    assert WorkerRole.from_environ({}) is None
+
+
+@pytest.mark.parametrize("value", ["", "1", "3/3", "a/b", "-1/2", "1/2/3"])
+def test_a_garbled_role_is_an_error_that_says_what_to_do(value: str, tmp_path: Path) -> None:
+    environ = {"STAG_RELAY_WORKER": value, "STAG_RELAY_WORKER_DIR": str(tmp_path)}
+    with pytest.raises(ValueError, match="STAG_RELAY_WORKER"):
+        WorkerRole.from_environ(environ)
+
+
+def test_each_worker_has_its_own_spool_file(tmp_path: Path) -> None:
+    assert spool_path_for("/var/spool.db", role(2, 4, tmp_path)) == "/var/spool.db.2"
+    assert spool_path_for("/var/spool.db", None) == "/var/spool.db"
+    assert spool_path_for("", role(2, 4, tmp_path)) == ""
+
+
+def touch(directory: Path, *names: str) -> None:
+    for name in names:
+        (directory / name).write_bytes(b"")
+
+
+def test_orphan_spools_go_to_exactly_one_worker(tmp_path: Path) -> None:
+    # A previous run with 5 workers, and before that a single process.
+    touch(tmp_path, "s.db", "s.db.0", "s.db.1", "s.db.2", "s.db.3", "s.db.4")
+    touch(tmp_path, "s.db.corrupt-20261126T000000", "s.db.0-wal", "other.db.7")
+    path = str(tmp_path / "s.db")
+    adopted = [orphan_spools(path, role(i, 2, tmp_path)) for i in range(2)]
+    assert [[p.name for p in paths] for paths in adopted] == [
+        ["s.db", "s.db.2", "s.db.4"],
+        ["s.db.3"],
+    ]
+    # Back to one process: it takes every worker's file.
+    assert [p.name for p in orphan_spools(path, None)] == [f"s.db.{k}" for k in range(5)]
+    assert orphan_spools("", None) == []
+    assert orphan_spools(str(tmp_path / "missing" / "s.db"), None) == []
+
+
+def test_states_are_published_whole_and_read_in_index_order(tmp_path: Path) -> None:
+    publish_state(tmp_path, state_file(1), {"index": 1, "pid": 11})
+    publish_state(tmp_path, state_file(0), {"index": 0, "pid": 10})
+    (tmp_path / state_file(2)).write_bytes(b"{half a fi")  # a writer died mid-write
+    touch(tmp_path, "supervisor.json", "counter_1.db")
+    assert read_states(tmp_path) == [{"index": 0, "pid": 10}, {"index": 1, "pid": 11}]
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def state(index: int, **changes: Any) -> dict[str, Any]:
+    base: dict[str, Any] = {
+        "index": index,
+        "pid": 100 + index,
+        "draining": False,
+        "connections": 3,
+        "sessions": 4,
+        "events_in": 10,
+        "channel_depth": 5,
+        "channel_capacity": 1024,
+        "stag": {
+            "reachable": True,
+            "last_success": 1000.0 + index,
+            "last_failure": None,
+            "consecutive_failures": 0,
+            "events_sent": 7,
+            "batches_sent": 2,
+        },
+        "spool": None,
+    }
+    base.update(changes)
+    return base
+
+
+def test_combined_status_totals_the_workers_and_lists_each() -> None:
+    failing = {**state(1)["stag"], "reachable": False, "last_failure": 5.0}
+    failing["consecutive_failures"] = 3
+    combined = combine_states([state(0), state(1, stag=failing, draining=True)])
+    assert combined["connections"] == 6
+    assert combined["channel_depth"] == 10
+    assert combined["channel_capacity"] == 2048
+    assert combined["draining"] is True
+    assert combined["stag"]["reachable"] is False
+    assert combined["stag"]["last_success"] == 1001.0
+    assert combined["stag"]["last_failure"] == 5.0
+    assert combined["stag"]["consecutive_failures"] == 3
+    assert combined["stag"]["events_sent"] == 14
+    assert combined["spool"] is None
+    assert combined["workers"][1] == {
+        "index": 1,
+        "pid": 101,
+        "draining": True,
+        "connections": 3,
+        "channel_depth": 5,
+        "last_stag_success": 1001.0,
+    }
+
+
+def test_combined_status_before_any_worker_tried_stag() -> None:
+    untried = {**state(0)["stag"], "reachable": None, "last_success": None}
+    combined = combine_states([state(0, stag=untried), state(1, stag=untried)])
+    assert combined["stag"]["reachable"] is None
+    assert combined["stag"]["last_success"] is None
+
+
+def test_combined_spools_add_up() -> None:
+    def spool(n: int) -> dict[str, Any]:
+        return {
+            "path": f"s.db.{n}",
+            "batches": n,
+            "events": 10 * n,
+            "bytes": 100 * n,
+            "oldest_batch_age_seconds": float(n),
+            "dead_letters": 1,
+        }
+
+    combined = combine_states([state(0, spool=spool(1)), state(1, spool=spool(2))])
+    assert combined["spool"] == {
+        "batches": 3,
+        "events": 30,
+        "bytes": 300,
+        "dead_letters": 2,
+        "oldest_batch_age_seconds": 2.0,
+        "files": ["s.db.1", "s.db.2"],
+    }
+
+
+async def test_shared_listeners_take_the_same_port_and_both_accept() -> None:
+    first = await open_shared_listeners("127.0.0.1", 0)
+    port = first[0].socket.getsockname()[1]
+    second = await open_shared_listeners("127.0.0.1", port)
+    try:
+        assert second[0].socket.getsockname()[1] == port
+        # Anything not SO_REUSEPORT is refused, and the port check says it is in use.
+        with pytest.raises(OSError):
+            check_port_free("127.0.0.1", port)
+    finally:
+        for listener in first + second:
+            await listener.aclose()
+    assert check_port_free("127.0.0.1", port) == port
+    assert check_port_free("127.0.0.1", 0) > 0
+    await trio.lowlevel.checkpoint()
