@@ -25,7 +25,7 @@ from stag_relay.config import Config, ConfigError, dump_config, load_config
 from stag_relay.logs import configure_logging
 from stag_relay.supervisor import Supervisor, worker_command
 from stag_relay.systemd import Notifier
-from stag_relay.workers import WorkerRole, check_port_free
+from stag_relay.workers import WorkerRole, check_port_free, drain_when_orphaned
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -188,6 +188,8 @@ async def serve(
         listeners = await relay.listen()
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_watch_signals, signals, relay, reload)
+            if role is not None:
+                nursery.start_soon(drain_when_orphaned, relay.shut_down)
             await relay.run(listeners)
             nursery.cancel_scope.cancel()
     relay.notifier.close()

@@ -27,7 +27,7 @@ import json
 import os
 import re
 import socket
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Final
 
@@ -148,6 +148,28 @@ def read_supervisor(directory: Path) -> dict[str, Any]:
     return {}
 
 
+# --- the supervisor ------------------------------------------------------------
+
+# How soon a worker notices that its supervisor is gone (killed with SIGKILL, say).
+_PARENT_CHECK_INTERVAL: Final = 1.0
+
+
+async def drain_when_orphaned(drain: Callable[[], None]) -> None:
+    """Call ``drain`` once the supervisor that started this process is gone.
+
+    A worker must not outlive it: nobody would forward signals to it or restart its
+    siblings, and it would keep the port. (PR_SET_PDEATHSIG would fire when the
+    *thread* that started the process ends, and trio starts processes from threads
+    it retires when idle, so the worker watches its parent id instead.)
+    """
+    parent = os.getppid()
+    while True:
+        await trio.sleep(_PARENT_CHECK_INTERVAL)
+        if os.getppid() != parent:
+            drain()
+            return
+
+
 # --- listening -----------------------------------------------------------------
 
 
@@ -191,6 +213,9 @@ def check_port_free(host: str, port: int) -> int:
         for family, kind, proto, _, address in infos:
             sock = socket.socket(family, kind, proto)
             held.append(sock)
+            # As every listener does: connections in TIME_WAIT from a previous run do
+            # not hold the port, a listener does.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             if family == socket.AF_INET6:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
             if port == 0 and len(held) > 1:

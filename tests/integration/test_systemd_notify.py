@@ -72,3 +72,44 @@ def test_ready_watchdog_reload_and_stopping_in_order(
     # but nothing else does.
     first_ready = next(i for i, message in enumerate(seen) if "READY" in message)
     assert all(set(message) == {"WATCHDOG"} for message in seen[:first_ready])
+
+
+def test_with_workers_the_supervisor_alone_notifies_ready_once_all_listen(
+    stag: StagServer, notify_socket: socket.socket
+) -> None:
+    relay = RelayProcess(
+        {
+            "NOTIFY_SOCKET": notify_socket.getsockname(),
+            "WATCHDOG_USEC": "200000",
+            "RELAY_SERVER_HOST": "127.0.0.1",
+            "RELAY_SERVER_PORT": "0",
+            "RELAY_SERVER_WORKERS": "2",
+            "RELAY_STAG_URL": stag.url,
+        }
+    )
+    seen: list[dict[str, str]] = []
+    try:
+        ready = next_with(notify_socket, "READY", seen)
+        listening = [line for line in relay.lines if line.get("event") == "relay listening"]
+        # Both workers were listening before the supervisor said READY.
+        assert sorted(line["worker"] for line in listening) == [0, 1]
+        assert ready["STATUS"] == f"2 workers listening on port {relay.port()}"
+        next_with(notify_socket, "WATCHDOG", seen)
+
+        relay.proc.send_signal(signal.SIGHUP)
+        next_with(notify_socket, "RELOADING", seen)
+        reloaded = next_with(notify_socket, "READY", seen)
+        assert reloaded["STATUS"] == "configuration reloaded in 2 of 2 workers"
+        assert sorted(
+            line["worker"]
+            for line in relay.lines
+            if line.get("event") == "configuration reloaded" and "worker" in line
+        ) == [0, 1]
+
+        relay.proc.send_signal(signal.SIGTERM)
+        next_with(notify_socket, "STOPPING", seen)
+        assert relay.wait() == 0
+    finally:
+        relay.kill()
+    # Only the supervisor's messages reach systemd: one READY at start, one per reload.
+    assert sum("READY" in message for message in seen) == 2

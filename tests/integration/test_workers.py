@@ -210,7 +210,7 @@ def test_changing_the_number_of_workers_loses_nothing_spooled(
     # Each worker kept its own file, and both hold batches.
     for index in (0, 1):
         held = Spool(spool.with_name(f"{spool.name}.{index}"))
-        assert held.events > 0
+        assert held.events > 0, "".join(first.raw)
         held.close()
     # One process now: it adopts both workers' files and delivers everything once.
     stag.start()
@@ -232,3 +232,28 @@ def test_changing_the_number_of_workers_loses_nothing_spooled(
     assert len(stag.events()) == len(set(stag.event_ids())) == sent
     # The adopted files are gone: a later start does not send them again.
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith("spool.sqlite3.")] == []
+
+
+def gone(pid: int) -> bool:
+    """Exited (a zombie waiting for whoever inherited it counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except FileNotFoundError:
+        return True
+
+
+def test_workers_do_not_outlive_a_killed_supervisor(workers: RelayProcess) -> None:
+    port = workers.port()
+    pids = [w["pid"] for w in status(port)["workers"]]
+    workers.proc.kill()
+    workers.proc.wait()
+    poll_until(lambda: all(gone(pid) for pid in pids))
+    # They drained like after SIGTERM, and let go of the port.
+    assert sorted(
+        line["worker"] for line in workers.lines if line.get("event") == "shutdown complete"
+    ) == [0, 1]
+    with socket.socket() as probe:
+        # SO_REUSEADDR: the /status requests' TIME_WAIT does not count, a listener does.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        probe.bind(("127.0.0.1", port))
