@@ -157,13 +157,21 @@ def _supervise(args: argparse.Namespace, config: Config, reload: Callable[[], st
     if not config.stag.relay_id:
         # One relay to STAG, however many processes: the workers share one id.
         environ["RELAY_STAG_RELAY_ID"] = default_relay_id()
-    supervisor = Supervisor(
-        config,
-        worker_command(argv),
-        notifier=Notifier.from_environ(),
-        reload=reload,
-        environ=environ,
-    )
+    try:
+        supervisor = Supervisor(
+            config,
+            worker_command(argv),
+            notifier=Notifier.from_environ(),
+            reload=reload,
+            environ=environ,
+        )
+    except OSError as exc:
+        log.error(
+            "cannot create the workers' shared directory",
+            error=str(exc),
+            fix="give the relay a writable temporary directory ($TMPDIR, or /tmp)",
+        )
+        return EXIT_FAILURE
     log.info("starting workers", workers=config.server.workers, port=port)
     return trio.run(supervisor.run)
 

@@ -179,10 +179,14 @@ class Child:
             return "\n".join(["-- stdout", *self.stdout[-n:], "-- stderr", *self.stderr[-n:]])
 
     def cpu_seconds(self) -> float:
-        """User + system CPU of the process so far (not of its children)."""
-        with open(f"/proc/{self.proc.pid}/stat") as stat:
-            fields = stat.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        """User + system CPU so far of the process and its live descendants (a relay
+        with workers: the supervisor and every worker)."""
+        total = 0
+        for pid in _tree(self.proc.pid):
+            with contextlib.suppress(OSError), open(f"/proc/{pid}/stat") as stat:
+                fields = stat.read().rsplit(")", 1)[1].split()
+                total += int(fields[11]) + int(fields[12])
+        return total / os.sysconf("SC_CLK_TCK")
 
     def rss_bytes(self) -> int:
         with open(f"/proc/{self.proc.pid}/status") as status:
@@ -205,6 +209,19 @@ class Child:
         return self.proc.wait(timeout)
 
 
+def _tree(pid: int) -> list[int]:
+    """``pid`` and its descendants, from /proc/<pid>/task/*/children."""
+    found, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        found.append(current)
+        with contextlib.suppress(OSError):
+            for task in os.listdir(f"/proc/{current}/task"):
+                with open(f"/proc/{current}/task/{task}/children") as children:
+                    todo.extend(int(child) for child in children.read().split())
+    return found
+
+
 def http_json(url: str) -> Any:
     with urllib.request.urlopen(url, timeout=30) as response:
         return json.loads(response.read())
@@ -218,6 +235,13 @@ class Pinning:
         self.enabled = enabled and len(cpus) >= 2
         self.server: set[int] | None = {cpus[0]} if self.enabled else None
         self.others: set[int] | None = set(cpus[1:]) if self.enabled else None
+
+    @classmethod
+    def shared(cls) -> Pinning:
+        """Every process on every CPU: for worker processes, which need all of them."""
+        pin = cls(False)
+        pin.server = pin.others = set(os.sched_getaffinity(0)) | set(range(os.cpu_count() or 1))
+        return pin
 
     def describe(self) -> str:
         if not self.enabled:
@@ -354,15 +378,20 @@ def packets_not_ok(status: dict[str, Any]) -> int:
 # --- workloads --------------------------------------------------------------------
 
 
+FLOOD_OPTIONS: Final = (
+    *("--connections", str(FLOOD_CONNECTIONS)),
+    *("--rate", "0", "--count", str(FLOOD_PACKETS)),
+)
+PACED_OPTIONS: Final = [
+    *("--connections", str(PACED_CONNECTIONS), "--rate", f"{PACED_RATE:g}"),
+    *("--duration", f"{PACED_SECONDS:g}s"),
+]
+# Issue 8 compares one worker with two, on this 2-core machine.
+WORKER_COUNTS: Final = (1, 2)
+
+
 def flood(pin: Pinning) -> dict[str, Any]:
-    options = (
-        "--connections",
-        str(FLOOD_CONNECTIONS),
-        "--rate",
-        "0",
-        "--count",
-        str(FLOOD_PACKETS),
-    )
+    options = FLOOD_OPTIONS
     total = FLOOD_CONNECTIONS * FLOOD_PACKETS
 
     bare, port = start_bare(pin)
@@ -438,10 +467,7 @@ def _relay_flood(
 
 
 def paced(pin: Pinning) -> dict[str, Any]:
-    options = [
-        *("--connections", str(PACED_CONNECTIONS), "--rate", f"{PACED_RATE:g}"),
-        *("--duration", f"{PACED_SECONDS:g}s"),
-    ]
+    options = PACED_OPTIONS
 
     bare, port = start_bare(pin)
     try:
@@ -461,11 +487,21 @@ def paced(pin: Pinning) -> dict[str, Any]:
         }
     }
 
-    with relay_with_sink(
-        pin,
-        RELAY_BATCH_MAX_SIZE=str(BATCH_MAX_SIZE),
-        RELAY_BATCH_TIMEOUT=PACED_BATCH_TIMEOUT,
-    ) as (relay, port, _, sink_url):
+    result["relay"] = _relay_paced(pin, options)
+    relay_per_event = result["relay"]["cpu_us_per_event"] / 1e6
+    result["cpu_ratio"] = round(relay_per_event / bare_per_message, 3)
+    result["nothing_lost"] = result["relay"]["lost"] == 0 and result["relay"]["error_replies"] == 0
+    return result
+
+
+def _relay_paced(pin: Pinning, options: list[str], **env: str) -> dict[str, Any]:
+    """The paced load through a relay (``env`` on top of its settings)."""
+    settings = {
+        "RELAY_BATCH_MAX_SIZE": str(BATCH_MAX_SIZE),
+        "RELAY_BATCH_TIMEOUT": PACED_BATCH_TIMEOUT,
+        **env,
+    }
+    with relay_with_sink(pin, pin_relay=True, **settings) as (relay, port, _, sink_url):
         loadgen = Loadgen(port, pin, *options)
         loadgen.connected()
         cpu0 = relay.cpu_seconds()
@@ -473,9 +509,8 @@ def paced(pin: Pinning) -> dict[str, Any]:
         stats = wait_for_events(sink_url, summary["sent"])
         relay_cpu = relay.cpu_seconds() - cpu0
     events = stats["events"]
-    relay_per_event = relay_cpu / max(events, 1)
     latency = stats["latency_ms"]
-    result["relay"] = {
+    return {
         "sent": summary["sent"],
         "events_delivered": events,
         "lost": summary["sent"] - events,
@@ -484,12 +519,34 @@ def paced(pin: Pinning) -> dict[str, Any]:
         "latency_p99_ms": latency["p99"],
         "latency_max_ms": latency["max"],
         "relay_latency_p99_ms": stats["relay_latency_ms"]["p99"],
-        "cpu_us_per_event": round(relay_per_event * 1e6, 2),
+        "cpu_us_per_event": round(relay_cpu / max(events, 1) * 1e6, 2),
         "client_max_lag_ms": round(summary["max_lag_ms"], 2),
         "mean_batch": stats["batch_size"]["mean"],
     }
-    result["cpu_ratio"] = round(relay_per_event / bare_per_message, 3)
-    result["nothing_lost"] = events == summary["sent"] and summary["errors"] == 0
+
+
+def workers(pin: Pinning) -> dict[str, Any]:
+    """Issue 8: the flood and the paced load through 1 and through 2 worker processes.
+
+    Nothing is pinned (two workers need both CPUs, which the client and the stand-in
+    share with them); CPU is the whole relay's, supervisor and workers.
+    """
+    shared = Pinning.shared() if pin.enabled else pin
+    result: dict[str, Any] = {}
+    for count in WORKER_COUNTS:
+        flood_figures, _ = _relay_flood(shared, FLOOD_OPTIONS, RELAY_SERVER_WORKERS=str(count))
+        result[f"workers_{count}"] = {
+            "flood": flood_figures,
+            "paced": _relay_paced(shared, PACED_OPTIONS, RELAY_SERVER_WORKERS=str(count)),
+        }
+    one, two = (result[f"workers_{count}"] for count in WORKER_COUNTS)
+    base = one["flood"]["events_per_second"]
+    result["flood_speedup"] = round(two["flood"]["events_per_second"] / base, 3) if base else None
+    result["nothing_lost"] = all(
+        result[f"workers_{count}"][load]["lost"] == 0
+        for count in WORKER_COUNTS
+        for load in ("flood", "paced")
+    )
     return result
 
 
@@ -621,6 +678,21 @@ MEDIANS: Final[dict[str, list[tuple[str, ...]]]] = {
         ("relay", "rss_per_connection_kib"),
         ("ratio",),
     ],
+    "workers": [
+        *(
+            (f"workers_{count}", load, figure)
+            for count in WORKER_COUNTS
+            for load, figure in (
+                ("flood", "events_per_second"),
+                ("flood", "cpu_us_per_event"),
+                ("paced", "latency_p50_ms"),
+                ("paced", "latency_p99_ms"),
+                ("paced", "cpu_us_per_event"),
+                ("paced", "lost"),
+            )
+        ),
+        ("flood_speedup",),
+    ],
     "mesh": [
         ("pose_only", "pose_p99_ms"),
         ("with_mesh", "pose_p99_ms"),
@@ -686,6 +758,16 @@ def targets(workloads: dict[str, Any]) -> list[dict[str, Any]]:
         out_in = m["mesh_out_over_in"]
         add(
             "mesh: characters out / in", out_in, "<= 0.3", None if out_in is None else out_in <= 0.3
+        )
+    if "workers" in workloads:
+        w = workloads["workers"]
+        p99 = w["median"]["workers_2.paced.latency_p99_ms"]
+        lost = all(run["nothing_lost"] for run in w["runs"])
+        add(
+            "2 workers: paced p99 latency (ms), nothing lost",
+            p99,
+            f"<= {TARGET_P99_MS:g}",
+            None if p99 is None else p99 <= TARGET_P99_MS and lost,
         )
     if "idle" in workloads:
         rss = workloads["idle"]["median"]["relay.rss_per_connection_kib"]
@@ -793,7 +875,7 @@ def _main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3, help="repeats per workload (3)")
     parser.add_argument(
-        "--only", default="flood,paced,idle,mesh", help="workloads to run, comma-separated"
+        "--only", default="flood,paced,idle,mesh,workers", help="workloads to run, comma-separated"
     )
     parser.add_argument("--idle-connections", type=int, default=IDLE_CONNECTIONS)
     parser.add_argument(
@@ -831,10 +913,11 @@ def _main() -> int:
         "paced": lambda: paced(pin),
         "idle": lambda: idle(pin, args.idle_connections),
         "mesh": lambda: mesh(pin, args.mesh_connections),
+        "workers": lambda: workers(pin),
     }
     for name in chosen:
         if name not in runners:
-            parser.error(f"unknown workload {name!r} (flood, paced, idle, mesh)")
+            parser.error(f"unknown workload {name!r} (flood, paced, idle, mesh, workers)")
         if name == "mesh":
             try:
                 import DracoPy  # noqa: F401

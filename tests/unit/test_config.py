@@ -576,3 +576,25 @@ def test_parse_duration_on_junk_gives_seconds_or_value_error(junk: str | float) 
         return
     assert math.isfinite(seconds)
     assert seconds >= 0
+
+
+def test_workers_is_a_count_or_auto(tmp_path: Path) -> None:
+    from stag_relay.config import available_cpus
+
+    assert load().server.workers == 1
+    assert load(environ={"RELAY_SERVER_WORKERS": "4"}).server.workers == 4
+    assert load(environ={"RELAY_SERVER_WORKERS": "AUTO"}).server.workers == available_cpus()
+    assert load(config_path=write(tmp_path, "server:\n  workers: auto\n")).server.workers >= 1
+
+
+@pytest.mark.parametrize(
+    ("value", "shown"),
+    [("0", "0"), ("-1", "-1"), ("257", "257"), ("many", "'many'"), ("1.5", "1.5")],
+)
+def test_workers_rejects_with_the_range_and_auto(tmp_path: Path, value: str, shown: str) -> None:
+    path = write(tmp_path, f"server:\n  workers: {value}\n")
+    [message] = problems(config_path=path)
+    assert message == (
+        f"{path} line 2: server.workers: expected a number of worker processes 1..256 or "
+        f"auto (one per CPU), got {shown}"
+    )
