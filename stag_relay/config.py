@@ -381,6 +381,10 @@ class ServerConfig:
     # Processes that each run the whole pipeline on the same port (SO_REUSEPORT);
     # "auto" is one per CPU. 1 runs a single process with no supervisor.
     workers: int = attrs.field(default=1, metadata=_rule(_workers))
+    # With workers > 1: a worker whose event loop has not answered the supervisor for
+    # this long is hung (a blocking call, a deadlock) and is killed and started again.
+    # Far beyond any pause of a loaded loop; short enough that its clients notice little.
+    worker_timeout: float = attrs.field(default=30.0, metadata=_DURATION)
 
 
 @attrs.frozen

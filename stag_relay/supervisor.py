@@ -96,6 +96,8 @@ class _Slot:
     process: trio.Process | None = None
     started_at: float = 0.0
     ready: bool = False
+    # When the worker last proved its event loop runs (READY or WATCHDOG, monotonic).
+    last_heard: float = 0.0
     # READY=1 messages received from this slot's processes; a reload waits for one more.
     readies: int = 0
     exit_status: int | None = None
@@ -103,10 +105,18 @@ class _Slot:
 
 
 def worker_environment(
-    environ: Mapping[str, str], *, index: int, count: int, directory: Path, notify: Path
+    environ: Mapping[str, str],
+    *,
+    index: int,
+    count: int,
+    directory: Path,
+    notify: Path,
+    watchdog: float,
 ) -> dict[str, str]:
     """The environment of worker ``index``: ours, with systemd's variables replaced."""
     env = {k: v for k, v in environ.items() if k not in _SYSTEMD_ONLY}
+    # The worker's own watchdog task keeps us informed, as it would keep systemd.
+    env["WATCHDOG_USEC"] = str(round(watchdog * 1_000_000))
     env[WORKER_ENV] = f"{index}/{count}"
     env[DIRECTORY_ENV] = str(directory)
     # Read by prometheus-client when the worker imports it.
@@ -235,6 +245,7 @@ class Supervisor:
             count=self.count,
             directory=self.directory,
             notify=slot.notify_path,
+            watchdog=self.config.server.worker_timeout,
         )
         slot.ready = False
         slot.started_at = time.monotonic()
@@ -242,7 +253,10 @@ class Supervisor:
         slot.process = process
         log.info("worker started", worker=slot.index, pid=process.pid)
         try:
-            status = await process.wait()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._kill_if_hung, slot, process)
+                status = await process.wait()
+                nursery.cancel_scope.cancel()
         finally:
             # Cancelled only when the supervisor itself is torn down: leave nothing behind.
             if process.returncode is None:
@@ -260,6 +274,26 @@ class Supervisor:
         log.info("worker exited", worker=slot.index, pid=process.pid, exit=describe_exit(status))
         return status, time.monotonic() - slot.started_at
 
+    async def _kill_if_hung(self, slot: _Slot, process: trio.Process) -> None:
+        """Kill the worker once it has been silent for ``server.worker_timeout`` after
+        its first READY (start-up, with a large spool to adopt, may take longer)."""
+        timeout = self.config.server.worker_timeout
+        readies = slot.readies
+        while slot.readies == readies:
+            await self._changed.wait()
+        while True:
+            silent = time.monotonic() - slot.last_heard
+            if silent > timeout:
+                break
+            await trio.sleep(timeout - silent + 0.01)
+        log.error(
+            "worker stopped answering; killing it",
+            worker=slot.index,
+            pid=process.pid,
+            silent_seconds=round(silent, 1),
+        )
+        process.kill()
+
     async def _listen(self, slot: _Slot, inbox: trio.socket.SocketType) -> None:
         """What the worker in ``slot`` notifies, in systemd's ``KEY=VALUE`` lines."""
         while True:
@@ -269,6 +303,8 @@ class Supervisor:
                 for line in datagram.decode(errors="replace").splitlines()
                 if "=" in line
             )
+            if "WATCHDOG" in fields or "READY" in fields:
+                slot.last_heard = time.monotonic()
             if fields.get("READY") == "1":
                 slot.ready = True
                 slot.readies += 1

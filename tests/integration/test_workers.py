@@ -259,3 +259,25 @@ def test_workers_do_not_outlive_a_killed_supervisor(workers: RelayProcess) -> No
         # SO_REUSEADDR: the /status requests' TIME_WAIT does not count, a listener does.
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         probe.bind(("127.0.0.1", port))
+
+
+def test_a_hung_worker_is_killed_and_replaced(stag: StagServer) -> None:
+    relay = start_workers(stag, RELAY_SERVER_WORKER_TIMEOUT="1s")
+    try:
+        relay.wait_for_log("relay ready")
+        port = relay.port()
+        hung = status(port)["workers"][0]["pid"]
+        # A stopped process runs no event loop: exactly what a blocking call looks like.
+        os.kill(hung, signal.SIGSTOP)
+        line = relay.wait_for_log("worker stopped answering; killing it")
+        assert line["pid"] == hung
+        relay.wait_for_log("worker exited unexpectedly; starting it again")
+        poll_until(lambda: hung not in [w["pid"] for w in status(port)["workers"]])
+        poll_until(lambda: len(status(port)["workers"]) == 2)
+        assert metric(port, "relay_worker_restarts_total") == 1
+        stream_poses(port, "after-hang", 50)
+        stag.wait_for_events(50)
+        relay.proc.send_signal(signal.SIGTERM)
+        assert relay.wait(timeout=60) == 0
+    finally:
+        relay.kill()

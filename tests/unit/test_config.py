@@ -102,6 +102,7 @@ def test_every_key_has_an_environment_variable() -> None:
         "RELAY_SERVER_TLS_CERT": "",
         "RELAY_SERVER_TLS_KEY": "",
         "RELAY_SERVER_WORKERS": "3",
+        "RELAY_SERVER_WORKER_TIMEOUT": "9s",
         "RELAY_AUTH_API_KEYS": "key-1, key-2",
         "RELAY_AUTH_API_KEYS_FILE": "",
         "RELAY_AUTH_PROTECT_ENDPOINTS": "true",
@@ -146,6 +147,7 @@ def test_every_key_has_an_environment_variable() -> None:
             "tls_cert": "",
             "tls_key": "",
             "workers": 3,
+            "worker_timeout": 9.0,
         },
         "auth": {
             "api_keys": ("key-1", "key-2"),

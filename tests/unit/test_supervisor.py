@@ -39,7 +39,7 @@ def test_workers_talk_to_the_supervisor_not_to_systemd(tmp_path: Path) -> None:
         "RELAY_STAG_URL": "http://stag:1",
     }
     env = worker_environment(
-        environ, index=1, count=2, directory=tmp_path, notify=tmp_path / "notify-1"
+        environ, index=1, count=2, directory=tmp_path, notify=tmp_path / "notify-1", watchdog=2.5
     )
     assert env == {
         "RELAY_STAG_URL": "http://stag:1",
@@ -47,6 +47,7 @@ def test_workers_talk_to_the_supervisor_not_to_systemd(tmp_path: Path) -> None:
         "STAG_RELAY_WORKER_DIR": str(tmp_path),
         "PROMETHEUS_MULTIPROC_DIR": str(tmp_path),
         "NOTIFY_SOCKET": str(tmp_path / "notify-1"),
+        "WATCHDOG_USEC": "2500000",
     }
 
 
