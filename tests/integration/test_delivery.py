@@ -7,6 +7,7 @@ import json
 import signal
 import threading
 from pathlib import Path
+from typing import Any
 
 import trio
 from websockets.exceptions import ConnectionClosed
@@ -146,19 +147,29 @@ async def test_outage_refused_then_503_then_back_loses_nothing_and_keeps_order(
     assert relay.sender.status()["consecutive_failures"] == 0
 
 
+# Small enough that a few hundred pose packets fill it while STAG holds every request.
+SMALL_SPOOL = 20_000
+
+
+async def start_with_small_spool(
+    nursery: trio.Nursery, server: StagServer, tmp_path: Path, **sections: dict[str, Any]
+) -> Relay:
+    """A relay whose spool fills up: batches of 5, STAG paused (resume it to drain)."""
+    delivery: dict[str, Any] = {
+        "spool_path": str(tmp_path / "s.sqlite3"),
+        "spool_max_bytes": SMALL_SPOOL,
+    }
+    delivery.update(sections.pop("delivery", {}))
+    relay = Relay(make_config(server.url, batch={"max_size": 5}, delivery=delivery, **sections))
+    await nursery.start(relay.run)
+    server.pause()
+    return relay
+
+
 async def test_full_spool_with_block_slows_clients_and_loses_nothing(
     nursery: trio.Nursery, stag: StagServer, tmp_path: Path
 ) -> None:
-    relay = Relay(
-        make_config(
-            stag.url,
-            batch={"max_size": 5},
-            websocket={"buffer_size": 5},
-            delivery={"spool_path": str(tmp_path / "s.sqlite3"), "spool_max_bytes": 20_000},
-        )
-    )
-    await nursery.start(relay.run)
-    stag.pause()
+    relay = await start_with_small_spool(nursery, stag, tmp_path, websocket={"buffer_size": 5})
     total = 400
     done = trio.Event()
 
@@ -176,7 +187,7 @@ async def test_full_spool_with_block_slows_clients_and_loses_nothing(
     await wait_until(lambda: any(c.blocked for c in relay.gate.connections))
     spool = relay.delivery.spool
     assert spool is not None
-    assert spool.bytes <= 20_000 + 2_000  # one batch may overshoot the bound
+    assert spool.bytes <= SMALL_SPOOL + 2_000  # one batch may overshoot the bound
     assert relay.gate.events_in < total
     stag.resume()
     await done.wait()
@@ -188,20 +199,9 @@ async def test_full_spool_with_block_slows_clients_and_loses_nothing(
 async def test_full_spool_with_drop_oldest_counts_exactly_what_it_drops(
     nursery: trio.Nursery, stag: StagServer, tmp_path: Path
 ) -> None:
-    relay = Relay(
-        make_config(
-            stag.url,
-            batch={"max_size": 5},
-            stag={"max_in_flight": 1},
-            delivery={
-                "spool_path": str(tmp_path / "s.sqlite3"),
-                "spool_max_bytes": 20_000,
-                "when_full": "drop_oldest",
-            },
-        )
+    relay = await start_with_small_spool(
+        nursery, stag, tmp_path, stag={"max_in_flight": 1}, delivery={"when_full": "drop_oldest"}
     )
-    await nursery.start(relay.run)
-    stag.pause()
     total = 1000
 
     def send_all() -> None:
