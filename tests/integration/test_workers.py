@@ -142,7 +142,9 @@ def open_on_both_workers(port: int, stack: ExitStack, prefix: str) -> list[Clien
         opened.append(ws)
         ws.send(pose_packet(f"{prefix}-{len(opened)}", 1))
         poll_until(partial(connections_are, port, len(opened)))
-        if all(w["connections"] for w in status(port)["workers"]):
+        # A worker that has not published its state yet is not listed: count them.
+        listed = status(port)["workers"]
+        if len(listed) == 2 and all(w["connections"] for w in listed):
             return opened
     raise AssertionError("200 connections, all on one worker")
 
