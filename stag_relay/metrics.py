@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Final
+from typing import Final, Protocol
 
 from prometheus_client import (
     CollectorRegistry,
@@ -209,6 +209,12 @@ class RelayMetrics:
             registry=r,
             multiprocess_mode="livesum",
         )
+        self.channel_capacity = Gauge(
+            "relay_channel_capacity",
+            "Events the channel to the batcher holds at most (websocket.buffer_size)",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
         self.sessions_active = Gauge(
             "relay_sessions_active",
             "Sessions held (connected or within session.ttl)",
@@ -249,6 +255,19 @@ class RelayMetrics:
         )
         self.mesh = MeshMetrics(r)
 
+    def observe_many(self, histogram: Histogram, amount: float, count: int) -> None:
+        """``histogram.observe(amount)`` ``count`` times, in one step.
+
+        The gate observes the packets of one socket read together (their mean
+        processing time): per packet, ``observe`` would cost more than a packet's
+        transform. Same result as the loop: ``_count`` stays one per packet.
+        """
+        histogram._sum.inc(amount * count)
+        for bound, bucket in zip(histogram._upper_bounds, histogram._buckets, strict=True):
+            if amount <= bound:
+                bucket.inc(count)
+                break
+
     def packet(self, packet_type: str, status: str) -> Counter:
         """The counter child for one (type, status); unknown types count as ``unknown``."""
         if packet_type not in PACKET_TYPES:
@@ -260,7 +279,7 @@ class RelayMetrics:
         encoder, content_type = choose_encoder(accept_header or "")
         return encoder(self._exposed), content_type
 
-    def totals(self) -> Callable[[str, dict[str, str] | None], float]:
+    def totals(self) -> SampleLookup:
         """A lookup of sample values as ``/metrics`` shows them now (all workers)."""
         values = {
             (sample.name, tuple(sorted(sample.labels.items()))): sample.value
@@ -272,6 +291,12 @@ class RelayMetrics:
             return values.get((name, tuple(sorted((labels or {}).items()))), 0.0)
 
         return lookup
+
+
+class SampleLookup(Protocol):
+    """A sample's value by name and labels (0 when absent)."""
+
+    def __call__(self, name: str, labels: dict[str, str] | None = None) -> float: ...
 
 
 class _LocalCollector(Collector):

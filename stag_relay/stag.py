@@ -1,26 +1,28 @@
 """The STAG client: delivers batches over HTTP, retrying until each is delivered or rejected.
 
-One pooled ``httpx.AsyncClient`` for the whole run, and at most ``stag.max_in_flight``
-batches in flight. A batch is only taken from the channel when a slot is free, so while
-STAG is slow or down the batcher waits, the event channel fills and the connection
-tasks stop reading their sockets: backpressure instead of loss. STAG being down is
-normal and only logged when the state changes.
+One :class:`~stag_relay.ingest.IngestClient` for the whole run (a kept-alive
+connection per slot), and at most ``stag.max_in_flight`` batches in flight. A batch
+is only taken from the channel when a slot is free, so while STAG is slow or down the
+batcher waits, the event channel fills and the connection tasks stop reading their
+sockets: backpressure instead of loss. STAG being down is normal and only logged when
+the state changes.
 """
 
 from __future__ import annotations
 
 import random
+import ssl
 import time
 from collections.abc import Callable
 from typing import Final
 
 import attrs
-import httpx
 import structlog
 import trio
 
-from stag_relay.config import StagConfig
+from stag_relay.config import StagConfig, redact_url
 from stag_relay.events import WireBatch
+from stag_relay.ingest import Answer, IngestClient, TransportError, ignored_proxy
 from stag_relay.metrics import RelayMetrics
 from stag_relay.retry import Decision, RetryPolicy, Verdict
 
@@ -68,24 +70,25 @@ class StagSender:
         *,
         relay_id: str,
         version: str,
-        transport: httpx.AsyncBaseTransport | None = None,
+        tls: ssl.SSLContext | None = None,
         rng: random.Random | None = None,
     ) -> None:
+        """``tls`` verifies an https:// STAG; ``None``: :func:`stag_relay.ingest.default_tls`."""
         if config.max_in_flight < 1:
             raise ValueError(f"stag.max_in_flight must be >= 1, got {config.max_in_flight}")
         self._config = config
         self._metrics = metrics
         self._relay_id = relay_id
-        self._transport = transport
+        self._tls = tls
         self._url = config.url.rstrip("/") + config.ingest_path
         # For logs: credentials in the URL's userinfo must not reach them.
-        self._url_for_logs = str(httpx.URL(self._url).copy_with(username=None, password=None))
-        self._headers = {
-            "Content-Type": "application/json",
-            "User-Agent": f"stag-relay/{version}",
-        }
+        self._url_for_logs = redact_url(self._url)
+        self._headers = [
+            ("content-type", "application/json"),
+            ("user-agent", f"stag-relay/{version}"),
+        ]
         if config.api_key:
-            self._headers["X-API-Key"] = config.api_key
+            self._headers.append(("x-api-key", config.api_key))
         self._policy = RetryPolicy(
             initial=config.retry_initial,
             maximum=config.retry_max,
@@ -116,16 +119,18 @@ class StagSender:
 
     async def run(self, batches: trio.MemoryReceiveChannel[Shipment]) -> None:
         """Deliver every batch from ``batches``; return once it is closed and drained."""
-        slots = self._config.max_in_flight
-        # A connection per slot, all kept alive: a request never waits for the pool.
-        limits = httpx.Limits(max_connections=slots, max_keepalive_connections=slots)
-        free = trio.Semaphore(slots)
+        proxy = ignored_proxy(self._url)
+        if proxy is not None:
+            logger.warning(
+                "proxy variable ignored: the relay connects to STAG directly",
+                variable=proxy,
+                url=self._url_for_logs,
+            )
+        # A request per slot at most, so the client keeps a connection per slot.
+        free = trio.Semaphore(self._config.max_in_flight)
         async with (
-            httpx.AsyncClient(
-                headers=self._headers,
-                timeout=httpx.Timeout(self._config.timeout),
-                limits=limits,
-                transport=self._transport,
+            IngestClient(
+                self._url, headers=self._headers, timeout=self._config.timeout, tls=self._tls
             ) as client,
             trio.open_nursery() as nursery,
         ):
@@ -143,7 +148,7 @@ class StagSender:
                     nursery.start_soon(self._deliver_in_slot, client, batch, free)
 
     async def _deliver_in_slot(
-        self, client: httpx.AsyncClient, shipment: Shipment, free: trio.Semaphore
+        self, client: IngestClient, shipment: Shipment, free: trio.Semaphore
     ) -> None:
         try:
             refusal = await self._deliver(client, shipment.wire)
@@ -154,61 +159,56 @@ class StagSender:
         else:
             shipment.on_rejected(*refusal)
 
-    async def _deliver(self, client: httpx.AsyncClient, batch: WireBatch) -> tuple[int, str] | None:
+    async def _deliver(self, client: IngestClient, batch: WireBatch) -> tuple[int, str] | None:
         """Send ``batch`` until STAG takes or refuses it; retries share one batch id.
 
         Returns ``None`` when STAG took all of it, else its first refusal.
         """
         attempt = 0
         while True:
-            decision, response = await self._attempt(client, batch, attempt)
+            decision, answer = await self._attempt(client, batch, attempt)
             if decision.verdict is Verdict.DELIVERED:
                 self._delivered(batch)
                 return None
             if decision.verdict is Verdict.SPLIT:
                 if batch.count < 2:
-                    assert response is not None
-                    return self._rejected(batch, response, "event too large for STAG")
+                    assert answer is not None
+                    return self._rejected(batch, answer, "event too large for STAG")
                 # In turn within this slot, so a split never exceeds max_in_flight.
                 refusals = [await self._deliver(client, half) for half in batch.split()]
                 return next((r for r in refusals if r is not None), None)
             if decision.verdict is Verdict.REJECT:
-                assert response is not None
-                return self._rejected(batch, response, "STAG rejected a batch")
+                assert answer is not None
+                return self._rejected(batch, answer, "STAG rejected a batch")
             attempt += 1
             await trio.sleep(decision.delay)
 
     async def _attempt(
-        self, client: httpx.AsyncClient, batch: WireBatch, attempt: int
-    ) -> tuple[Decision, httpx.Response | None]:
-        """One request; its decision, with the response when there was one."""
+        self, client: IngestClient, batch: WireBatch, attempt: int
+    ) -> tuple[Decision, Answer | None]:
+        """One request; its decision, with the answer when there was one."""
         body = batch.body(self._relay_id, int(time.time() * 1000))
         started = trio.current_time()
         try:
-            response = await client.post(
-                self._url, content=body, headers={"Idempotency-Key": batch.batch_id}
-            )
-        except httpx.RequestError as exc:
-            # Transport errors (refused, reset, timeouts) and an undecodable answer: the
-            # Idempotency-Key makes sending again safe even if STAG did take it.
+            answer = await client.post(body, headers=(("idempotency-key", batch.batch_id),))
+        except TransportError as exc:
+            # Refused, reset, timed out, or not HTTP: the Idempotency-Key makes sending
+            # again safe even if STAG did take it.
             self._metrics.stag_request_duration.observe(trio.current_time() - started)
             self._metrics.stag_requests.labels("error").inc()
             self._failed(f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
             return self._policy.after_error(attempt=attempt), None
         self._metrics.stag_request_duration.observe(trio.current_time() - started)
         decision = self._policy.after_status(
-            response.status_code,
-            attempt=attempt,
-            retry_after=response.headers.get("Retry-After"),
-            now=time.time(),
+            answer.status, attempt=attempt, retry_after=answer.retry_after, now=time.time()
         )
         self._metrics.stag_requests.labels(_OUTCOMES[decision.verdict]).inc()
         if decision.verdict is Verdict.RETRY:
-            self._failed(f"HTTP {response.status_code}")
+            self._failed(f"HTTP {answer.status}")
         else:
             # STAG answered for this batch (even a refusal): it is up.
             self._answered()
-        return decision, response
+        return decision, answer
 
     def _delivered(self, batch: WireBatch) -> None:
         size = batch.count
@@ -220,21 +220,15 @@ class StagSender:
         self._last_success = time.time()
         self._held -= size
 
-    def _rejected(
-        self, batch: WireBatch, response: httpx.Response, message: str
-    ) -> tuple[int, str]:
+    def _rejected(self, batch: WireBatch, answer: Answer, message: str) -> tuple[int, str]:
         size = batch.count
         self._metrics.events_dropped.labels("rejected").inc(size)
         self._held -= size
-        answer = response.text[:_ANSWER_PREVIEW]
+        preview = answer.text()[:_ANSWER_PREVIEW]
         logger.warning(
-            message,
-            status=response.status_code,
-            batch_id=batch.batch_id,
-            events=size,
-            answer=answer,
+            message, status=answer.status, batch_id=batch.batch_id, events=size, answer=preview
         )
-        return response.status_code, answer
+        return answer.status, preview
 
     def _answered(self) -> None:
         if self._reachable is not True:

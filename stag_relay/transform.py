@@ -18,12 +18,15 @@ import hashlib
 import math
 import uuid
 from collections import OrderedDict
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 import attrs
 
 from stag_relay.events import Anchor, Event, MeshUpdate, Origin
 from stag_relay.packets import Packet
+
+if TYPE_CHECKING:
+    from _hashlib import HASH
 
 # Fixed, never to be regenerated: event ids and pose anchor ids are uuid5 names
 # in this namespace, and every relay (and every restart of one) must compute the
@@ -39,29 +42,46 @@ NAMESPACE: Final = uuid.UUID("6f1c3b1e-5a0d-4c8e-9a57-2f4d0b8e1c73")
 MAX_MESH_ANCHORS_PER_SESSION: Final = 10_000
 
 _NAMESPACE_BYTES: Final = NAMESPACE.bytes
-# uuid5 layout: clear the version nibble and the variant bits, then set version
-# 5 and variant RFC 4122 (0b10).
-_UUID5_KEEP: Final = 0xFFFFFFFF_FFFF_0FFF_3FFF_FFFFFFFFFFFF
-_UUID5_SET: Final = 0x00000000_0000_5000_8000_000000000000
+# uuid5 sets the version nibble (hex digit 12) to 5 and the top two bits of byte 8
+# (hex digit 16) to the RFC 4122 variant 0b10: this maps that digit of the SHA-1 to
+# the digit the uuid has there.
+_VARIANT_DIGIT: Final = {d: "89ab"[int(d, 16) & 3] for d in "0123456789abcdef"}
 
 
 class SessionLimitError(Exception):
     """Every one of the ``max_sessions`` sessions held has a connection: none can be evicted."""
 
 
+def id_hasher(session_id: str, type: str) -> HASH:
+    """SHA-1 already fed with the uuid5 name up to the frame number, for :func:`next_event_id`.
+
+    Hashing the namespace and the session part once per session, and copying that
+    state per event, halves the cost of an id on a path taken for every packet.
+    """
+    return hashlib.sha1(
+        _NAMESPACE_BYTES + f"{session_id}\x00{type}\x00".encode(), usedforsecurity=False
+    )
+
+
+def next_event_id(hasher: HASH, frame_number: int) -> str:
+    """:func:`event_id` for the session and type ``hasher`` was made for by :func:`id_hasher`."""
+    h = hasher.copy()
+    h.update(str(frame_number).encode())
+    # The uuid's 32 hex digits are the first 32 of the digest with two digits replaced,
+    # so the string is built from hexdigest() without a uuid.UUID or an int.
+    x = h.hexdigest()
+    return f"{x[:8]}-{x[8:12]}-5{x[13:16]}-{_VARIANT_DIGIT[x[16]]}{x[17:20]}-{x[20:32]}"
+
+
 def event_id(session_id: str, type: str, frame_number: int) -> str:
     """The deterministic id of the event for one packet.
 
-    Equal to ``str(uuid.uuid5(NAMESPACE, f"{session_id}\\x00{type}\\x00{frame_number}"))``
-    but computed without building a ``uuid.UUID``, which costs twice as much on
-    a path taken for every packet. The NUL separators keep ("a", "b\\x00c") and
-    ("a\\x00b", "c") apart; a session id cannot hold a NUL.
+    Equal to ``str(uuid.uuid5(NAMESPACE, f"{session_id}\\x00{type}\\x00{frame_number}"))``.
+    The NUL separators keep ("a", "b\\x00c") and ("a\\x00b", "c") apart; a session id
+    cannot hold a NUL. Sessions keep an :func:`id_hasher` per type instead of calling
+    this per packet.
     """
-    name = f"{session_id}\x00{type}\x00{frame_number}".encode()
-    digest = hashlib.sha1(_NAMESPACE_BYTES + name, usedforsecurity=False).digest()
-    n = (int.from_bytes(digest[:16], "big") & _UUID5_KEEP) | _UUID5_SET
-    x = f"{n:032x}"
-    return f"{x[:8]}-{x[8:12]}-{x[12:16]}-{x[16:20]}-{x[20:]}"
+    return next_event_id(id_hasher(session_id, type), frame_number)
 
 
 def pose_anchor_id(session_id: str) -> str:
@@ -80,6 +100,10 @@ class _Session:
     # anchor_id -> last accepted frame, least recently updated first. Created on
     # the first mesh packet: most sessions only send poses.
     last_mesh: OrderedDict[str, int] | None = None
+    # id_hasher() per packet type, made on the first event of that type: ~230 bytes
+    # each, which a session that never sends (an idle connection) does not pay.
+    pose_ids: HASH | None = None
+    mesh_ids: HASH | None = None
 
 
 class Sessions:
@@ -174,6 +198,9 @@ class Sessions:
             if frame_number <= session.last_pose:
                 return None
             session.last_pose = frame_number
+            ids = session.pose_ids
+            if ids is None:
+                ids = session.pose_ids = id_hasher(packet.session_id, "pose")
             a, b, c, d = pose.rotation
             # Validated to a squared norm in [0.9, 1.1], so never a division by zero.
             norm = math.sqrt(a * a + b * b + c * c + d * d)
@@ -186,7 +213,7 @@ class Sessions:
                 packet.timestamp,
             )
             return Event(
-                event_id(packet.session_id, "pose", frame_number),
+                next_event_id(ids, frame_number),
                 packet.session_id,
                 frame_number,
                 packet.timestamp,
@@ -210,8 +237,11 @@ class Sessions:
         elif len(last_mesh) >= MAX_MESH_ANCHORS_PER_SESSION:
             last_mesh.popitem(last=False)
         last_mesh[mesh.anchor_id] = frame_number
+        ids = session.mesh_ids
+        if ids is None:
+            ids = session.mesh_ids = id_hasher(packet.session_id, "mesh")
         return Event(
-            event_id(packet.session_id, "mesh", frame_number),
+            next_event_id(ids, frame_number),
             packet.session_id,
             frame_number,
             packet.timestamp,

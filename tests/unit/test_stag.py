@@ -1,14 +1,17 @@
-"""The STAG client against a real HTTP server (the stand-in in tests/support).
+"""The STAG client against a real HTTP server (the stand-in in tests/support; a scripted
+trio server, tests/support/raw_http.py, where an answer must misbehave at the byte level).
 
 Real sockets run in real time, so retries use tiny delays and the tests wait for
 outcomes (the stand-in's condition variable, the sender's state), never for a time.
-The one test about how long the sender waits runs on a frozen mock clock.
+Tests about how long the sender waits run on trio's mock clock.
 """
 
 from __future__ import annotations
 
+import json
 import random
 import socket
+import ssl
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
@@ -19,11 +22,13 @@ import structlog
 import trio
 import trio.lowlevel
 import trio.testing
+import trustme
 
 from stag_relay.config import StagConfig
 from stag_relay.events import Anchor, Batch, Event, MeshUpdate, to_wire
 from stag_relay.metrics import RelayMetrics
 from stag_relay.stag import Shipment, StagSender
+from tests.support.raw_http import Peer, RawServer, serve_all
 from tests.support.stag_server import StagServer
 
 VERSION = "1.2.3"
@@ -447,3 +452,113 @@ async def test_concurrent_batches_all_arrive(server: StagServer) -> None:
     assert set(ids) == {e.event_id for b in batches for e in b.events}
     assert sample(metrics, "relay_events_sent_total") == 200
     assert sender.status()["events_sent"] == 200
+
+
+async def test_credentials_in_the_url_go_as_basic_auth_and_stay_out_of_logs(
+    server: StagServer,
+) -> None:
+    url = server.url.replace("http://", "http://relay:pa55word@")
+    sender = StagSender(config(url), RelayMetrics(), relay_id=RELAY_ID, version=VERSION)
+    with structlog.testing.capture_logs() as logs:
+        await deliver(sender, batch("b", 0, 1))
+    [request] = server.requests()
+    assert request.headers["authorization"] == "Basic cmVsYXk6cGE1NXdvcmQ="
+    assert logs
+    assert "pa55word" not in repr(logs)
+
+
+@pytest.mark.parametrize("status", [301, 307, 308])
+async def test_redirects_are_rejected_not_followed(server: StagServer, status: int) -> None:
+    metrics = RelayMetrics()
+    sender = StagSender(config(server.url), metrics, relay_id=RELAY_ID, version=VERSION)
+    server.fail_next(status)
+    await deliver(sender, batch("b", 0, 2))
+    assert [r.status for r in server.requests()] == [status]
+    assert sample(metrics, "relay_events_dropped_total", reason="rejected") == 2
+
+
+async def test_batches_share_kept_alive_connections(nursery: trio.Nursery) -> None:
+    stag = await RawServer().start(nursery)
+    sender = StagSender(
+        config(stag.url, max_in_flight=2), RelayMetrics(), relay_id=RELAY_ID, version=VERSION
+    )
+    await deliver(sender, *(batch(f"b{n}", 2 * n, 2) for n in range(10)))
+    assert len(stag.requests) == 10
+    # At most one connection per slot, kept for the next batches.
+    assert stag.connections <= 2
+
+
+async def test_a_garbage_answer_is_retried_like_a_dropped_connection(
+    nursery: trio.Nursery,
+) -> None:
+    async def garbage_first(peer: Peer) -> None:
+        if stag.connections == 1:
+            await peer.request()
+            await peer.raw(b"HTTP/1.1 ok\r\n\r\n")
+        else:
+            await serve_all(peer)
+
+    stag = await RawServer(garbage_first).start(nursery)
+    metrics = RelayMetrics()
+    sender = StagSender(config(stag.url), metrics, relay_id=RELAY_ID, version=VERSION)
+    with structlog.testing.capture_logs() as logs:
+        await deliver(sender, batch("b", 0, 3))
+    assert [json.loads(r.body)["batch_id"] for r in stag.requests] == ["b", "b"]
+    assert sample(metrics, "relay_stag_requests_total", outcome="error") == 1
+    assert sample(metrics, "relay_stag_requests_total", outcome="success") == 1
+    [unreachable] = [e for e in logs if e["event"].startswith("STAG unreachable")]
+    assert unreachable["reason"].startswith("RemoteProtocolError: ")
+
+
+async def test_a_silent_stag_times_out_and_the_batch_is_retried(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    async def silent_first(peer: Peer) -> None:
+        if stag.connections == 1:
+            await peer.request()
+            await trio.sleep_forever()
+        await serve_all(peer)
+
+    stag = await RawServer(silent_first).start(nursery)
+    metrics = RelayMetrics()
+    sender = StagSender(config(stag.url, timeout=5.0), metrics, relay_id=RELAY_ID, version=VERSION)
+    with structlog.testing.capture_logs() as logs:
+        await deliver(sender, batch("b", 0, 3))
+    assert len(stag.requests) == 2
+    assert sample(metrics, "relay_stag_requests_total", outcome="error") == 1
+    [unreachable] = [e for e in logs if e["event"].startswith("STAG unreachable")]
+    assert unreachable["reason"].startswith("ReadTimeout: ")
+
+
+async def test_https_stag_with_a_given_tls_context(nursery: trio.Nursery) -> None:
+    ca = trustme.CA()
+    server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(server_tls)
+    stag = await RawServer(tls=server_tls).start(nursery)
+    client_tls = ssl.create_default_context()
+    ca.configure_trust(client_tls)
+    sender = StagSender(
+        config(stag.url, max_in_flight=1),
+        RelayMetrics(),
+        relay_id=RELAY_ID,
+        version=VERSION,
+        tls=client_tls,
+    )
+    await deliver(sender, batch("b", 0, 2), batch("c", 2, 2))
+    assert [json.loads(r.body)["count"] for r in stag.requests] == [2, 2]
+    assert stag.connections == 1
+
+
+async def test_a_proxy_variable_is_reported_and_not_used(
+    server: StagServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in ("no_proxy", "NO_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    # Nothing listens there: had the sender used it, nothing would arrive.
+    monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{free_port()}")
+    sender = StagSender(config(server.url), RelayMetrics(), relay_id=RELAY_ID, version=VERSION)
+    with structlog.testing.capture_logs() as logs:
+        await deliver(sender, batch("b", 0, 2))
+    assert len(server.events()) == 2
+    [warning] = [e for e in logs if e["event"].startswith("proxy variable ignored")]
+    assert (warning["log_level"], warning["variable"]) == ("warning", "HTTP_PROXY")

@@ -28,6 +28,8 @@ from stag_relay.transform import (
     SessionLimitError,
     Sessions,
     event_id,
+    id_hasher,
+    next_event_id,
     pose_anchor_id,
 )
 
@@ -85,6 +87,38 @@ def test_event_id_is_uuid5(session_id: str, kind: str, frame: int) -> None:
     expected = uuid.uuid5(NAMESPACE, f"{session_id}\x00{kind}\x00{frame}")
     assert event_id(session_id, kind, frame) == str(expected)
     assert uuid.UUID(event_id(session_id, kind, frame)).version == 5
+
+
+@given(
+    st.text(min_size=1, max_size=128),
+    st.sampled_from(["pose", "mesh"]),
+    st.lists(st.integers(0, 2**63 - 1), min_size=1, max_size=8),
+)
+def test_one_hasher_per_session_gives_uuid5_for_every_frame(
+    session_id: str, kind: str, frames: list[int]
+) -> None:
+    # The hasher is copied per id, never fed: ids taken one after another from the
+    # same hasher are each the uuid5 of their own name.
+    hasher = id_hasher(session_id, kind)
+    for frame in frames:
+        expected = uuid.uuid5(NAMESPACE, f"{session_id}\x00{kind}\x00{frame}")
+        assert next_event_id(hasher, frame) == str(expected)
+
+
+@given(
+    st.text(min_size=1, max_size=64),
+    st.lists(st.tuples(st.sampled_from(["pose", "mesh"]), st.integers(0, 2**63 - 1)), max_size=12),
+)
+def test_accepted_events_carry_the_uuid5_of_their_packet(
+    session_id: str, packets: list[tuple[str, int]]
+) -> None:
+    sessions = attached(session_id)
+    for kind, frame in packets:
+        packet = pose(frame, session_id) if kind == "pose" else mesh(frame, session_id=session_id)
+        event = sessions.accept(packet, received_at_ms=1, now=0.0)
+        if event is not None:
+            expected = uuid.uuid5(NAMESPACE, f"{session_id}\x00{kind}\x00{frame}")
+            assert event.event_id == str(expected)
 
 
 def test_event_ids_differ_by_session_type_and_frame() -> None:
