@@ -24,7 +24,8 @@ from stag_relay.access import AccessControl
 from stag_relay.batching import Batcher, BatchPolicy
 from stag_relay.config import Config, redact_url
 from stag_relay.delivery import Delivery
-from stag_relay.events import Batch, Event
+from stag_relay.eventqueue import open_event_queue
+from stag_relay.events import Batch
 from stag_relay.front import (
     FrontDoor,
     HttpRequest,
@@ -99,9 +100,8 @@ class Relay:
         self.draining = False
         self.ports: list[int] = []
         self._started_at = time.time()
-        self._events_send, self._events_recv = trio.open_memory_channel[Event](
-            config.websocket.buffer_size
-        )
+        # Counted in events; each connection puts a whole read's events at once.
+        self._events_send, self._events_recv = open_event_queue(config.websocket.buffer_size)
         # Unbuffered: a batch the next stage cannot take yet stays where it is, so
         # the batcher stops draining the event channel and backpressure flows back.
         self._batches_send, self._batches_recv = trio.open_memory_channel[Batch](0)

@@ -10,11 +10,28 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable
+from typing import Protocol
 
 import trio
 
 from stag_relay.events import Batch, Event
 from stag_relay.metrics import RelayMetrics
+
+
+class _Depth(Protocol):
+    @property
+    def current_buffer_used(self) -> int: ...
+
+
+class EventSource(Protocol):
+    """Where the batcher takes events from: the gate's event queue
+    (``stag_relay.eventqueue``), or a ``trio.MemoryReceiveChannel[Event]``."""
+
+    def receive_nowait(self) -> Event: ...
+
+    async def receive(self) -> Event: ...
+
+    def statistics(self) -> _Depth: ...
 
 
 def new_batch_id() -> str:
@@ -118,7 +135,7 @@ class Batcher:
 
     async def run(
         self,
-        events: trio.MemoryReceiveChannel[Event],
+        events: EventSource,
         batches: trio.MemorySendChannel[Batch],
     ) -> None:
         """Batch ``events`` into ``batches`` until ``events`` is closed, then flush and
@@ -149,7 +166,7 @@ class Batcher:
                     await self._send(events, batches, batch)
             await self._send(events, batches, policy.flush())
 
-    async def _wait_for_event(self, events: trio.MemoryReceiveChannel[Event]) -> Event | None:
+    async def _wait_for_event(self, events: EventSource) -> Event | None:
         """The next event, or ``None`` if the open batch's deadline comes first."""
         deadline = self._policy.deadline
         if deadline is None:
@@ -160,7 +177,7 @@ class Batcher:
 
     async def _send(
         self,
-        events: trio.MemoryReceiveChannel[Event],
+        events: EventSource,
         batches: trio.MemorySendChannel[Batch],
         batch: Batch | None,
     ) -> None:
@@ -176,7 +193,7 @@ class Batcher:
 
 
 async def run_batcher(
-    events: trio.MemoryReceiveChannel[Event],
+    events: EventSource,
     batches: trio.MemorySendChannel[Batch],
     policy: BatchPolicy,
     metrics: RelayMetrics,

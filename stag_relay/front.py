@@ -1,10 +1,9 @@
 """The front door: one port, plain HTTP endpoints and the WebSocket upgrade.
 
-trio-websocket cannot answer a plain HTTP request (wsproto sends a bare 400
-before any handler runs, and the connection then lingers for its connect
-timeout), so every connection starts here: h11 reads the request head; an
-upgrade on the WebSocket path is handed to the gate over a stream that first
-replays the head, and everything else is answered here through h11.
+Every connection starts here: h11 reads the request head; an upgrade on the
+WebSocket path whose handshake headers are sound (``wsframes.handshake_problem``)
+and that ``admit`` lets in is handed to the gate, which answers the 101 and speaks
+WebSocket from there; everything else is answered here through h11.
 """
 
 from __future__ import annotations
@@ -21,6 +20,7 @@ import structlog
 import trio
 
 from stag_relay import __version__
+from stag_relay.wsframes import handshake_problem
 
 # A request head larger than this is an attack or a bug, not a client (431).
 MAX_HEAD_BYTES: Final = 16 * 1024
@@ -117,13 +117,19 @@ def error_sites(exc: BaseException) -> list[str]:
 class ReplayStream(trio.abc.Stream):
     """A stream that yields ``prefix`` before what the wrapped stream receives.
 
-    The front door has already read the upgrade request from the socket; the
-    WebSocket library must read it again to do its handshake.
+    h11 may have read past the upgrade request's head (a client that sends its
+    first frames without waiting for the 101): those bytes are the prefix.
     """
 
     def __init__(self, prefix: bytes, stream: trio.abc.Stream) -> None:
         self._prefix = prefix
         self.stream = stream
+
+    def detach(self) -> tuple[bytes, trio.abc.Stream]:
+        """The prefix not yet received and the wrapped stream, for a reader that
+        takes the prefix itself and then reads the stream without this layer."""
+        prefix, self._prefix = self._prefix, b""
+        return prefix, self.stream
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
         if self._prefix:
@@ -219,6 +225,16 @@ class FrontDoor:
                         refusal = self._admit(request)
                         if request.method != "GET":
                             refusal = error_response(405, "use GET", (("allow", "GET"),))
+                        elif refusal is None:
+                            # No checkpoint from admit to the hand-off (see app._serve_websocket).
+                            problem = handshake_problem(
+                                request.header("sec-websocket-version"),
+                                request.header("sec-websocket-key"),
+                            )
+                            if problem is not None:
+                                refusal = error_response(
+                                    problem.status, problem.message, problem.headers
+                                )
                         if refusal is not None:
                             await self._send(stream, conn, request, refusal, close=True)
                             return
@@ -228,7 +244,7 @@ class FrontDoor:
                 if deadline.cancelled_caught:
                     return
                 if upgrade is not None:
-                    replay = ReplayStream(_replay_bytes(conn, upgrade), stream)
+                    replay = ReplayStream(bytes(conn.trailing_data[0]), stream)
                     await self._serve_websocket(replay, upgrade)
                     return
                 conn.start_next_cycle()
@@ -356,12 +372,3 @@ def _to_request(event: h11.Request, peer: str) -> HttpRequest:
         for name, value in event.headers.raw_items()
     )
     return HttpRequest(event.method.decode("latin-1"), target, path, query, headers, peer)
-
-
-def _replay_bytes(conn: h11.Connection, request: HttpRequest) -> bytes:
-    """The upgrade request as the WebSocket library must see it, plus what followed it."""
-    lines = [f"{request.method} {request.target} HTTP/1.1"]
-    lines.extend(f"{name}: {value}" for name, value in request.headers)
-    head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
-    trailing, _closed = conn.trailing_data
-    return head + bytes(trailing)

@@ -1,70 +1,79 @@
-"""The gate: one task per WebSocket connection.
+"""The gate: one task per WebSocket connection, reading and judging its packets.
 
-A connection reads messages, parses and transforms them, and puts the events
-into the channel to the batcher. When the channel is full the connection waits
-and stops reading its socket, so backpressure reaches the client over TCP; the
+The front door has checked the upgrade request; the gate answers it (101) and
+then reads the socket in the connection's own task, 64 KiB at a time: every
+complete frame of a read is parsed in one loop (``wsframes.FrameReader``), every
+packet of it parsed and transformed, and the read's events go into the queue to
+the batcher in one operation. When the queue is full the connection waits and
+stops reading its socket, so backpressure reaches the client over TCP; the
 heartbeat knows that a connection waiting on backpressure is not a dead peer.
 Invalid packets get an error reply and the connection stays open.
+
+Everything the relay sends a client (replies, acknowledgements, pongs, pings,
+the close frame) goes through one small queue drained by one writer task, which
+also keeps the heartbeat: one writer at a time, and neither the reader nor the
+delivery stage ever waits on a client that does not read.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
+import math
 import time
-from typing import Final, TypeVar
+from typing import Final
 from urllib.parse import parse_qs
 
 import attrs
 import orjson
 import structlog
 import trio
-import trio_websocket
-from trio_websocket import ConnectionClosed, WebSocketConnection
 
+from stag_relay import wsframes
 from stag_relay.config import Config
+from stag_relay.eventqueue import EventSender
 from stag_relay.events import Event
-from stag_relay.front import HttpRequest
+from stag_relay.front import HttpRequest, ReplayStream
 from stag_relay.limits import InvalidStreak, PacketRate, ReplyBudget, Verdict
 from stag_relay.mesh import MeshError
 from stag_relay.meshwork import MeshPipeline
 from stag_relay.metrics import RelayMetrics
 from stag_relay.packets import MeshData, PacketError, parse_packet
 from stag_relay.transform import SessionLimitError, Sessions
+from stag_relay.wsframes import Close, FrameReader, Ping, Pong, Received, Violation
 
-# trio-websocket reads 4 KiB at a time by default; a flood of small packets then
-# costs one receive per few packets. 64 KiB keeps idle memory untouched (the
-# buffer is allocated per read) and cuts receives under load.
+# Bytes asked of the socket per read: a flood of small packets then costs one
+# receive per few hundred packets. The buffer exists only during a read, so idle
+# connections do not pay for it.
 RECEIVE_BYTES: Final = 64 * 1024
-# Messages trio-websocket may hold between its reader task and ours. Each one is
-# read from the socket but not yet in the channel, so keep it small.
-MESSAGE_QUEUE_SIZE: Final = 4
-# A client that does not take an error reply or a close frame within this long is
-# not reading: give up on it rather than hold its task.
+# A client that does not take a reply, a ping or a close frame within this long,
+# or does not answer our close frame within it, is not reading: give up on it
+# rather than hold its tasks.
 SEND_TIMEOUT: Final = 5.0
 # Meshes a connection may have waiting for its mesh lane: a client sends about one
 # per second beside 60 Hz poses; one more in hand keeps the lane busy, not the reader.
 MESH_LANE: Final = 1
-# Replies (errors, acks) waiting for a client: acks come one per batch, so this is
-# many batches' worth; a client further behind than that is not reading.
+# Frames (replies, acks, pongs) waiting for a client: acks come one per batch, so
+# this is many batches' worth; a client further behind than that is not reading.
 REPLY_QUEUE: Final = 64
-CLOSE_GOING_AWAY: Final = 1001
-CLOSE_POLICY_VIOLATION: Final = 1008
-CLOSE_INTERNAL_ERROR: Final = 1011
-CLOSE_TRY_AGAIN_LATER: Final = 1013
+CLOSE_GOING_AWAY: Final = wsframes.CLOSE_GOING_AWAY
+CLOSE_POLICY_VIOLATION: Final = wsframes.CLOSE_POLICY_VIOLATION
+CLOSE_INTERNAL_ERROR: Final = wsframes.CLOSE_INTERNAL_ERROR
+CLOSE_TRY_AGAIN_LATER: Final = wsframes.CLOSE_TRY_AGAIN_LATER
+_PING: Final = wsframes.ping_frame()
 
 log = structlog.get_logger("stag_relay.gate")
-T = TypeVar("T")
 
 
 class Gate:
-    """What every connection shares: the sessions, the channel, the metrics."""
+    """What every connection shares: the sessions, the event queue, the metrics."""
 
     def __init__(
         self,
         *,
         config: Config,
         sessions: Sessions,
-        events: trio.MemorySendChannel[Event],
+        events: EventSender,
         metrics: RelayMetrics,
     ) -> None:
         self.config = config
@@ -72,45 +81,43 @@ class Gate:
         self.events = events
         self.metrics = metrics
         self.connections: set[Connection] = set()
-        # Events this gate put into the channel: the shutdown sequence compares
-        # it with what STAG accepted to count what was not delivered.
+        # Events this gate put into the queue: the shutdown sequence compares it
+        # with what STAG accepted to count what was not delivered.
         self.events_in = 0
         # The mesh pipeline (worker processes), once the app has started it.
         self.meshes: MeshPipeline | None = None
+        # Counter children every connection uses, bound once.
+        self.ok_pose = metrics.packet("pose", "ok")
+        self.ok_mesh = metrics.packet("mesh", "ok")
+        self.duplicate_pose = metrics.packet("pose", "duplicate")
+        self.duplicate_mesh = metrics.packet("mesh", "duplicate")
+        self.rate_limited = metrics.packet("unknown", "rate_limited")
         self._ids = itertools.count(1)
         self._idle = trio.Event()
         self._idle.set()
 
     async def serve(self, stream: trio.abc.Stream, request: HttpRequest) -> None:
-        """Run one WebSocket connection on ``stream`` (the upgrade request replayed)."""
-        conn_id = next(self._ids)
-        bound = log.bind(conn=conn_id, peer=request.peer)
-        async with trio.open_nursery() as nursery:
-            ws: WebSocketConnection | None = None
-            with trio.move_on_after(self.config.server.handshake_timeout):
-                try:
-                    ws_request = await trio_websocket.wrap_server_stream(
-                        nursery,
-                        stream,
-                        message_queue_size=MESSAGE_QUEUE_SIZE,
-                        max_message_size=self.config.websocket.max_message_size,
-                        receive_buffer_size=RECEIVE_BYTES,
-                    )
-                    ws = await ws_request.accept()
-                except (ConnectionClosed, trio_websocket.HandshakeError):
-                    ws = None
-            if ws is None:
-                nursery.cancel_scope.cancel()
+        """Answer the upgrade ``request`` (checked by the front door) and run the
+        WebSocket connection on ``stream``."""
+        prefix = b""
+        if isinstance(stream, ReplayStream):
+            # Read the socket directly; what h11 read past the request head comes first.
+            prefix, stream = stream.detach()
+        key = request.header("sec-websocket-key") or ""
+        with trio.move_on_after(self.config.server.handshake_timeout) as handshake:
+            try:
+                await stream.send_all(wsframes.switching_protocols(key))
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
                 return
-            connection = Connection(
-                self, ws, bound, nursery.cancel_scope, acks=_wants_acks(request.query)
-            )
+        if handshake.cancelled_caught:
+            return
+        bound = log.bind(conn=next(self._ids), peer=request.peer)
+        async with trio.open_nursery() as nursery:
+            connection = Connection(self, stream, bound, nursery, acks=_wants_acks(request.query))
             self._opened(connection)
             try:
-                nursery.start_soon(connection.heartbeat)
-                nursery.start_soon(connection.write_replies)
-                nursery.start_soon(connection.mesh_lane)
-                await connection.run()
+                nursery.start_soon(connection.write_frames)
+                await connection.run(prefix)
             finally:
                 self._closed(connection)
                 nursery.cancel_scope.cancel()
@@ -121,7 +128,7 @@ class Gate:
             connection.stop_reading()
 
     def abort(self) -> None:
-        """Shutdown deadline: give up sends still waiting on a full channel."""
+        """Shutdown deadline: give up puts still waiting on a full queue."""
         for connection in list(self.connections):
             connection.abort_send()
 
@@ -149,64 +156,85 @@ class Gate:
 
 
 def _wants_acks(query: str) -> bool:
-    return any(value in ("1", "true") for value in parse_qs(query).get("ack", ()))
+    return bool(query) and any(value in ("1", "true") for value in parse_qs(query).get("ack", ()))
+
+
+@attrs.frozen
+class _CloseFrame:
+    """A close frame in the writer's queue: the last frame the writer sends."""
+
+    frame: bytes
+
+
+@attrs.frozen
+class _RelayClose:
+    """Why the relay ends a connection, as the close frame will say."""
+
+    code: int
+    reason: str
+
+
+# The client hung up without a close frame (end of stream, or a reset).
+_GONE: Final = _RelayClose(1006, "gone")
+_Ending = Close | Violation | _RelayClose
 
 
 class Connection:
-    """One client's WebSocket: read, parse, transform, send into the channel.
+    """One client's WebSocket: read, parse, transform, put into the event queue.
 
-    Replies (errors, acknowledgements) go through a small queue drained by
-    ``write_replies``, so neither this task nor the delivery stage ever waits on a
-    client that does not read; a client whose queue overflows is closed.
+    ``run`` is the reader (the connection's own task); ``write_frames`` is the one
+    writer and the heartbeat; ``mesh_lane`` starts with the first mesh packet.
     """
 
     def __init__(
         self,
         gate: Gate,
-        ws: WebSocketConnection,
+        stream: trio.abc.Stream,
         log: structlog.typing.FilteringBoundLogger,
-        scope: trio.CancelScope,
+        nursery: trio.Nursery,
         *,
         acks: bool = False,
     ) -> None:
         self.gate = gate
-        self.ws = ws
+        self.stream = stream
         self.acks = acks
+        self.log = log
+        self.session_id: str | None = None
         # The connection's whole nursery: cancelled to drop a client that does not read.
-        self._scope = scope
-        # Texts to send; an Event marks a point the writer sets once it got there.
-        self._replies_send, self._replies_recv = trio.open_memory_channel[str | trio.Event](
-            REPLY_QUEUE
-        )
+        self._nursery = nursery
+        self._scope = nursery.cancel_scope
+        settings = gate.config.websocket
+        self._frames = FrameReader(settings.max_message_size)
+        # Frames to send; an Event marks a point the writer sets once it got there.
+        self._replies_send, self._replies_recv = trio.open_memory_channel[
+            bytes | _CloseFrame | trio.Event
+        ](REPLY_QUEUE)
+        # A close frame is queued (by the reader or the heartbeat): nothing after it.
+        self._close_sent = False
+        # Set once the writer has sent the close frame (created when one is queued).
+        self._close_written: trio.Event | None = None
+        # A pong came since the last ping (the reader sets it, the heartbeat reads it).
+        self._pong = False
         # Acknowledgements owed: events in the pipeline, and duplicates seen meanwhile
         # (acknowledged with the next acknowledgement, as they are already safe).
         self._unacked = 0
         self._duplicates: list[int] = []
-        self.log = log
-        self.session_id: str | None = None
-        # True while a send waits on a full channel; ``stalls`` counts such waits
+        # True while a put waits on a full queue; ``stalls`` counts such waits
         # so the heartbeat can tell a stalled pipeline from a dead peer.
         self.blocked = False
         self.stalls = 0
-        # Sends shielded from draining; the shutdown deadline cancels them.
+        # Puts shielded from draining; the shutdown deadline cancels them.
         self._send_scopes: set[trio.CancelScope] = set()
-        # Meshes read and handed to the mesh lane, not yet in the channel.
-        self._lane_send, self._lane_recv = trio.open_memory_channel[tuple[Event, MeshData]](
-            MESH_LANE
-        )
-        self._lane_done = trio.Event()
+        # The mesh lane, started with the first mesh: meshes read and handed to it,
+        # not yet in the queue.
+        self._lane_send: trio.MemorySendChannel[tuple[Event, MeshData]] | None = None
+        self._lane_done: trio.Event | None = None
         self._in_lane = 0
         self._read_scope = trio.CancelScope()
-        metrics = gate.metrics
-        self._ok = {t: metrics.packet(t, "ok") for t in ("pose", "mesh")}
-        self._duplicate = {t: metrics.packet(t, "duplicate") for t in ("pose", "mesh")}
-        self._processing = metrics.processing_duration
         # Limits that protect the other clients from this one (limits.py).
-        settings = gate.config.websocket
         self._rate = PacketRate(settings.max_packets_per_second)
         self._invalid = InvalidStreak(settings.max_invalid_packets)
         self._error_budget = ReplyBudget()
-        self._rate_limited = metrics.packet("unknown", "rate_limited")
 
     def stop_reading(self) -> None:
         self._read_scope.cancel()
@@ -215,140 +243,229 @@ class Connection:
         for scope in list(self._send_scopes):
             scope.cancel()
 
-    async def run(self) -> None:
+    # -- the reader -------------------------------------------------------------------
+
+    async def run(self, prefix: bytes = b"") -> None:
         self.log.debug("connection opened")
-        try:
-            with self._read_scope:
-                while True:
-                    message = await self.ws.get_message()
-                    await self._on_message(message)
-        except ConnectionClosed as exc:
-            reason = exc.reason
-            if reason is not None and reason.code == 1009:
-                # trio-websocket closed it for us: the message exceeded max_message_size.
-                self.gate.metrics.packet("unknown", "too_large").inc()
-                self.log.info("message too large, connection closed", code=1009)
-            else:
-                self.log.debug("connection closed by peer", code=getattr(reason, "code", None))
-            await self._finish_mesh_lane()
-            return
-        # Drained: once the meshes read are through the lane, everything read from
-        # this client is in the channel.
-        await self._finish_mesh_lane()
-        await self._close(CLOSE_GOING_AWAY, "relay shutting down")
+        ending: _Ending | None = None
+        receive_some = self.stream.receive_some
+        frames = self._frames
+        # Only the receive is ever cancelled by draining: handling a read has no
+        # checkpoint but its shielded puts, so whatever was read is judged and queued.
+        with self._read_scope:
+            data: bytes | bytearray = prefix
+            while True:
+                if data:
+                    ending = await self._handle(frames.receive(data))
+                    if ending is not None:
+                        break
+                try:
+                    data = await receive_some(RECEIVE_BYTES)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    data = b""
+                if not data:
+                    ending = _GONE
+                    break
+        if ending is None:
+            # Drained: once the meshes read are through the lane, everything read
+            # from this client is in the queue.
+            ending = _RelayClose(CLOSE_GOING_AWAY, "relay shutting down")
+        await self._end(ending)
 
-    async def _on_message(self, message: str | bytes) -> None:
-        started = time.perf_counter()
+    async def _handle(self, items: list[Received]) -> _Ending | None:
+        """Judge everything one read brought; the read's events go into the queue at once."""
+        if not items:
+            return None
         gate = self.gate
-        # Before parsing: a flood must not cost us the parsing of what we refuse.
-        verdict = self._rate.check(trio.current_time())
-        if verdict is not Verdict.ACCEPT:
-            self._rate_limited.inc()
-            if verdict is Verdict.CLOSE:
-                await self._close_for_policy("rate_limit", "far over the packet rate for long")
-                return
-            limit = self._rate.limit
-            await self._reply_error(
-                f"over {limit} packets per second; packet dropped", None, code="rate_limited"
+        sessions = gate.sessions
+        rate = self._rate
+        origin = self if self.acks else None
+        events: list[Event] = []
+        ending: _Ending | None = None
+        now = trio.current_time()
+        # Every packet of a read arrived at once, as far as anyone can tell.
+        received_at_ms = time.time_ns() // 1_000_000
+        started = time.perf_counter()
+        waited = 0.0
+        # Tallies for the metrics, added once per read (each inc takes a lock).
+        accepted = meshes = duplicate_pose = duplicate_mesh = limited = 0
+        for item in items:
+            if type(item) is bytes:
+                # Before parsing: a flood must not cost us the parsing of what we refuse.
+                verdict = rate.check(now)
+                if verdict is not Verdict.ACCEPT:
+                    limited += 1
+                    if verdict is Verdict.CLOSE:
+                        ending = self._policy_close(
+                            "rate_limit", "far over the packet rate for long"
+                        )
+                        break
+                    limit = rate.limit
+                    self._reply_error(
+                        f"over {limit} packets per second; packet dropped",
+                        None,
+                        code="rate_limited",
+                    )
+                    continue
+                try:
+                    packet = parse_packet(item)
+                    if self.session_id is None:
+                        sessions.attach(packet.session_id, now)
+                        self.session_id = packet.session_id
+                        self.log = self.log.bind(session=packet.session_id)
+                    elif packet.session_id != self.session_id:
+                        raise PacketError(
+                            f"$.session_id: this connection belongs to session {self.session_id!r}",
+                            frame_number=packet.frame_number,
+                            packet_type=packet.type,
+                        )
+                    event = sessions.accept(
+                        packet, received_at_ms=received_at_ms, now=now, origin=origin
+                    )
+                except PacketError as exc:
+                    gate.metrics.packet(exc.packet_type, "invalid").inc()
+                    if self._invalid.invalid():
+                        ending = self._policy_close("invalid_packets", "too many invalid packets")
+                        break
+                    self._reply_error(exc.message, exc.frame_number)
+                    continue
+                except SessionLimitError:
+                    gate.metrics.packet("unknown", "invalid").inc()
+                    self.log.warning("session limit reached, connection refused")
+                    self._reply_error("the relay holds too many sessions; retry later", None)
+                    ending = _RelayClose(CLOSE_TRY_AGAIN_LATER, "too many sessions")
+                    break
+                self._invalid.valid()
+                if event is None:
+                    # Resent after a reconnect, most likely: already forwarded, no reply.
+                    if packet.type == "pose":
+                        duplicate_pose += 1
+                    else:
+                        duplicate_mesh += 1
+                    if self.acks:
+                        self._duplicates.append(packet.frame_number)
+                        if not self._unacked:
+                            self.acknowledge(packet.session_id, [])
+                    continue
+                accepted += 1
+                if self.acks:
+                    self._unacked += 1
+                if packet.type == "mesh":
+                    if gate.meshes is not None:
+                        # Decoding and diffing take milliseconds: the mesh lane does it,
+                        # so this connection's poses do not wait behind it.
+                        assert packet.mesh is not None
+                        before = time.perf_counter()
+                        await self._to_mesh_lane(event, packet.mesh, events)
+                        waited += time.perf_counter() - before
+                        continue
+                    meshes += 1
+                events.append(event)
+            elif type(item) is Pong:
+                self._pong = True
+            elif type(item) is Ping:
+                self._send_frame(wsframes.pong_frame(item.payload))
+            else:
+                assert isinstance(item, Close | Violation)
+                ending = item
+                break
+        if accepted:
+            elapsed = time.perf_counter() - started - waited
+            gate.metrics.observe_many(
+                gate.metrics.processing_duration, elapsed / accepted, accepted
             )
-            return
-        try:
-            packet = parse_packet(message)
-            if self.session_id is None:
-                gate.sessions.attach(packet.session_id, trio.current_time())
-                self.session_id = packet.session_id
-                self.log = self.log.bind(session=packet.session_id)
-            elif packet.session_id != self.session_id:
-                raise PacketError(
-                    f"$.session_id: this connection belongs to session {self.session_id!r}",
-                    frame_number=packet.frame_number,
-                    packet_type=packet.type,
-                )
-            event = gate.sessions.accept(
-                packet,
-                received_at_ms=time.time_ns() // 1_000_000,
-                now=trio.current_time(),
-                origin=self if self.acks else None,
-            )
-        except PacketError as exc:
-            gate.metrics.packet(exc.packet_type, "invalid").inc()
-            if self._invalid.invalid():
-                await self._close_for_policy("invalid_packets", "too many invalid packets")
-                return
-            await self._reply_error(exc.message, exc.frame_number)
-            return
-        except SessionLimitError:
-            gate.metrics.packet("unknown", "invalid").inc()
-            self.log.warning("session limit reached, connection refused")
-            await self._reply_error("the relay holds too many sessions; retry later", None)
-            await self._flush_replies()
-            await self._close(CLOSE_TRY_AGAIN_LATER, "too many sessions")
-            return
-        self._invalid.valid()
-        if event is None:
-            # Resent after a reconnect, most likely: already forwarded, no reply needed.
-            self._duplicate[packet.type].inc()
-            if self.acks:
-                self._duplicates.append(packet.frame_number)
-                if not self._unacked:
-                    self.acknowledge(packet.session_id, [])
-            return
-        self._processing.observe(time.perf_counter() - started)
-        if self.acks:
-            self._unacked += 1
-        if packet.type == "mesh" and gate.meshes is not None:
-            # Decoding and diffing take milliseconds: the mesh lane does it, so this
-            # connection's poses do not wait behind it.
-            assert packet.mesh is not None
-            self._in_lane += 1
-            try:
-                self._lane_send.send_nowait((event, packet.mesh))
-            except trio.WouldBlock:
-                if not await self._send_waiting(self._lane_send, (event, packet.mesh)):
-                    self._in_lane -= 1
-            return
-        try:
-            gate.events.send_nowait(event)
-        except trio.WouldBlock:
-            if not await self._send_waiting(gate.events, event):
-                return
-        gate.events_in += 1
-        self._ok[packet.type].inc()
+        if limited:
+            gate.rate_limited.inc(limited)
+        if duplicate_pose:
+            gate.duplicate_pose.inc(duplicate_pose)
+        if duplicate_mesh:
+            gate.duplicate_mesh.inc(duplicate_mesh)
+        if events:
+            await self._deliver(events, meshes)
+        return ending
 
-    async def _send_waiting(self, channel: trio.MemorySendChannel[T], item: T) -> bool:
-        """Wait for room in ``channel``; False if shutdown gave up on ``item``.
+    async def _deliver(self, events: list[Event], meshes: int) -> None:
+        """Put ``events`` (``meshes`` of them mesh events) into the queue, waiting for room.
 
         Shielded: draining stops reading but must not lose a packet already read;
-        only the shutdown deadline (abort_send) cancels it.
+        only the shutdown deadline (abort_send) cancels it, and what it gave up is
+        counted as dropped.
         """
-        self.blocked = True
-        self.stalls += 1
-        # Not reading the client is our doing: its packets bunch up meanwhile.
-        self._rate.pause(trio.current_time())
-        try:
-            return await self._shielded_send(channel, item)
-        finally:
-            self.blocked = False
-            self._rate.resume(trio.current_time())
+        gate = self.gate
+        count = len(events)
+        gate.events.put_nowait(events)
+        if events:
+            self.blocked = True
+            self.stalls += 1
+            # Not reading the client is our doing: its packets bunch up meanwhile.
+            self._rate.pause(trio.current_time())
+            try:
+                await self._shielded_put(events)
+            finally:
+                self.blocked = False
+                self._rate.resume(trio.current_time())
+            if events:
+                meshes -= sum(1 for event in events if event.type == "mesh")
+        moved = count - len(events)
+        events.clear()
+        gate.events_in += moved
+        if moved > meshes:
+            gate.ok_pose.inc(moved - meshes)
+        if meshes:
+            gate.ok_mesh.inc(meshes)
 
-    async def _shielded_send(self, channel: trio.MemorySendChannel[T], item: T) -> bool:
+    async def _shielded_put(self, events: list[Event]) -> None:
         try:
             with trio.CancelScope(shield=True) as scope:
                 self._send_scopes.add(scope)
-                await channel.send(item)
-                return True
+                await self.gate.events.put(events)
         except (trio.ClosedResourceError, trio.BrokenResourceError):
             pass
         finally:
             self._send_scopes.discard(scope)
-        self.gate.metrics.events_dropped.labels("shutdown").inc()
-        return False
+        if events:
+            self.gate.metrics.events_dropped.labels("shutdown").inc(len(events))
 
-    async def mesh_lane(self) -> None:
-        """Decode and diff this connection's meshes in turn, then send their events on."""
+    # -- the mesh lane ----------------------------------------------------------------
+
+    async def _to_mesh_lane(self, event: Event, mesh: MeshData, events: list[Event]) -> None:
+        if self._lane_send is None:
+            self._lane_send, lane_recv = trio.open_memory_channel[tuple[Event, MeshData]](MESH_LANE)
+            self._lane_done = trio.Event()
+            self._nursery.start_soon(self.mesh_lane, lane_recv)
+        self._in_lane += 1
+        try:
+            self._lane_send.send_nowait((event, mesh))
+            return
+        except trio.WouldBlock:
+            pass
+        # The lane is busy: what this read produced so far goes first.
+        if events:
+            await self._deliver(events, 0)
+        self.blocked = True
+        self.stalls += 1
+        self._rate.pause(trio.current_time())
+        sent = False
+        try:
+            with trio.CancelScope(shield=True) as scope:
+                self._send_scopes.add(scope)
+                await self._lane_send.send((event, mesh))
+                sent = True
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            pass
+        finally:
+            self._send_scopes.discard(scope)
+            self.blocked = False
+            self._rate.resume(trio.current_time())
+        if not sent:
+            self._in_lane -= 1
+            self.gate.metrics.events_dropped.labels("shutdown").inc()
+
+    async def mesh_lane(self, lane: trio.MemoryReceiveChannel[tuple[Event, MeshData]]) -> None:
+        """Decode and diff this connection's meshes in turn, then put their events on."""
         meshes = self.gate.meshes
-        async with self._lane_recv:
-            async for event, mesh in self._lane_recv:
+        async with lane:
+            async for event, mesh in lane:
                 try:
                     if meshes is None:
                         raise MeshError("mesh pipeline not running")
@@ -358,26 +475,29 @@ class Connection:
                     self.gate.metrics.packet("mesh", "invalid").inc()
                     if self.acks:
                         self.forget(1)
-                    await self._reply_error(exc.message, event.frame_number)
+                    self._reply_error(exc.message, event.frame_number)
                     continue
-                event = attrs.evolve(event, meshes=(update,))
-                try:
-                    self.gate.events.send_nowait(event)
-                    sent = True
-                except trio.WouldBlock:
-                    sent = await self._shielded_send(self.gate.events, event)
+                done = [attrs.evolve(event, meshes=(update,))]
+                self.gate.events.put_nowait(done)
+                if done:
+                    await self._shielded_put(done)
                 self._in_lane -= 1
-                if sent:
+                if not done:
                     self.gate.events_in += 1
-                    self._ok["mesh"].inc()
+                    self.gate.ok_mesh.inc()
+        assert self._lane_done is not None
         self._lane_done.set()
 
     async def _finish_mesh_lane(self) -> None:
         """Let the lane finish the meshes already read (their packets are not lost)."""
+        if self._lane_send is None or self._lane_done is None:
+            return
         self._lane_send.close()
         await self._lane_done.wait()
 
-    async def _reply_error(
+    # -- replies ------------------------------------------------------------------------
+
+    def _reply_error(
         self, message: str, frame_number: int | None, *, code: str = "invalid_packet"
     ) -> None:
         # Error replies are rate limited too, or a flood of bad packets would make us
@@ -385,64 +505,124 @@ class Connection:
         suppressed = self._error_budget.take(trio.current_time())
         if suppressed is None:
             self.gate.metrics.error_replies_suppressed.inc()
-            await trio.lowlevel.checkpoint()
             return
         reply: dict[str, object] = {"type": "error", "code": code, "message": message}
         if frame_number is not None:
             reply["frame_number"] = frame_number
         if suppressed:
             reply["suppressed"] = suppressed
-        self._reply(orjson.dumps(reply).decode())
-        await trio.lowlevel.checkpoint()
+        self._send_frame(wsframes.text_frame(orjson.dumps(reply)))
 
-    async def _close_for_policy(self, reason: str, message: str) -> None:
-        self.gate.metrics.policy_closes.labels(reason).inc()
-        self.log.info("closing a connection that hurts the others", reason=reason, code=1008)
-        await self._flush_replies()
-        await self._close(CLOSE_POLICY_VIOLATION, message)
-
-    async def _flush_replies(self) -> None:
-        """Wait until the replies queued so far are sent (within SEND_TIMEOUT), so
-        that a close frame follows them instead of overtaking them."""
-        sent = trio.Event()
-        try:
-            self._replies_send.send_nowait(sent)
-        except (trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
+    def _send_frame(self, frame: bytes | _CloseFrame) -> None:
+        """Queue a frame; a client that lets the queue fill is not reading: drop it."""
+        if self._close_sent:
             return
-        with trio.move_on_after(SEND_TIMEOUT):
-            await sent.wait()
-
-    def _reply(self, text: str) -> None:
-        """Queue a reply; a client that lets the queue fill is not reading: drop it."""
         try:
-            self._replies_send.send_nowait(text)
+            self._replies_send.send_nowait(frame)
         except trio.WouldBlock:
-            if not self._scope.cancel_called:
-                self.log.info("client does not read its replies, closing")
-                self.gate.metrics.policy_closes.labels("slow_reader").inc()
-            self._scope.cancel()
+            self._drop_slow_reader()
         except (trio.ClosedResourceError, trio.BrokenResourceError):
-            # The connection has ended (the writer is gone once the client closed,
-            # while packets it sent before closing are still being judged).
+            # The writer is gone (the connection is ending), while packets the client
+            # sent before are still being judged.
             pass
 
-    async def write_replies(self) -> None:
-        """Send queued replies in order; give up on a client that stops reading."""
-        async with self._replies_recv:
-            async for text in self._replies_recv:
-                if isinstance(text, trio.Event):
-                    text.set()
+    def _drop_slow_reader(self) -> None:
+        if not self._scope.cancel_called:
+            self.log.info("client does not read its replies, closing")
+            self.gate.metrics.policy_closes.labels("slow_reader").inc()
+        self._scope.cancel()
+
+    async def write_frames(self) -> None:
+        """The one writer: queued frames in order, and a ping every heartbeat_interval;
+        a peer that answers no ping within an interval is closed (1011), unless we
+        were the ones not reading (backpressure)."""
+        try:
+            closed_here = await self._write_until_closed()
+        finally:
+            # Done with the close frame, or given up: either way nobody waits longer.
+            if self._close_written is not None:
+                self._close_written.set()
+        if closed_here:
+            # The reader ends the connection when the peer answers our close frame.
+            await trio.sleep(SEND_TIMEOUT)
+            self._scope.cancel()
+
+    async def _write_until_closed(self) -> bool:
+        """Write until a close frame is out (True if the heartbeat sent it) or
+        writing failed (False)."""
+        interval = self.gate.config.websocket.heartbeat_interval
+        beat = trio.current_time() + interval
+        ping_out = False
+        stalls = 0
+        closed_here = False
+        async with self._replies_recv as frames:
+            while True:
+                item: bytes | _CloseFrame | trio.Event | None = None
+                with trio.move_on_at(beat):
+                    item = await frames.receive()
+                if item is None:
+                    beat = trio.current_time() + interval
+                    if self._close_sent:
+                        # The reader queued a close frame: it is next in the queue.
+                        beat = math.inf
+                        continue
+                    if ping_out and not self._pong and not self.blocked and self.stalls == stalls:
+                        self.gate.metrics.heartbeat_timeouts.inc()
+                        self.log.info(
+                            "no pong within heartbeat interval, closing", interval=interval
+                        )
+                        item = self._close_here(CLOSE_INTERNAL_ERROR, "ping timeout")
+                        closed_here = True
+                    else:
+                        # A ping unanswered while we were not reading is not the peer's
+                        # fault: its pong may be sitting unread. Ping again.
+                        self._pong = False
+                        ping_out = True
+                        stalls = self.stalls
+                        item = _PING
+                elif isinstance(item, trio.Event):
+                    item.set()
                     continue
+                frame = item.frame if isinstance(item, _CloseFrame) else item
                 with trio.move_on_after(SEND_TIMEOUT) as timeout:
                     try:
-                        await self.ws.send_message(text)
-                    except ConnectionClosed:
-                        return
+                        await self.stream.send_all(frame)
+                    except (trio.BrokenResourceError, trio.ClosedResourceError):
+                        return False
                 if timeout.cancelled_caught:
-                    self.log.info("client does not read its replies, closing")
-                    self.gate.metrics.policy_closes.labels("slow_reader").inc()
-                    self._scope.cancel()
-                    return
+                    self._drop_slow_reader()
+                    return False
+                if isinstance(item, _CloseFrame):
+                    await self._half_close()
+                    return closed_here
+
+    async def _half_close(self) -> None:
+        """Nothing follows a close frame: say so with a FIN (TCP, not TLS), so a peer
+        that waits for the end of the stream instead of answering sees it at once.
+        The peer can still send its close frame, which the reader waits for."""
+        if isinstance(self.stream, trio.abc.HalfCloseableStream):
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                await self.stream.send_eof()
+
+    def _close_here(self, code: int, reason: str) -> _CloseFrame:
+        """The writer's own close frame (heartbeat): it sends it at once."""
+        self._close_sent = True
+        self._close_written = trio.Event()
+        self._frames.closing()
+        return _CloseFrame(wsframes.close_frame(code, reason))
+
+    def _queue_close(self, code: int | None, reason: str = "") -> None:
+        if self._close_sent:
+            return
+        self._close_sent = True
+        self._close_written = trio.Event()
+        self._frames.closing()
+        try:
+            self._replies_send.send_nowait(_CloseFrame(wsframes.close_frame(code, reason)))
+        except trio.WouldBlock:
+            self._drop_slow_reader()
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            pass
 
     # -- acknowledgements (events.Origin) ---------------------------------------------
 
@@ -454,7 +634,7 @@ class Connection:
             self._duplicates = []
         if frame_numbers:
             message = {"type": "ack", "session_id": session_id, "frame_numbers": frame_numbers}
-            self._reply(orjson.dumps(message).decode())
+            self._send_frame(wsframes.text_frame(orjson.dumps(message)))
 
     def forget(self, count: int) -> None:
         """These events will never be durable (STAG refused them): no acknowledgement."""
@@ -462,29 +642,50 @@ class Connection:
         if not self._unacked and self._duplicates and self.session_id is not None:
             self.acknowledge(self.session_id, [])
 
+    # -- the end ----------------------------------------------------------------------
+
+    def _policy_close(self, reason: str, message: str) -> _RelayClose:
+        self.gate.metrics.policy_closes.labels(reason).inc()
+        self.log.info("closing a connection that hurts the others", reason=reason, code=1008)
+        return _RelayClose(CLOSE_POLICY_VIOLATION, message)
+
+    async def _end(self, ending: _Ending) -> None:
+        if isinstance(ending, Close):
+            self.log.debug("connection closed by peer", code=ending.code)
+            # Answer at once (the peer waits for it), then let the lane finish.
+            self._queue_close(ending.code)
+            await self._wait_close_written()
+            await self._finish_mesh_lane()
+            return
+        if ending is _GONE:
+            self.log.debug("connection lost without a close frame")
+            await self._finish_mesh_lane()
+            return
+        if isinstance(ending, Violation):
+            if ending.code == wsframes.CLOSE_TOO_BIG:
+                self.gate.metrics.packet("unknown", "too_large").inc()
+                self.log.info("message too large, connection closed", code=ending.code)
+            else:
+                self.log.info("protocol violation, connection closed", code=ending.code)
+        await self._finish_mesh_lane()
+        await self._close(ending.code, ending.reason)
+
     async def _close(self, code: int, reason: str) -> None:
+        """Send our close frame and wait (within SEND_TIMEOUT) for the peer's."""
+        self._queue_close(code, reason)
         with trio.move_on_after(SEND_TIMEOUT):
-            await self.ws.aclose(code, reason)
+            frames = self._frames
+            while not frames.closed:
+                try:
+                    data = await self.stream.receive_some(RECEIVE_BYTES)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    break
+                if not data:
+                    break
+                frames.receive(data)
         self.log.debug("connection closed", code=code)
 
-    async def heartbeat(self) -> None:
-        """Ping every heartbeat_interval; close a peer that does not answer in time."""
-        interval = self.gate.config.websocket.heartbeat_interval
-        try:
-            while True:
-                await trio.sleep(interval)
-                stalls = self.stalls
-                with trio.move_on_after(interval) as wait:
-                    await self.ws.ping()
-                if not wait.cancelled_caught:
-                    continue
-                if self.blocked or self.stalls != stalls:
-                    # We were not reading the socket (full channel), so its pong
-                    # may be sitting unread: not the peer's fault.
-                    continue
-                self.gate.metrics.heartbeat_timeouts.inc()
-                self.log.info("no pong within heartbeat interval, closing", interval=interval)
-                await self._close(CLOSE_INTERNAL_ERROR, "ping timeout")
-                return
-        except ConnectionClosed:
-            return
+    async def _wait_close_written(self) -> None:
+        if self._close_written is not None:
+            with trio.move_on_after(SEND_TIMEOUT):
+                await self._close_written.wait()

@@ -1,7 +1,7 @@
 """StreamKit clients for the tests, built on the `websockets` library.
 
-Deliberately not trio-websocket: the relay's server side is trio-websocket, and a
-client from the same code would share its bugs. The sync client runs in a
+Deliberately another implementation than the relay's own frame reader
+(stag_relay/wsframes.py), so that the two ends do not share their bugs. The sync client runs in a
 thread (``trio.to_thread.run_sync``) so trio tests can drive it.
 """
 

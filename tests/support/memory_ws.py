@@ -1,7 +1,8 @@
 """A WebSocket client over an in-memory stream, for the gate's tests under trio's mock clock.
 
 wsproto driven by hand, so a test decides exactly when (and whether) pings are
-answered and what the client reads.
+answered and what the client reads. The relay's end is the real front door handing
+the upgrade to the gate, so the handshake is the one clients get.
 """
 
 from __future__ import annotations
@@ -16,10 +17,10 @@ import trio.testing
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, CloseConnection, Event, Ping, Request, TextMessage
 
-from stag_relay.front import HttpRequest
+from stag_relay.front import FrontDoor
 from stag_relay.gate import Gate
 
-UPGRADE = HttpRequest("GET", "/ws/streamkit", "/ws/streamkit", "", (), "test-peer")
+WEBSOCKET_PATH = "/ws/streamkit"
 
 StreamPair = Callable[[], tuple[trio.abc.Stream, trio.abc.Stream]]
 
@@ -39,8 +40,10 @@ class MemoryClient:
     def replies(self) -> list[dict[str, Any]]:
         return [json.loads(text) for text in self.texts]
 
-    async def handshake(self) -> None:
-        await self.stream.send_all(self.ws.send(Request(host="relay", target="/ws/streamkit")))
+    async def handshake(self, pipelined: bytes = b"") -> None:
+        """Upgrade; ``pipelined`` (raw frames) goes out with the request, unawaited."""
+        request = self.ws.send(Request(host="relay", target=WEBSOCKET_PATH))
+        await self.stream.send_all(request + pipelined)
         while not any(isinstance(e, AcceptConnection) for e in await self.receive()):
             pass
 
@@ -75,12 +78,31 @@ class MemoryClient:
             await self.stream.send_all(self.ws.send(TextMessage(data=text)))
 
 
-async def connect(
+def open_front(
     nursery: trio.Nursery, gate: Gate, pair: StreamPair = trio.testing.memory_stream_pair
+) -> trio.abc.Stream:
+    """A front door handing upgrades to ``gate``, serving one in-memory connection;
+    returns the client's end of it."""
+    server_end, client_end = pair()
+    front = FrontDoor(
+        endpoints={},
+        websocket_path=WEBSOCKET_PATH,
+        admit=lambda request: None,
+        serve_websocket=gate.serve,
+        handshake_timeout=gate.config.server.handshake_timeout,
+    )
+    nursery.start_soon(front.handle, server_end)
+    return client_end
+
+
+async def connect(
+    nursery: trio.Nursery,
+    gate: Gate,
+    pair: StreamPair = trio.testing.memory_stream_pair,
+    *,
+    pipelined: bytes = b"",
 ) -> MemoryClient:
     """Open a connection served by ``gate`` and complete its handshake."""
-    server_end, client_end = pair()
-    nursery.start_soon(gate.serve, server_end, UPGRADE)
-    client = MemoryClient(client_end)
-    await client.handshake()
+    client = MemoryClient(open_front(nursery, gate, pair))
+    await client.handshake(pipelined)
     return client

@@ -12,6 +12,7 @@ from typing import Any
 import trio
 import trio.testing
 
+from stag_relay.eventqueue import EventReceiver, open_event_queue
 from stag_relay.events import Event as SpatialEvent
 from stag_relay.gate import SEND_TIMEOUT, Gate
 from stag_relay.limits import ERROR_REPLY_BURST, FAR_OVER_FACTOR, FAR_OVER_WINDOWS
@@ -27,9 +28,9 @@ INVALID = '{"session_id": "s", "frame_number": -1}'
 
 def build_gate(
     **websocket: Any,
-) -> tuple[Gate, trio.MemoryReceiveChannel[SpatialEvent]]:
+) -> tuple[Gate, EventReceiver]:
     config = make_config("http://127.0.0.1:9", websocket=websocket)
-    send, receive = trio.open_memory_channel[SpatialEvent](10_000)
+    send, receive = open_event_queue(10_000)
     metrics = RelayMetrics()
     gate = Gate(
         config=config, sessions=Sessions(ttl=300.0, max_sessions=100), events=send, metrics=metrics
@@ -54,7 +55,7 @@ async def connect(
     return client
 
 
-def drain(events: trio.MemoryReceiveChannel[SpatialEvent]) -> list[SpatialEvent]:
+def drain(events: EventReceiver) -> list[SpatialEvent]:
     received = []
     while True:
         try:
