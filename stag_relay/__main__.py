@@ -213,8 +213,8 @@ async def _watch_signals(
             # clean exit: `systemctl reload` would stop it for good.
             if not draining and reload is not None:
                 relay.notifier.reloading()
-                status, keys = reload(), relay.reload_keys()
-                relay.notifier.ready(status if keys is None else f"{status}; {keys}")
+                outcomes = [reload(), relay.reload_keys(), relay.reload_tls()]
+                relay.notifier.ready("; ".join(text for text in outcomes if text is not None))
             continue
         if not draining:
             draining = True

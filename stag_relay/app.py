@@ -40,7 +40,7 @@ from stag_relay.meshwork import open_mesh_pipeline
 from stag_relay.metrics import DROP_REASONS, PACKET_STATUSES, PACKET_TYPES, RelayMetrics
 from stag_relay.stag import Shipment, StagSender
 from stag_relay.systemd import Notifier, StatusSnapshot, run_watchdog
-from stag_relay.tls import server_context
+from stag_relay.tls import TlsError, reload_certificate, server_context
 from stag_relay.transform import Sessions
 from stag_relay.workers import (
     STATE_INTERVAL,
@@ -91,6 +91,7 @@ class Relay:
         if metrics is None:
             metrics = RelayMetrics(worker.directory if worker is not None else None)
         self.metrics = metrics
+        self.metrics.channel_capacity.set(config.websocket.buffer_size)
         if worker is not None:
             directory = worker.directory
             self.metrics.worker_restarts = lambda: int(
@@ -314,6 +315,20 @@ class Relay:
     def reload_keys(self) -> str | None:
         """SIGHUP: re-read auth.api_keys_file (None: none configured); connections stay."""
         return self.access.reload()
+
+    def reload_tls(self) -> str | None:
+        """SIGHUP: load server.tls_cert and tls_key again (None: no TLS). New connections
+        get the new certificate; a pair that cannot be loaded keeps the one in use."""
+        if self._tls is None:
+            return None
+        server = self.config.server
+        try:
+            reload_certificate(self._tls, server.tls_cert, server.tls_key)
+        except TlsError as exc:
+            log.error("TLS certificate not reloaded, keeping the one in use", problem=str(exc))
+            return "TLS certificate not reloaded, see the log"
+        log.info("TLS certificate reloaded", cert=server.tls_cert)
+        return "TLS certificate reloaded"
 
     async def _serve_websocket(self, stream: trio.abc.Stream, request: HttpRequest) -> None:
         # Counted from admission (no checkpoint between _admit and here), so that

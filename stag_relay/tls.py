@@ -2,7 +2,8 @@
 
 No trio here: the configuration loader builds the context once to report a bad
 certificate or key as a configuration error, and the app builds it again to wrap
-its listeners in ``trio.SSLListener``.
+its listeners in ``trio.SSLListener``, and loads the files into it again on SIGHUP
+(certificates are renewed more often than relays restart).
 """
 
 from __future__ import annotations
@@ -41,3 +42,12 @@ def server_context(cert_path: str, key_path: str) -> ssl.SSLContext:
     except OSError as exc:
         raise TlsError(f"cannot read the certificate or key: {exc.strerror}") from None
     return context
+
+
+def reload_certificate(context: ssl.SSLContext, cert_path: str, key_path: str) -> None:
+    """Load the certificate and key again into the live ``context`` (new handshakes use
+    them; connections open stay as they are). Raises ``TlsError`` and leaves ``context``
+    untouched when the files are not a usable pair: they are tried on a fresh context
+    first, because a failed load could leave a new certificate beside the old key."""
+    server_context(cert_path, key_path)
+    context.load_cert_chain(cert_path, key_path, password=_no_password)

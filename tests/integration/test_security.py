@@ -607,3 +607,31 @@ async def test_a_client_that_never_reads_is_dropped_and_blocks_nobody(
     assert well_behaved() == list(range(1, 201))
     await relay.gate.wait_idle()
     stalled.close()
+
+
+async def test_sighup_loads_a_renewed_certificate_and_keeps_a_broken_one_out(
+    nursery: trio.Nursery, stag: StagServer, certificate: tuple[str, str], tmp_path: Path
+) -> None:
+    cert, key = certificate
+    relay = await start(nursery, stag, server={"tls_cert": cert, "tls_key": key})
+    port = relay.ports[0]
+
+    def health(trusting: trustme.CA) -> int:
+        context = ssl.create_default_context()
+        trusting.configure_trust(context)
+        request = urllib.request.Request(f"https://localhost:{port}/health")
+        with urllib.request.urlopen(request, context=context, timeout=SOCKET_TIMEOUT) as answer:
+            return int(answer.status)
+
+    # Renewed in place (as certbot or cert-manager do) by another CA.
+    renewed_by = trustme.CA()
+    issued = renewed_by.issue_cert("localhost", "127.0.0.1")
+    issued.private_key_pem.write_to_path(key)
+    await trio.Path(cert).write_bytes(b"".join(blob.bytes() for blob in issued.cert_chain_pems))
+    assert relay.reload_tls() == "TLS certificate reloaded"
+    assert await in_thread(health, renewed_by) == 200
+
+    # A half-written renewal (a key that does not match) is refused; the last good pair stays.
+    trustme.CA().issue_cert("localhost").private_key_pem.write_to_path(key)
+    assert relay.reload_tls() == "TLS certificate not reloaded, see the log"
+    assert await in_thread(health, renewed_by) == 200

@@ -13,6 +13,7 @@ import pytest
 
 from tests.support.relays import RelayProcess
 from tests.support.stag_server import DEFAULT_WAIT, StagServer
+from tests.support.waiting import poll_until
 
 
 @pytest.fixture
@@ -90,9 +91,11 @@ def test_with_workers_the_supervisor_alone_notifies_ready_once_all_listen(
     seen: list[dict[str, str]] = []
     try:
         ready = next_with(notify_socket, "READY", seen)
-        listening = [line for line in relay.lines if line.get("event") == "relay listening"]
-        # Both workers were listening before the supervisor said READY.
-        assert sorted(line["worker"] for line in listening) == [0, 1]
+        # Both workers were listening before the supervisor said READY: each logs that
+        # before it notifies, and the supervisor logs "relay ready" as it notifies.
+        before = relay.lines[: relay.lines.index(relay.wait_for_log("relay ready"))]
+        listening = [line for line in before if line.get("event") == "relay listening"]
+        assert sorted(line["worker"] for line in listening) == [0, 1], "".join(relay.raw)
         assert ready["STATUS"] == f"2 workers listening on port {relay.port()}"
         next_with(notify_socket, "WATCHDOG", seen)
 
@@ -100,11 +103,17 @@ def test_with_workers_the_supervisor_alone_notifies_ready_once_all_listen(
         next_with(notify_socket, "RELOADING", seen)
         reloaded = next_with(notify_socket, "READY", seen)
         assert reloaded["STATUS"] == "configuration reloaded in 2 of 2 workers"
-        assert sorted(
-            line["worker"]
-            for line in relay.lines
-            if line.get("event") == "configuration reloaded" and "worker" in line
-        ) == [0, 1]
+        # The workers log it before they notify; this test reads their log in a thread.
+        poll_until(
+            lambda: (
+                sorted(
+                    line["worker"]
+                    for line in relay.lines
+                    if line.get("event") == "configuration reloaded" and "worker" in line
+                )
+                == [0, 1]
+            )
+        )
 
         relay.proc.send_signal(signal.SIGTERM)
         next_with(notify_socket, "STOPPING", seen)
