@@ -21,9 +21,9 @@ import trio
 
 from stag_relay import __version__
 from stag_relay.app import Relay, default_relay_id
-from stag_relay.config import Config, ConfigError, dump_config, load_config
+from stag_relay.config import Config, ConfigError, available_cpus, dump_config, load_config
 from stag_relay.logs import configure_logging
-from stag_relay.supervisor import Supervisor, worker_command
+from stag_relay.supervisor import Reload, Supervisor
 from stag_relay.systemd import Notifier
 from stag_relay.workers import WorkerRole, check_port_free, drain_when_orphaned
 
@@ -108,25 +108,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     if loaded.source and role is None:
         log.info("configuration loaded", source=loaded.source)
 
-    def reload() -> str:
+    def reload_config() -> tuple[str, Config | None]:
         """SIGHUP: re-read the configuration, apply what can change while running."""
         try:
             new = load_config(config_path=args.config, environ=os.environ, overrides=overrides)
         except ConfigError as exc:
             log.error("reload failed, keeping the running configuration", problems=exc.problems)
-            return "reload failed: configuration invalid, see the log"
+            return "reload failed: configuration invalid, see the log", None
         configure_logging(new.config.log.level, new.config.log.format, worker=worker)
+        # A worker's file is the supervisor's: it has already warned about the rest.
         restart_needed = _changed_keys(config, new.config) - {"log.level", "log.format"}
         if restart_needed:
             log.warning(
                 "reloaded; these settings change only on restart", keys=sorted(restart_needed)
             )
         log.info("configuration reloaded", source=new.source, log_level=new.config.log.level)
-        return "configuration reloaded"
+        return "configuration reloaded", new.config
+
+    def reload() -> str:
+        return reload_config()[0]
 
     try:
         if role is None and config.server.workers > 1:
-            return _supervise(args, config, reload)
+            return _supervise(config, reload_config)
         trio.run(serve, config, reload, role)
     except OSError as exc:
         log.error(
@@ -140,31 +144,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     return EXIT_OK
 
 
-def _supervise(args: argparse.Namespace, config: Config, reload: Callable[[], str]) -> int:
+def _supervise(config: Config, reload: Reload) -> int:
     """server.workers > 1: this process becomes the supervisor of that many relays."""
     # The port is checked here, where "in use" is one clear error, and fixed for all
     # workers (port 0 would give each worker a port of its own).
     port = check_port_free(config.server.host, config.server.port)
-    argv = ["--port", str(port)]
-    if args.config is not None:
-        argv += ["--config", args.config]
-    if args.host is not None:
-        argv += ["--host", args.host]
-    if args.log_level is not None:
-        argv += ["--log-level", args.log_level]
-    config = attrs.evolve(config, server=attrs.evolve(config.server, port=port))
-    environ = dict(os.environ)
-    if not config.stag.relay_id:
-        # One relay to STAG, however many processes: the workers share one id.
-        environ["RELAY_STAG_RELAY_ID"] = default_relay_id()
-    try:
-        supervisor = Supervisor(
-            config,
-            worker_command(argv),
-            notifier=Notifier.from_environ(),
-            reload=reload,
-            environ=environ,
+    server = config.server
+    if server.workers > available_cpus():
+        log.warning(
+            "more workers than CPUs: they compete for the same cores",
+            workers=server.workers,
+            cpus=available_cpus(),
+            fix="set server.workers to auto, or at most the number of CPUs",
         )
+    stag = config.stag
+    # One relay to STAG, however many processes: the workers share one id.
+    config = attrs.evolve(
+        config,
+        server=attrs.evolve(server, port=port),
+        stag=attrs.evolve(stag, relay_id=stag.relay_id or default_relay_id()),
+    )
+    try:
+        supervisor = Supervisor(config, notifier=Notifier.from_environ(), reload=reload)
     except OSError as exc:
         log.error(
             "cannot create the workers' shared directory",
@@ -197,7 +198,7 @@ async def serve(
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_watch_signals, signals, relay, reload)
             if role is not None:
-                nursery.start_soon(drain_when_orphaned, relay.shut_down)
+                nursery.start_soon(drain_when_orphaned, role.supervisor_pid, relay.shut_down)
             await relay.run(listeners)
             nursery.cancel_scope.cancel()
     relay.notifier.close()

@@ -202,11 +202,32 @@ def _port(value: object) -> int:
 
 
 def available_cpus() -> int:
-    """CPUs this process may run on (a container's or taskset's share, not the host's)."""
+    """CPUs this process may use: its affinity (taskset, cpusets), lowered to a cgroup
+    CPU quota (a container's limit) when there is one, rounded up."""
     try:
-        return len(os.sched_getaffinity(0))
+        cpus = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):  # not Linux
         return os.cpu_count() or 1
+    quota = _cgroup_cpu_quota()
+    return max(1, min(cpus, math.ceil(quota))) if quota is not None else cpus
+
+
+def _cgroup_cpu_quota(root: Path = Path("/sys/fs/cgroup")) -> float | None:
+    """CPUs' worth of time the cgroup may use, or None without a limit."""
+    try:
+        # cgroup v2: "max 100000" (no limit) or "<quota> <period>".
+        quota, period = (root / "cpu.max").read_text().split()[:2]
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError):
+        pass
+    try:
+        # cgroup v1: -1 when there is no limit.
+        v1 = root / "cpu"
+        quota_us = int((v1 / "cpu.cfs_quota_us").read_text())
+        period_us = int((v1 / "cpu.cfs_period_us").read_text())
+        return None if quota_us <= 0 or period_us <= 0 else quota_us / period_us
+    except (OSError, ValueError):
+        return None
 
 
 # More worker processes than this is a typo (2000 for 200), not a machine.

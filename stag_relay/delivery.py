@@ -12,6 +12,7 @@ SQLite is only ever called from a worker thread, one call at a time.
 
 from __future__ import annotations
 
+import sqlite3
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -133,6 +134,16 @@ class Delivery:
         for other in adopt:
             try:
                 batches, dead = await self._spool_call(spool.adopt, other)
+            except sqlite3.OperationalError as exc:
+                # Locked: a relay (or `stag-relay spool`) still has it open. Left where it
+                # is, for the next start.
+                log.error(
+                    "cannot adopt another spool file now; left in place",
+                    spool=path,
+                    other=str(other),
+                    problem=str(exc),
+                )
+                continue
             except SpoolCorrupt:
                 moved = await trio.to_thread.run_sync(quarantine, other)
                 self._set_aside(str(other), moved, "instead of adopting it")

@@ -49,7 +49,9 @@ def configure_logging(
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS.get(level, logging.INFO)),
-        logger_factory=structlog.PrintLoggerFactory(out),
+        # One write per line (PrintLogger makes two): workers share stderr, and a line
+        # written in two pieces can be split by another worker's.
+        logger_factory=structlog.WriteLoggerFactory(out),
         # Loggers bound per connection are short-lived; caching the first one
         # would freeze a configuration that tests reconfigure.
         cache_logger_on_first_use=False,

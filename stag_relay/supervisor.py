@@ -6,44 +6,52 @@
 
 The rules it keeps:
 
-- the workers notify it as systemd would be notified (``$NOTIFY_SOCKET`` points at a
-  socket of the supervisor's, one per worker), and it tells systemd ``READY=1`` only
-  once every worker has said it listens;
-- SIGTERM, SIGINT and SIGHUP are forwarded to every worker; a second SIGINT is
-  forwarded too (the workers exit at once) and the supervisor exits 130;
+- every worker runs the configuration the supervisor checked at start (a file in the
+  shared directory, not relay.yaml again): a restarted worker is like the others;
+  SIGHUP applies new log settings to all of them, as to a single process;
+- the workers notify it as systemd would be notified (``$NOTIFY_SOCKET`` is a socket
+  of the supervisor's, one per worker), and it tells systemd ``READY=1`` only once
+  every worker has said it listens;
+- SIGTERM, SIGINT and SIGHUP are forwarded to every worker, as far as a worker can
+  take them yet (before its READY it has no handlers: SIGHUP waits for it, SIGINT
+  becomes SIGTERM); a second SIGINT kills the workers and the supervisor exits 130;
 - a worker that dies while the relay runs is started again after ``RestartBackoff``
-  and counted; one that dies before the relay was ever ready fails the start, with
-  its exit status (a port in use, say), after the others are stopped;
-- it exits 0 only when every worker drained and exited 0, and it removes the shared
-  directory (multiprocess metrics, worker states) on the way out.
+  and counted, and so is one whose event loop stops answering for
+  ``server.worker_timeout``; one that dies before the relay was ever ready fails the
+  start, with its exit status (a port in use, say), after the others are stopped;
+- it exits 0 only when every worker running at the stop drained and exited 0, and it
+  removes the shared directory (multiprocess metrics, worker states) on the way out.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import secrets
 import shutil
 import signal
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping
 from pathlib import Path
 from typing import Final
 
 import attrs
 import structlog
 import trio
-from prometheus_client import multiprocess
+from prometheus_client import CollectorRegistry, multiprocess
+from prometheus_client.multiprocess import MultiProcessCollector
 
 from stag_relay.config import Config
 from stag_relay.systemd import Notifier, StatusSnapshot, run_watchdog
 from stag_relay.workers import (
     DIRECTORY_ENV,
+    SUPERVISOR_ENV,
     SUPERVISOR_FILE,
     WORKER_ENV,
     publish_state,
-    read_states,
     state_file,
 )
 
@@ -89,17 +97,22 @@ class RestartBackoff:
 
 @attrs.define(eq=False)
 class _Slot:
-    """One worker index: the process in it now, and what it told us."""
+    """One worker index: the process in it now, and what that process told us."""
 
     index: int
-    notify_path: Path
+    # An abstract socket (no file, no path length limit) the worker notifies.
+    notify: str
     process: trio.Process | None = None
     started_at: float = 0.0
-    ready: bool = False
+    # Set by the current process's READY=1: it listens and handles its signals.
+    ready: trio.Event = attrs.Factory(trio.Event)
+    # READY=1 messages from this slot's processes, all of them: a reload waits for one more.
+    readies: int = 0
+    # A SIGHUP came before the process could handle it: sent once it is ready.
+    reload_pending: bool = False
     # When the worker last proved its event loop runs (READY or WATCHDOG, monotonic).
     last_heard: float = 0.0
-    # READY=1 messages received from this slot's processes; a reload waits for one more.
-    readies: int = 0
+    # How the slot ended, once it has: 0 when it stopped cleanly.
     exit_status: int | None = None
     backoff: RestartBackoff = attrs.Factory(RestartBackoff)
 
@@ -110,18 +123,22 @@ def worker_environment(
     index: int,
     count: int,
     directory: Path,
-    notify: Path,
+    notify: str,
     watchdog: float,
 ) -> dict[str, str]:
-    """The environment of worker ``index``: ours, with systemd's variables replaced."""
-    env = {k: v for k, v in environ.items() if k not in _SYSTEMD_ONLY}
-    # The worker's own watchdog task keeps us informed, as it would keep systemd.
-    env["WATCHDOG_USEC"] = str(round(watchdog * 1_000_000))
+    """The environment of worker ``index``: ours, without systemd's variables and
+    without RELAY_* settings (the worker reads the configuration the supervisor checked)."""
+    env = {
+        k: v for k, v in environ.items() if k not in _SYSTEMD_ONLY and not k.startswith("RELAY_")
+    }
     env[WORKER_ENV] = f"{index}/{count}"
     env[DIRECTORY_ENV] = str(directory)
+    env[SUPERVISOR_ENV] = str(os.getpid())
     # Read by prometheus-client when the worker imports it.
     env["PROMETHEUS_MULTIPROC_DIR"] = str(directory)
-    env["NOTIFY_SOCKET"] = str(notify)
+    env["NOTIFY_SOCKET"] = notify
+    # The worker's own watchdog task keeps us informed, as it would keep systemd.
+    env["WATCHDOG_USEC"] = str(round(watchdog * 1_000_000))
     return env
 
 
@@ -134,26 +151,42 @@ def describe_exit(status: int) -> str:
     return f"exit status {status}"
 
 
+def write_config(path: Path, config: Config) -> None:
+    """The configuration every worker runs, as a document ``load_config`` reads (JSON is
+    YAML). Secrets included: the file is the supervisor's own (0600, in a 0700 directory)."""
+    temporary = path.with_name(f".{path.name}")
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as file:
+        json.dump(attrs.asdict(config), file)
+    os.replace(temporary, path)
+
+
+# (status text for systemd, the new configuration or None when it is invalid)
+Reload = Callable[[], tuple[str, Config | None]]
+
+
 class Supervisor:
-    """Runs ``config.server.workers`` copies of ``command``; see the module docstring."""
+    """Runs ``config.server.workers`` worker relays; see the module docstring."""
 
     def __init__(
         self,
         config: Config,
-        command: Sequence[str],
         *,
         notifier: Notifier | None = None,
-        reload: Callable[[], str] | None = None,
+        reload: Reload | None = None,
         environ: Mapping[str, str] | None = None,
     ) -> None:
         self.config = config
         self.count = config.server.workers
-        self.command = list(command)
         self.notifier = notifier if notifier is not None else Notifier()
         self._reload = reload
         self._environ = dict(os.environ if environ is None else environ)
         self.directory = Path(tempfile.mkdtemp(prefix="stag-relay-workers-"))
-        self.slots = [_Slot(i, self.directory / f"notify-{i}") for i in range(self.count)]
+        self.config_path = self.directory / "config.json"
+        write_config(self.config_path, config)
+        self.command = [sys.executable, "-m", "stag_relay", "--config", str(self.config_path)]
+        token = secrets.token_hex(4)
+        self.slots = [_Slot(i, f"@stag-relay-{os.getpid()}-{token}-{i}") for i in range(self.count)]
         self.restarts = 0
         self.stopping = False
         self.interrupted = False
@@ -161,6 +194,7 @@ class Supervisor:
         self.start_failure: int | None = None
         self._changed = trio.Event()
         self._stop = trio.Event()
+        self._reloading = trio.CancelScope()
         self._publish()
 
     async def run(self) -> int:
@@ -171,7 +205,7 @@ class Supervisor:
                     async with trio.open_nursery() as workers:
                         for slot in self.slots:
                             workers.start_soon(self._keep_running, slot)
-                        nursery.start_soon(self._watch_signals, sigs)
+                        nursery.start_soon(self._watch_signals, sigs, nursery)
                         nursery.start_soon(self._announce_ready)
                         nursery.start_soon(run_watchdog, self.notifier, self.status_snapshot)
                     nursery.cancel_scope.cancel()
@@ -192,14 +226,28 @@ class Supervisor:
         """Stop every worker (they drain) and start no more."""
         self.stopping = True
         self._stop.set()
+        self._reloading.cancel()
+        for slot in self.slots:
+            if slot.process is None:
+                # Waiting to be restarted: nothing runs there, nothing can be lost.
+                slot.exit_status = 0
         self._signal_all(signum)
 
     def status_snapshot(self) -> StatusSnapshot:
-        states = read_states(self.directory)
+        """The whole relay's counts for systemd's STATUS line, from the workers' metric
+        files (they keep counting across a worker's restart)."""
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry, path=str(self.directory))  # type: ignore[no-untyped-call]
+        total: dict[str, float] = {}
+        for family in registry.collect():
+            for sample in family.samples:
+                if sample.name == "relay_packets_total" and sample.labels.get("status") != "ok":
+                    continue
+                total[sample.name] = total.get(sample.name, 0.0) + sample.value
         return StatusSnapshot(
-            connections=sum(s["connections"] for s in states),
-            events_received=sum(s["events_in"] for s in states),
-            events_sent=sum(s["stag"]["events_sent"] for s in states),
+            connections=int(total.get("relay_connections_active", 0)),
+            events_received=int(total.get("relay_packets_total", 0)),
+            events_sent=int(total.get("relay_events_sent_total", 0)),
             draining=self.stopping,
         )
 
@@ -207,7 +255,7 @@ class Supervisor:
 
     async def _keep_running(self, slot: _Slot) -> None:
         with trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_DGRAM) as inbox:
-            await inbox.bind(str(slot.notify_path))
+            await inbox.bind(b"\0" + slot.notify[1:].encode())
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._listen, slot, inbox)
                 while not self.stopping:
@@ -244,13 +292,20 @@ class Supervisor:
             index=slot.index,
             count=self.count,
             directory=self.directory,
-            notify=slot.notify_path,
+            notify=slot.notify,
             watchdog=self.config.server.worker_timeout,
         )
-        slot.ready = False
+        slot.ready = trio.Event()
+        slot.reload_pending = False
         slot.started_at = time.monotonic()
-        process = await trio.lowlevel.open_process(self.command, env=env)
+        # A process group of its own: a Ctrl-C in a terminal reaches the supervisor
+        # alone, which forwards it once (twice would make a worker exit at once).
+        process = await trio.lowlevel.open_process(self.command, env=env, process_group=0)
         slot.process = process
+        slot.exit_status = None
+        if self.stopping:
+            # The stop came while the process was being started: it was not signalled.
+            self._signal(slot, signal.SIGTERM)
         log.info("worker started", worker=slot.index, pid=process.pid)
         try:
             async with trio.open_nursery() as nursery:
@@ -262,25 +317,22 @@ class Supervisor:
             if process.returncode is None:
                 process.kill()
         slot.process = None
-        slot.ready = False
-        slot.exit_status = status
         # Its live gauges leave with it; its counters stay in the totals.
         multiprocess.mark_process_dead(process.pid, str(self.directory))  # type: ignore[no-untyped-call]
         (self.directory / state_file(slot.index)).unlink(missing_ok=True)
-        if self.stopping and status == -signal.SIGTERM and slot.readies == 0:
-            # Told to stop before it had installed its handlers: nothing was lost.
-            slot.exit_status = 0
+        # Stopping: a clean exit, or a process told to stop before it could drain
+        # anything (no READY yet: it had accepted no client).
+        clean = status == 0 or (not slot.ready.is_set() and status == -signal.SIGTERM)
+        slot.exit_status = 0 if self.stopping and clean else status
         self._wake()
         log.info("worker exited", worker=slot.index, pid=process.pid, exit=describe_exit(status))
         return status, time.monotonic() - slot.started_at
 
     async def _kill_if_hung(self, slot: _Slot, process: trio.Process) -> None:
         """Kill the worker once it has been silent for ``server.worker_timeout`` after
-        its first READY (start-up, with a large spool to adopt, may take longer)."""
+        its READY (start-up, with a large spool to adopt, may take longer)."""
         timeout = self.config.server.worker_timeout
-        readies = slot.readies
-        while slot.readies == readies:
-            await self._changed.wait()
+        await slot.ready.wait()
         while True:
             silent = time.monotonic() - slot.last_heard
             if silent > timeout:
@@ -306,11 +358,11 @@ class Supervisor:
             if "WATCHDOG" in fields or "READY" in fields:
                 slot.last_heard = time.monotonic()
             if fields.get("READY") == "1":
-                slot.ready = True
+                slot.ready.set()
                 slot.readies += 1
-                self._wake()
-            if fields.get("RELOADING") == "1" or fields.get("STOPPING") == "1":
-                slot.ready = False
+                if slot.reload_pending:
+                    slot.reload_pending = False
+                    self._signal(slot, signal.SIGHUP)
                 self._wake()
 
     # -- the whole relay ----------------------------------------------------------
@@ -319,30 +371,34 @@ class Supervisor:
         return all(slot.readies > 0 for slot in self.slots)
 
     async def _announce_ready(self) -> None:
-        while not all(slot.ready for slot in self.slots):
+        while not all(slot.ready.is_set() for slot in self.slots):
             if self.stopping:
                 return
             await self._changed.wait()
         pids = [slot.process.pid for slot in self.slots if slot.process is not None]
-        log.info("relay ready", workers=self.count, pids=pids, port=self.config.server.port)
-        self.notifier.ready(f"{self.count} workers listening on port {self.config.server.port}")
+        port = self.config.server.port
+        log.info("relay ready", workers=self.count, pids=pids, port=port)
+        self.notifier.ready(f"{self.count} workers listening on port {port}")
 
-    async def _watch_signals(self, signals: AsyncIterator[int]) -> None:
+    async def _watch_signals(self, signals: AsyncIterator[int], nursery: trio.Nursery) -> None:
         async for signum in signals:
             if signum == signal.SIGHUP:
                 if not self.stopping:
-                    await self._reload_all()
+                    # Its own task: a worker slow to confirm must not hold up a SIGTERM.
+                    self._reloading.cancel()
+                    self._reloading = trio.CancelScope()
+                    nursery.start_soon(self._reload_all, self._reloading)
                 continue
             if not self.stopping:
                 log.info("signal received, draining", signal=signal.Signals(signum).name)
                 self.notifier.stopping(f"draining {self.count} workers")
                 self.stop(signum)
                 # Bounded: workers that outlive their own shutdown_timeout are killed.
-                trio.lowlevel.spawn_system_task(self._kill_after_grace)
+                nursery.start_soon(self._kill_after_grace)
             elif signum == signal.SIGINT:
                 log.warning("second interrupt, stopping the workers at once")
                 self.interrupted = True
-                self._signal_all(signal.SIGINT)
+                self._signal_all(signal.SIGKILL)
 
     async def _kill_after_grace(self) -> None:
         await trio.sleep(self.config.server.shutdown_timeout + _EXIT_GRACE)
@@ -351,23 +407,45 @@ class Supervisor:
                 log.error("worker did not exit in time; killing it", worker=slot.index)
                 slot.process.kill()
 
-    async def _reload_all(self) -> None:
-        self.notifier.reloading()
-        status = self._reload() if self._reload is not None else "configuration reloaded"
-        before = {slot.index: slot.readies for slot in self.slots}
-        self._signal_all(signal.SIGHUP)
-        with trio.move_on_after(_RELOAD_TIMEOUT):
-            while any(slot.readies <= before[slot.index] for slot in self.slots):
-                await self._changed.wait()
-        late = [slot.index for slot in self.slots if slot.readies <= before[slot.index]]
-        if late:
-            log.warning("workers did not confirm the reload", workers=late)
-        self.notifier.ready(f"{status} in {self.count - len(late)} of {self.count} workers")
+    async def _reload_all(self, scope: trio.CancelScope) -> None:
+        with scope:
+            self.notifier.reloading()
+            status = "configuration reloaded"
+            if self._reload is not None:
+                status, new = self._reload()
+                if new is not None:
+                    # Only what applies while running changes; the rest would make the
+                    # workers differ (a restarted one would run the new settings).
+                    self.config = attrs.evolve(self.config, log=new.log)
+                    write_config(self.config_path, self.config)
+            before = {slot.index: slot.readies for slot in self.slots}
+            self._signal_all(signal.SIGHUP)
+            with trio.move_on_after(_RELOAD_TIMEOUT):
+                while any(slot.readies <= before[slot.index] for slot in self.slots):
+                    await self._changed.wait()
+            late = [slot.index for slot in self.slots if slot.readies <= before[slot.index]]
+            if late:
+                log.warning("workers did not confirm the reload", workers=late)
+            self.notifier.ready(f"{status} in {self.count - len(late)} of {self.count} workers")
 
     def _signal_all(self, signum: int) -> None:
         for slot in self.slots:
-            if slot.process is not None and slot.process.returncode is None:
-                slot.process.send_signal(signum)
+            self._signal(slot, signum)
+
+    def _signal(self, slot: _Slot, signum: int) -> None:
+        """Send ``signum`` to the slot's process, as far as it can take it yet: before its
+        READY it has no handlers, so SIGHUP waits for it and SIGINT becomes SIGTERM
+        (which ends it quietly; it has accepted no client)."""
+        process = slot.process
+        if process is None or process.returncode is not None:
+            return
+        if not slot.ready.is_set():
+            if signum == signal.SIGHUP:
+                slot.reload_pending = True
+                return
+            if signum == signal.SIGINT:
+                signum = signal.SIGTERM
+        process.send_signal(signum)
 
     def _wake(self) -> None:
         self._changed.set()
@@ -379,8 +457,3 @@ class Supervisor:
             SUPERVISOR_FILE,
             {"pid": os.getpid(), "workers": self.count, "worker_restarts": self.restarts},
         )
-
-
-def worker_command(argv: Sequence[str]) -> list[str]:
-    """How to start a worker: this interpreter, this package, the given arguments."""
-    return [sys.executable, "-m", "stag_relay", *argv]

@@ -36,6 +36,7 @@ import trio
 
 WORKER_ENV: Final = "STAG_RELAY_WORKER"
 DIRECTORY_ENV: Final = "STAG_RELAY_WORKER_DIR"
+SUPERVISOR_ENV: Final = "STAG_RELAY_SUPERVISOR_PID"
 # How stale another worker's figures in /status may be: one small file write a
 # second per worker costs nothing, and /status is read by people and dashboards.
 STATE_INTERVAL: Final = 1.0
@@ -53,6 +54,8 @@ class WorkerRole:
     index: int
     count: int
     directory: Path
+    # The supervisor's pid: a worker whose parent is another has been orphaned.
+    supervisor_pid: int = 0
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, str]) -> WorkerRole | None:
@@ -70,7 +73,8 @@ class WorkerRole:
         index, count = int(match[1]), int(match[2])
         if not 0 <= index < count:
             raise ValueError(f"{WORKER_ENV}={value!r}: index must be below the count")
-        return cls(index, count, Path(directory))
+        supervisor = environ.get(SUPERVISOR_ENV, "0")
+        return cls(index, count, Path(directory), int(supervisor) if supervisor.isdigit() else 0)
 
 
 # --- spool files ---------------------------------------------------------------
@@ -154,20 +158,20 @@ def read_supervisor(directory: Path) -> dict[str, Any]:
 _PARENT_CHECK_INTERVAL: Final = 1.0
 
 
-async def drain_when_orphaned(drain: Callable[[], None]) -> None:
-    """Call ``drain`` once the supervisor that started this process is gone.
+async def drain_when_orphaned(supervisor: int, drain: Callable[[], None]) -> None:
+    """Call ``drain`` once ``supervisor``, which started this process, is gone (at once
+    if it died while this worker was starting).
 
     A worker must not outlive it: nobody would forward signals to it or restart its
     siblings, and it would keep the port. (PR_SET_PDEATHSIG would fire when the
     *thread* that started the process ends, and trio starts processes from threads
     it retires when idle, so the worker watches its parent id instead.)
     """
-    parent = os.getppid()
     while True:
-        await trio.sleep(_PARENT_CHECK_INTERVAL)
-        if os.getppid() != parent:
+        if os.getppid() != supervisor:
             drain()
             return
+        await trio.sleep(_PARENT_CHECK_INTERVAL)
 
 
 # --- listening -----------------------------------------------------------------
@@ -182,7 +186,13 @@ async def open_shared_listeners(host: str, port: int) -> list[trio.SocketListene
     listeners = []
     try:
         for family, kind, proto, _, address in infos:
-            sock = trio.socket.socket(family, kind, proto)
+            try:
+                sock = trio.socket.socket(family, kind, proto)
+            except OSError as exc:
+                # As trio does: a family the kernel lacks (IPv6 disabled) is skipped.
+                if exc.errno == errno.EAFNOSUPPORT:
+                    continue
+                raise
             try:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
@@ -199,6 +209,8 @@ async def open_shared_listeners(host: str, port: int) -> list[trio.SocketListene
         for listener in listeners:
             listener.socket.close()
         raise
+    if not listeners:
+        raise OSError(errno.EAFNOSUPPORT, f"no address family to listen on for {host!r}")
     return listeners
 
 
@@ -211,7 +223,12 @@ def check_port_free(host: str, port: int) -> int:
     held: list[socket.socket] = []
     try:
         for family, kind, proto, _, address in infos:
-            sock = socket.socket(family, kind, proto)
+            try:
+                sock = socket.socket(family, kind, proto)
+            except OSError as exc:
+                if exc.errno == errno.EAFNOSUPPORT:
+                    continue
+                raise
             held.append(sock)
             # As every listener does: connections in TIME_WAIT from a previous run do
             # not hold the port, a listener does.

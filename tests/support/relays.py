@@ -83,6 +83,9 @@ class RelayProcess:
                 with contextlib.suppress(ValueError):
                     self.lines.append(json.loads(line))
                 self._cond.notify_all()
+        # stderr closes a moment before the process can be reaped: wait for it, or a
+        # waiter woken now would see it still running and sleep out its timeout.
+        self.proc.wait()
         with self._cond:
             self._cond.notify_all()
 

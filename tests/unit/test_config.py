@@ -600,3 +600,20 @@ def test_workers_rejects_with_the_range_and_auto(tmp_path: Path, value: str, sho
         f"{path} line 2: server.workers: expected a number of worker processes 1..256 or "
         f"auto (one per CPU), got {shown}"
     )
+
+
+def test_cpus_follow_a_cgroup_quota(tmp_path: Path) -> None:
+    from stag_relay.config import _cgroup_cpu_quota
+
+    (tmp_path / "cpu.max").write_text("150000 100000\n")
+    assert _cgroup_cpu_quota(tmp_path) == 1.5
+    (tmp_path / "cpu.max").write_text("max 100000\n")
+    assert _cgroup_cpu_quota(tmp_path) is None
+    (tmp_path / "cpu.max").unlink()
+    (tmp_path / "cpu").mkdir()
+    (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("50000\n")
+    (tmp_path / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
+    assert _cgroup_cpu_quota(tmp_path) == 0.5
+    (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("-1\n")
+    assert _cgroup_cpu_quota(tmp_path) is None
+    assert _cgroup_cpu_quota(tmp_path / "nothing") is None

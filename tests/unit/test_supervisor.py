@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import os
 import signal
 from pathlib import Path
 
+import attrs
 from hypothesis import given
 from hypothesis import strategies as st
 
-from stag_relay.supervisor import RestartBackoff, describe_exit, worker_environment
+from stag_relay.config import Config, load_config
+from stag_relay.supervisor import RestartBackoff, describe_exit, worker_environment, write_config
 
 
 def test_backoff_doubles_while_a_worker_keeps_dying_and_is_capped() -> None:
@@ -31,24 +34,40 @@ def test_backoff_stays_within_its_bounds(runs: list[float]) -> None:
         assert backoff.initial <= backoff.delay(ran_for) <= backoff.maximum
 
 
-def test_workers_talk_to_the_supervisor_not_to_systemd(tmp_path: Path) -> None:
+def test_workers_talk_to_the_supervisor_and_read_its_configuration(tmp_path: Path) -> None:
     environ = {
         "NOTIFY_SOCKET": "/run/systemd/notify",
         "WATCHDOG_USEC": "30000000",
         "WATCHDOG_PID": "1",
+        # The workers run the configuration file the supervisor checked and wrote.
         "RELAY_STAG_URL": "http://stag:1",
+        "RELAY_CONFIG": "/etc/stag-relay/relay.yaml",
+        "LANG": "C.UTF-8",
     }
     env = worker_environment(
-        environ, index=1, count=2, directory=tmp_path, notify=tmp_path / "notify-1", watchdog=2.5
+        environ, index=1, count=2, directory=tmp_path, notify="@sr-1", watchdog=2.5
     )
     assert env == {
-        "RELAY_STAG_URL": "http://stag:1",
+        "LANG": "C.UTF-8",
         "STAG_RELAY_WORKER": "1/2",
         "STAG_RELAY_WORKER_DIR": str(tmp_path),
+        "STAG_RELAY_SUPERVISOR_PID": str(os.getpid()),
         "PROMETHEUS_MULTIPROC_DIR": str(tmp_path),
-        "NOTIFY_SOCKET": str(tmp_path / "notify-1"),
+        "NOTIFY_SOCKET": "@sr-1",
         "WATCHDOG_USEC": "2500000",
     }
+
+
+def test_the_workers_configuration_file_reads_back_as_the_same_config(tmp_path: Path) -> None:
+    config = attrs.evolve(
+        Config(),
+        stag=attrs.evolve(Config().stag, api_key="secret", url="http://u:p@stag:1"),
+        auth=attrs.evolve(Config().auth, api_keys=("k-one-0123456789",)),
+    )
+    path = tmp_path / "config.json"
+    write_config(path, config)
+    assert load_config(config_path=str(path), environ={}).config == config
+    assert path.stat().st_mode & 0o777 == 0o600
 
 
 def test_exits_are_described_for_people() -> None:

@@ -26,8 +26,12 @@ def role(index: int, count: int, tmp_path: Path) -> WorkerRole:
 
 
 def test_role_comes_from_the_supervisors_environment(tmp_path: Path) -> None:
-    environ = {"STAG_RELAY_WORKER": "1/3", "STAG_RELAY_WORKER_DIR": str(tmp_path)}
-    assert WorkerRole.from_environ(environ) == WorkerRole(1, 3, tmp_path)
+    environ = {
+        "STAG_RELAY_WORKER": "1/3",
+        "STAG_RELAY_WORKER_DIR": str(tmp_path),
+        "STAG_RELAY_SUPERVISOR_PID": "4242",
+    }
+    assert WorkerRole.from_environ(environ) == WorkerRole(1, 3, tmp_path, 4242)
     assert WorkerRole.from_environ({}) is None
 
 
