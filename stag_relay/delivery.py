@@ -34,6 +34,9 @@ from stag_relay.stag import Shipment
 MEMORY_WINDOW_BYTES: Final = 16 * 1024 * 1024
 # Batches read from disk at a time when catching up on a backlog.
 READ_PAGE: Final = 64
+# Batches that may wait, taken from the batcher, while a commit runs; they are
+# committed together next. A few hundred KiB held outside the spool at most.
+COMMIT_GROUP: Final = 16
 
 log = structlog.get_logger("stag_relay.delivery")
 T = TypeVar("T")
@@ -112,6 +115,9 @@ class Delivery:
         self._changed = trio.Event()
         self._tidy_needed = trio.Event()
         self._committing = True
+        # With a spool: batches taken from the batcher, waiting for the next commit.
+        self._arrived: list[Batch] = []
+        self._taken_all = False
         self.dead_letters = 0
         self.oldest_created: float | None = None
 
@@ -231,18 +237,60 @@ class Delivery:
     # -- with a spool -----------------------------------------------------------------
 
     async def _commit(self, batches: trio.MemoryReceiveChannel[Batch], spool: Spool) -> None:
-        """Commit each batch, acknowledge its connections, queue it for the sender."""
+        """Commit batches, acknowledge their connections, queue them for the sender.
+
+        Batches that arrive while a commit runs (in its thread) wait in ``_arrived`` and
+        are committed together next, in one transaction: the batcher is not held up by
+        each commit, and the spool costs one commit per group, not per batch.
+        """
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._take, batches)
+            while True:
+                while not self._arrived and not self._taken_all:
+                    await self._wait_for_change()
+                if not self._arrived:
+                    break
+                await self._commit_group(self._next_group(), spool)
+        self._committing = False
+        self._wake()
+
+    async def _take(self, batches: trio.MemoryReceiveChannel[Batch]) -> None:
         async for batch in batches:
-            self._holding = len(batch)
-            wire = to_wire(batch)
-            await self._make_room(spool, len(wire.events))
-            created = time.time()
-            seq = await self._spool_call(
-                spool.append, wire.batch_id, wire.count, wire.events, created
-            )
-            self._holding = 0
-            if self.oldest_created is None:
-                self.oldest_created = created
+            # Bounded: beyond a group's worth the batcher waits (backpressure).
+            while len(self._arrived) >= COMMIT_GROUP:
+                await self._wait_for_change()
+            self._arrived.append(batch)
+            self._holding += len(batch)
+            self._wake()
+        self._taken_all = True
+        self._wake()
+
+    def _next_group(self) -> list[tuple[Batch, WireBatch]]:
+        """The oldest waiting batches, as many as fit a quarter of the spool (at least
+        one): room for a group must be possible while batches are in flight."""
+        cap = self._config.spool_max_bytes // 4
+        group: list[tuple[Batch, WireBatch]] = []
+        size = 0
+        while self._arrived:
+            wire = to_wire(self._arrived[0])
+            if group and size + len(wire.events) > cap:
+                break
+            group.append((self._arrived.pop(0), wire))
+            size += len(wire.events)
+        self._wake()
+        return group
+
+    async def _commit_group(self, taken: list[tuple[Batch, WireBatch]], spool: Spool) -> None:
+        group = [batch for batch, _ in taken]
+        wires = [wire for _, wire in taken]
+        await self._make_room(spool, sum(len(wire.events) for wire in wires))
+        created = time.time()
+        rows = [(wire.batch_id, wire.count, wire.events, created) for wire in wires]
+        seqs = await self._spool_call(spool.append_many, rows)
+        self._holding -= sum(len(batch) for batch in group)
+        if self.oldest_created is None:
+            self.oldest_created = created
+        for batch, wire, seq in zip(group, wires, seqs, strict=True):
             send_acks(group_acks(batch))
             refs = mesh_refs(batch)
             if refs:
@@ -253,8 +301,6 @@ class Delivery:
                 self._window_bytes += len(wire.events)
             elif self._spill_from is None:
                 self._spill_from = seq
-            self._wake()
-        self._committing = False
         self._wake()
 
     async def _make_room(self, spool: Spool, size: int) -> None:

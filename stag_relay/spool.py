@@ -123,6 +123,11 @@ class Spool:
         # Durable against the process dying (the WAL is written before commit returns);
         # FULL would also survive power loss, at an fsync per commit.
         db.execute("PRAGMA synchronous = NORMAL")
+        # A checkpoint (writing the WAL back, with an fsync) every 8192 pages (32 MiB),
+        # not SQLite's 1000: at tens of thousands of events a second the default
+        # checkpointed several times a second. Measured: the spool's throughput cost
+        # 0.258 -> 0.232 of the memory-only flood. The WAL file stays near 32 MiB.
+        db.execute("PRAGMA wal_autocheckpoint = 8192")
         db.executescript(_SCHEMA)
 
     def _totals(self, table: str) -> tuple[int, int, int]:
@@ -144,16 +149,26 @@ class Spool:
 
     def append(self, batch_id: str, count: int, events: bytes, created: float) -> int:
         """Commit one batch; return its ``seq``."""
+        return self.append_many([(batch_id, count, events, created)])[0]
+
+    def append_many(self, rows: list[tuple[str, int, bytes, float]]) -> list[int]:
+        """Commit (batch_id, count, events, created) rows in one transaction, in order;
+        return their ``seq``s. One commit for what arrived together is what keeps the
+        spool's cost small when batches come faster than commits."""
+        seqs = []
         with self._transaction() as db:
-            cursor = db.execute(
-                "INSERT INTO batches (batch_id, created, count, events) VALUES (?, ?, ?, ?)",
-                (batch_id, created, count, events),
-            )
-        self.batches += 1
-        self.events += count
-        self.bytes += len(events)
-        assert cursor.lastrowid is not None
-        return cursor.lastrowid
+            for batch_id, count, events, created in rows:
+                cursor = db.execute(
+                    "INSERT INTO batches (batch_id, created, count, events) VALUES (?, ?, ?, ?)",
+                    (batch_id, created, count, events),
+                )
+                assert cursor.lastrowid is not None
+                seqs.append(cursor.lastrowid)
+        for _, count, events, _ in rows:
+            self.batches += 1
+            self.events += count
+            self.bytes += len(events)
+        return seqs
 
     def read_from(self, seq: int, limit: int) -> list[SpooledBatch]:
         """Up to ``limit`` batches with ``seq`` at least ``seq``, oldest first."""

@@ -119,3 +119,12 @@ def test_totals_match_the_rows(
     )
     assert [r.events for r in spool.read_from(0, 100)] == [live[k] for k in sorted(live)]
     spool.close()
+
+
+def test_batches_committed_together_keep_their_order_and_totals(tmp_path: Path) -> None:
+    spool = spool_at(tmp_path)
+    first = spool.append("a", 1, b"[1]", 1.0)
+    seqs = spool.append_many([("b", 2, b"[2,3]", 2.0), ("c", 1, b"[4]", 3.0)])
+    assert [first, *seqs] == sorted([first, *seqs])
+    assert [r.batch_id for r in spool.read_from(0, 10)] == ["a", "b", "c"]
+    assert (spool.batches, spool.events, spool.bytes) == (3, 4, 11)
