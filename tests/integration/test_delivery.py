@@ -14,9 +14,9 @@ from websockets.exceptions import ConnectionClosed
 
 from stag_relay.app import Relay
 from tests.support.clients import ClientConnection, connect_relay, pose_packet
-from tests.support.relays import RelayProcess, make_config
+from tests.support.relays import RelayProcess, http_get, make_config
 from tests.support.stag_server import StagServer
-from tests.support.waiting import wait_until
+from tests.support.waiting import poll_until, wait_until
 
 
 class AckingClient:
@@ -352,10 +352,18 @@ def test_dead_letters_can_be_listed_and_requeued(stag: StagServer, tmp_path: Pat
     stag.reject_all(422, body=b'{"error": "unknown anchor"}')
     relay = RelayProcess(relay_env(stag, spool, RELAY_BATCH_MAX_SIZE="5"))
     try:
-        with connect_relay(relay.port()) as ws:
+        port = relay.port()
+        with connect_relay(port) as ws:
             for frame in range(1, 11):
                 ws.send(pose_packet("refused", frame))
-        stag.wait_for_requests(2)
+
+        def refused() -> int:
+            status = json.loads(http_get(port, "/status")[2])
+            return int(status["events"]["dropped"]["rejected"])
+
+        # Both batches refused (a count of requests could include a resend on a
+        # kept-alive connection the stand-in had closed).
+        poll_until(lambda: refused() == 10)
         relay.proc.send_signal(signal.SIGTERM)
         assert relay.wait() == 0
     finally:
