@@ -26,7 +26,12 @@ from stag_relay.config import Config, ConfigError, available_cpus, dump_config, 
 from stag_relay.logs import configure_logging
 from stag_relay.supervisor import Reload, Supervisor
 from stag_relay.systemd import Notifier
-from stag_relay.workers import WorkerRole, check_port_free, drain_when_orphaned
+from stag_relay.workers import (
+    WorkerRole,
+    check_port_free,
+    drain_when_orphaned,
+    leave_orphaned,
+)
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -223,6 +228,8 @@ async def serve(
             await relay.run(listeners)
             nursery.cancel_scope.cancel()
     relay.notifier.close()
+    if role is not None and os.getppid() != role.supervisor_pid:
+        leave_orphaned(role)
 
 
 async def _watch_signals(

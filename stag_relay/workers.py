@@ -23,9 +23,11 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import json
 import os
 import re
+import shutil
 import socket
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -172,6 +174,17 @@ async def drain_when_orphaned(supervisor: int, drain: Callable[[], None]) -> Non
             drain()
             return
         await trio.sleep(_PARENT_CHECK_INTERVAL)
+
+
+def leave_orphaned(role: WorkerRole) -> None:
+    """An orphaned worker's last act, once drained: its state file goes, and the last
+    worker out removes the shared directory, which its killed supervisor could not."""
+    with contextlib.suppress(OSError), open(role.directory / ".leaving", "a") as lock:
+        # One at a time: two workers leaving together would each see the other's file.
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        (role.directory / state_file(role.index)).unlink(missing_ok=True)
+        if not any(_STATE_RE.fullmatch(entry.name) for entry in role.directory.iterdir()):
+            shutil.rmtree(role.directory, ignore_errors=True)
 
 
 # --- listening -----------------------------------------------------------------

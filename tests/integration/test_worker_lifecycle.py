@@ -219,7 +219,7 @@ def test_sighup_while_the_workers_start_does_not_fail_the_start(
         wait_ready(relay)
         assert logged(relay, "worker exited") == [], logged(relay, "worker exited")
         relay.proc.send_signal(signal.SIGTERM)
-        assert relay.wait() == 0
+        assert relay.wait() == 0, "".join(relay.raw)
     finally:
         relay.kill()
 

@@ -195,9 +195,15 @@ def test_changing_the_number_of_workers_loses_nothing_spooled(
 def test_workers_do_not_outlive_a_killed_supervisor(workers: RelayProcess) -> None:
     port = workers.port()
     pids = [w["pid"] for w in status(port)["workers"]]
+    with open(f"/proc/{pids[0]}/environ", "rb") as environ:
+        variables = dict(v.split(b"=", 1) for v in environ.read().split(b"\0") if b"=" in v)
+    shared = Path(variables[b"STAG_RELAY_WORKER_DIR"].decode())
+    assert shared.is_dir()
     workers.proc.kill()
     workers.proc.wait()
     poll_until(lambda: all(gone(pid) for pid in pids))
+    # The last worker out removed the shared directory its supervisor could not.
+    assert not shared.exists()
     # They drained like after SIGTERM, and let go of the port.
     assert sorted(
         line["worker"] for line in workers.lines if line.get("event") == "shutdown complete"
