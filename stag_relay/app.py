@@ -53,6 +53,7 @@ from stag_relay.workers import (
     read_supervisor,
     spool_path_for,
     state_file,
+    worker_batch_size,
 )
 
 WEBSOCKET_PATH: Final = "/ws/streamkit"
@@ -112,7 +113,7 @@ class Relay:
             config=config, sessions=self.sessions, events=self._events_send, metrics=self.metrics
         )
         self.policy = BatchPolicy(
-            max_size=config.batch.max_size,
+            max_size=worker_batch_size(config.batch.max_size, worker),
             timeout=config.batch.timeout,
             new_batch_id=lambda: uuid.uuid4().hex,
         )

@@ -61,6 +61,8 @@ def test_connections_land_on_both_workers_and_every_event_arrives_once(
     assert doc["events"]["sent"] == expected
     assert doc["packets"]["pose"]["ok"] == expected
     assert doc["worker_restarts"] == 0
+    # Each worker batches its half of the traffic in half batches (batch.max_size 50).
+    assert max(len(batch["events"]) for batch in stag.batches()) == 25
     # One relay to STAG: every worker sends the same relay_id.
     assert len({batch["relay_id"] for batch in stag.batches()}) == 1
 

@@ -170,3 +170,12 @@ async def test_shared_listeners_take_the_same_port_and_both_accept() -> None:
     assert check_port_free("127.0.0.1", port) == port
     assert check_port_free("127.0.0.1", 0) > 0
     await trio.lowlevel.checkpoint()
+
+
+def test_a_workers_batches_are_its_share_of_batch_max_size(tmp_path: Path) -> None:
+    from stag_relay.workers import worker_batch_size
+
+    assert worker_batch_size(100, None) == 100
+    assert worker_batch_size(100, role(0, 2, tmp_path)) == 50
+    assert worker_batch_size(100, role(1, 3, tmp_path)) == 34
+    assert worker_batch_size(5, role(0, 8, tmp_path)) == 1
