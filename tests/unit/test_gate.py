@@ -170,21 +170,27 @@ async def test_a_read_full_of_packets_is_judged_and_counted_exactly(
         nursery.cancel_scope.cancel()
 
 
+async def fifty_poses_in_one_read(nursery: trio.Nursery, gate: Gate, session: str) -> MemoryClient:
+    """A client that answers pings sends 50 poses at once; returns when all is still."""
+    client = await connect(nursery, gate)
+    client.answer_pings = True
+    nursery.start_soon(client.run)
+    await client.stream.send_all(frames(client, *(pose_packet(session, n) for n in range(50))))
+    await trio.testing.wait_all_tasks_blocked()
+    return client
+
+
 async def test_the_bound_is_counted_in_events_not_reads(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     gate, events = build_gate(capacity=5)
     async with trio.open_nursery() as nursery:
-        client = await connect(nursery, gate)
-        client.answer_pings = True
-        nursery.start_soon(client.run)
-        await client.stream.send_all(frames(client, *(pose_packet("bound", n) for n in range(50))))
-        await trio.testing.wait_all_tasks_blocked()
+        await fifty_poses_in_one_read(nursery, gate, "bound")
         # One read brought fifty; five fit, and the connection waits for the rest.
         assert events.statistics().current_buffer_used == 5
         (connection,) = gate.connections
         assert connection.blocked
-        received = []
+        received: list[SpatialEvent] = []
         while len(received) < 50:
             received.append(await events.receive())
             assert events.statistics().current_buffer_used <= 5
@@ -200,11 +206,7 @@ async def test_the_shutdown_deadline_counts_exactly_what_a_blocked_read_gives_up
 ) -> None:
     gate, events = build_gate(capacity=5)
     async with trio.open_nursery() as nursery:
-        client = await connect(nursery, gate)
-        client.answer_pings = True
-        nursery.start_soon(client.run)
-        await client.stream.send_all(frames(client, *(pose_packet("cut", n) for n in range(50))))
-        await trio.testing.wait_all_tasks_blocked()
+        client = await fifty_poses_in_one_read(nursery, gate, "cut")
         gate.drain()
         await trio.testing.wait_all_tasks_blocked()
         # Draining waits for what was read; the deadline gives it up.
