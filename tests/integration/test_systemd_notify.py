@@ -39,10 +39,9 @@ def next_with(sock: socket.socket, field: str, seen: list[dict[str, str]]) -> di
             return message
 
 
-def test_ready_watchdog_reload_and_stopping_in_order(
-    stag: StagServer, notify_socket: socket.socket
-) -> None:
-    relay = RelayProcess(
+def under_systemd(stag: StagServer, notify_socket: socket.socket, **env: str) -> RelayProcess:
+    """``python -m stag_relay`` as systemd would start it, notifying ``notify_socket``."""
+    return RelayProcess(
         {
             "NOTIFY_SOCKET": notify_socket.getsockname(),
             # 200ms: a keep-alive every 100ms, so the test need not wait long for one.
@@ -50,8 +49,15 @@ def test_ready_watchdog_reload_and_stopping_in_order(
             "RELAY_SERVER_HOST": "127.0.0.1",
             "RELAY_SERVER_PORT": "0",
             "RELAY_STAG_URL": stag.url,
+            **env,
         }
     )
+
+
+def test_ready_watchdog_reload_and_stopping_in_order(
+    stag: StagServer, notify_socket: socket.socket
+) -> None:
+    relay = under_systemd(stag, notify_socket)
     seen: list[dict[str, str]] = []
     try:
         ready = next_with(notify_socket, "READY", seen)
@@ -78,16 +84,7 @@ def test_ready_watchdog_reload_and_stopping_in_order(
 def test_with_workers_the_supervisor_alone_notifies_ready_once_all_listen(
     stag: StagServer, notify_socket: socket.socket
 ) -> None:
-    relay = RelayProcess(
-        {
-            "NOTIFY_SOCKET": notify_socket.getsockname(),
-            "WATCHDOG_USEC": "200000",
-            "RELAY_SERVER_HOST": "127.0.0.1",
-            "RELAY_SERVER_PORT": "0",
-            "RELAY_SERVER_WORKERS": "2",
-            "RELAY_STAG_URL": stag.url,
-        }
-    )
+    relay = under_systemd(stag, notify_socket, RELAY_SERVER_WORKERS="2")
     seen: list[dict[str, str]] = []
     try:
         ready = next_with(notify_socket, "READY", seen)
