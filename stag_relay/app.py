@@ -211,6 +211,9 @@ class Relay:
             root.start_soon(self._serve, listeners)
             root.start_soon(run_watchdog, self.notifier, self.status_snapshot)
             if self.worker is not None:
+                # Before READY: once the supervisor says the relay is ready, /status on
+                # any worker lists every worker.
+                await self._publish_now()
                 root.start_soon(self._publish_state)
             log.info(
                 "relay listening",
@@ -424,8 +427,8 @@ class Relay:
 
     async def _publish_state(self) -> None:
         while True:
-            await self._publish_now()
             await trio.sleep(STATE_INTERVAL)
+            await self._publish_now()
 
     async def _publish_now(self) -> None:
         if self.worker is None:

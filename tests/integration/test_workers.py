@@ -197,6 +197,8 @@ def test_changing_the_number_of_workers_loses_nothing_spooled(
 def test_workers_do_not_outlive_a_killed_supervisor(workers: RelayProcess) -> None:
     port = workers.port()
     pids = [w["pid"] for w in status(port)["workers"]]
+    # Every worker publishes its state before READY, so "relay ready" means all are listed.
+    assert len(pids) == 2
     with open(f"/proc/{pids[0]}/environ", "rb") as environ:
         variables = dict(v.split(b"=", 1) for v in environ.read().split(b"\0") if b"=" in v)
     shared = Path(variables[b"STAG_RELAY_WORKER_DIR"].decode())
