@@ -286,10 +286,9 @@ class Delivery:
         await self._make_room(spool, sum(len(wire.events) for wire in wires))
         created = time.time()
         rows = [(wire.batch_id, wire.count, wire.events, created) for wire in wires]
-        seqs = await self._spool_call(spool.append_many, rows)
+        # Deliveries recorded since the last write ride along in the same commit.
+        seqs = await self._write(spool, rows)
         self._holding -= sum(len(batch) for batch in group)
-        if self.oldest_created is None:
-            self.oldest_created = created
         for batch, wire, seq in zip(group, wires, seqs, strict=True):
             send_acks(group_acks(batch))
             refs = mesh_refs(batch)
@@ -394,19 +393,30 @@ class Delivery:
             await self._flush_tidy(self.spool)
 
     async def _flush_tidy(self, spool: Spool) -> None:
-        if self._to_delete:
-            seqs, self._to_delete = self._to_delete, []
-            await self._spool_call(spool.delete, seqs)
-        while self._buried:
-            seq, status, answer = self._buried.pop(0)
-            await self._spool_call(
-                spool.bury, seq, status, answer, self._config.dead_letter_max_bytes
+        if self._to_delete or self._buried:
+            await self._write(spool)
+
+    async def _write(
+        self, spool: Spool, append: list[tuple[str, int, bytes, float]] | None = None
+    ) -> list[int]:
+        """One spool transaction: ``append`` these rows, and record every delivery and
+        refusal reported since the last write. Returns the new rows' ``seq``s."""
+        delete, self._to_delete = self._to_delete, []
+        bury, self._buried = self._buried, []
+        written = await self._spool_call(
+            partial(
+                spool.write,
+                append=append or (),
+                delete=delete,
+                bury=bury,
+                dead_letter_max_bytes=self._config.dead_letter_max_bytes,
             )
-        stats = await self._spool_call(spool.stats)
-        self.oldest_created = stats.oldest_created
-        self.dead_letters = stats.dead_letters
+        )
+        self.oldest_created = written.oldest_created
+        self.dead_letters = written.dead_letters
         # Room was freed: a commit waiting on a full spool may go on.
         self._wake()
+        return written.seqs
 
     def _wake(self) -> None:
         self._changed.set()

@@ -20,7 +20,7 @@ import contextlib
 import os
 import sqlite3
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Final
 
@@ -78,6 +78,15 @@ class DeadLetter:
 
 
 @attrs.frozen
+class Written:
+    """What ``Spool.write`` did: the new batches' ``seq``s, and the spool after it."""
+
+    seqs: list[int]
+    oldest_created: float | None
+    dead_letters: int
+
+
+@attrs.frozen
 class SpoolStats:
     batches: int
     events: int
@@ -102,6 +111,7 @@ class Spool:
             raise SpoolCorrupt(f"{self.path}: {exc}") from exc
         # Totals kept in memory: the hot path asks "is it full?" per batch.
         self.batches, self.events, self.bytes = self._totals("batches")
+        self._dead_letters = self._totals("dead_letters")[0]
 
     def _check_and_prepare(self) -> None:
         db = self._db
@@ -153,22 +163,96 @@ class Spool:
 
     def append_many(self, rows: list[tuple[str, int, bytes, float]]) -> list[int]:
         """Commit (batch_id, count, events, created) rows in one transaction, in order;
-        return their ``seq``s. One commit for what arrived together is what keeps the
-        spool's cost small when batches come faster than commits."""
-        seqs = []
+        return their ``seq``s."""
+        return self.write(append=rows).seqs
+
+    def delete(self, seqs: list[int]) -> None:
+        """Forget delivered (or dropped) batches."""
+        if seqs:
+            self.write(delete=seqs)
+
+    def bury(self, seq: int, status: int, answer: str, max_bytes: int) -> None:
+        """Move a batch STAG refused to the dead letters, keeping them under ``max_bytes``."""
+        self.write(bury=[(seq, status, answer)], dead_letter_max_bytes=max_bytes)
+
+    def write(
+        self,
+        *,
+        append: Sequence[tuple[str, int, bytes, float]] = (),
+        delete: Sequence[int] = (),
+        bury: Sequence[tuple[int, int, str]] = (),
+        dead_letter_max_bytes: int = 0,
+    ) -> Written:
+        """One transaction: forget ``delete``d batches, move ``bury`` (seq, status, answer)
+        to the dead letters (kept under ``dead_letter_max_bytes``), commit ``append``
+        (batch_id, count, events, created) rows in order. Returns their ``seq``s and what
+        the relay shows about the spool afterwards.
+
+        One call and one commit for all of it is what keeps the spool's cost small: the
+        relay calls this from a thread, and each call costs a thread hand-off.
+        """
         with self._transaction() as db:
-            for batch_id, count, events, created in rows:
-                cursor = db.execute(
-                    "INSERT INTO batches (batch_id, created, count, events) VALUES (?, ?, ?, ?)",
-                    (batch_id, created, count, events),
-                )
-                assert cursor.lastrowid is not None
-                seqs.append(cursor.lastrowid)
-        for _, count, events, _ in rows:
-            self.batches += 1
-            self.events += count
-            self.bytes += len(events)
-        return seqs
+            for seq in delete:
+                self._delete_row(db, seq)
+            for seq, status, answer in bury:
+                self._bury_row(db, seq, status, answer, dead_letter_max_bytes)
+            seqs = [self._insert_row(db, *row) for row in append]
+            (oldest,) = db.execute("SELECT MIN(created) FROM batches").fetchone()
+            if bury:
+                (self._dead_letters,) = db.execute("SELECT COUNT(*) FROM dead_letters").fetchone()
+        return Written(seqs, oldest, self._dead_letters)
+
+    def _insert_row(
+        self, db: sqlite3.Connection, batch_id: str, count: int, events: bytes, created: float
+    ) -> int:
+        cursor = db.execute(
+            "INSERT INTO batches (batch_id, created, count, events) VALUES (?, ?, ?, ?)",
+            (batch_id, created, count, events),
+        )
+        assert cursor.lastrowid is not None
+        self.batches += 1
+        self.events += count
+        self.bytes += len(events)
+        return cursor.lastrowid
+
+    def _delete_row(self, db: sqlite3.Connection, seq: int) -> None:
+        row = db.execute(
+            "DELETE FROM batches WHERE seq = ? RETURNING count, LENGTH(events)", (seq,)
+        ).fetchone()
+        if row is not None:
+            self.batches -= 1
+            self.events -= int(row[0])
+            self.bytes -= int(row[1])
+
+    def _bury_row(
+        self, db: sqlite3.Connection, seq: int, status: int, answer: str, max_bytes: int
+    ) -> None:
+        row = db.execute(
+            "DELETE FROM batches WHERE seq = ? RETURNING batch_id, created, count, events",
+            (seq,),
+        ).fetchone()
+        if row is None:
+            return
+        self.batches -= 1
+        self.events -= int(row[2])
+        self.bytes -= len(row[3])
+        db.execute(
+            "INSERT INTO dead_letters (batch_id, created, failed, count, status, answer, "
+            "events) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (row[0], row[1], time.time(), row[2], status, answer, row[3]),
+        )
+        # Oldest dead letters go first when the table outgrows its bound.
+        (total,) = db.execute(
+            "SELECT COALESCE(SUM(LENGTH(events)), 0) FROM dead_letters"
+        ).fetchone()
+        while total > max_bytes:
+            oldest = db.execute(
+                "DELETE FROM dead_letters WHERE seq = (SELECT MIN(seq) FROM dead_letters) "
+                "RETURNING LENGTH(events)"
+            ).fetchone()
+            if oldest is None:
+                break
+            total -= int(oldest[0])
 
     def read_from(self, seq: int, limit: int) -> list[SpooledBatch]:
         """Up to ``limit`` batches with ``seq`` at least ``seq``, oldest first."""
@@ -196,50 +280,6 @@ class Spool:
             start = page[-1].seq + 1
         return found[:limit]
 
-    def delete(self, seqs: list[int]) -> None:
-        """Forget delivered (or dropped) batches."""
-        if not seqs:
-            return
-        with self._transaction() as db:
-            for seq in seqs:
-                row = db.execute(
-                    "DELETE FROM batches WHERE seq = ? RETURNING count, LENGTH(events)", (seq,)
-                ).fetchone()
-                if row is not None:
-                    self.batches -= 1
-                    self.events -= int(row[0])
-                    self.bytes -= int(row[1])
-
-    def bury(self, seq: int, status: int, answer: str, max_bytes: int) -> None:
-        """Move a batch STAG refused to the dead letters, keeping them under ``max_bytes``."""
-        with self._transaction() as db:
-            row = db.execute(
-                "DELETE FROM batches WHERE seq = ? RETURNING batch_id, created, count, events",
-                (seq,),
-            ).fetchone()
-            if row is None:
-                return
-            self.batches -= 1
-            self.events -= int(row[2])
-            self.bytes -= len(row[3])
-            db.execute(
-                "INSERT INTO dead_letters (batch_id, created, failed, count, status, answer, "
-                "events) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (row[0], row[1], time.time(), row[2], status, answer, row[3]),
-            )
-            # Oldest dead letters go first when the table outgrows its bound.
-            (total,) = db.execute(
-                "SELECT COALESCE(SUM(LENGTH(events)), 0) FROM dead_letters"
-            ).fetchone()
-            while total > max_bytes:
-                oldest = db.execute(
-                    "DELETE FROM dead_letters WHERE seq = (SELECT MIN(seq) FROM dead_letters) "
-                    "RETURNING LENGTH(events)"
-                ).fetchone()
-                if oldest is None:
-                    break
-                total -= int(oldest[0])
-
     def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
         rows = self._db.execute(
             "SELECT seq, batch_id, created, failed, count, status, answer, LENGTH(events) "
@@ -262,6 +302,7 @@ class Spool:
                 self.batches += 1
                 self.events += count
                 self.bytes += len(events)
+        self._dead_letters = 0
         return len(rows)
 
     def adopt(self, other: Path) -> tuple[int, int]:
@@ -294,6 +335,7 @@ class Spool:
             with contextlib.suppress(FileNotFoundError):
                 other.with_name(other.name + side).unlink()
         self.batches, self.events, self.bytes = self._totals("batches")
+        self._dead_letters = self._totals("dead_letters")[0]
         return batches, dead
 
     def stats(self) -> SpoolStats:

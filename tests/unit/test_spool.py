@@ -57,6 +57,28 @@ def test_dead_letters_are_bounded_and_can_be_requeued(tmp_path: Path) -> None:
     assert spool.dead_letters() == []
 
 
+def test_one_write_records_deliveries_refusals_and_new_batches(tmp_path: Path) -> None:
+    spool = spool_at(tmp_path)
+    delivered, refused, waiting = spool.append_many(
+        [("a", 1, b"[1]", 1.0), ("b", 2, b"[2,3]", 2.0), ("c", 1, b"[4]", 3.0)]
+    )
+    written = spool.write(
+        append=[("d", 3, b"[5,6,7]", 4.0)],
+        delete=[delivered],
+        bury=[(refused, 422, "no")],
+        dead_letter_max_bytes=1000,
+    )
+    assert [r.batch_id for r in spool.read_from(0, 10)] == ["c", "d"]
+    assert written.seqs == [spool.last_seq()] and written.seqs[0] > waiting
+    assert (written.oldest_created, written.dead_letters) == (3.0, 1)
+    assert (spool.batches, spool.events, spool.bytes) == (2, 4, 10)
+    # Without refusals the dead-letter count carries over; an empty spool has no oldest.
+    again = spool.write(delete=[waiting, *written.seqs])
+    assert (again.seqs, again.oldest_created, again.dead_letters) == ([], None, 1)
+    assert spool.requeue_dead() == 1
+    assert spool.write().dead_letters == 0
+
+
 def test_oldest_skips_what_is_being_sent(tmp_path: Path) -> None:
     spool = spool_at(tmp_path)
     seqs = [spool.append(f"b{n}", 1, b"[]", float(n)) for n in range(5)]
