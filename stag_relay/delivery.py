@@ -37,6 +37,11 @@ READ_PAGE: Final = 64
 # Batches that may wait, taken from the batcher, while a commit runs; they are
 # committed together next. A few hundred KiB held outside the spool at most.
 COMMIT_GROUP: Final = 16
+# How long a delivery may wait to be recorded with the next commit before it gets a
+# write of its own. While batches flow that is never reached (a commit every few ms),
+# so a record costs no extra thread hand-off; meanwhile a crash would resend the batch,
+# with its batch id, which STAG's Idempotency-Key deduplicates.
+TIDY_DELAY: Final = 0.1
 
 log = structlog.get_logger("stag_relay.delivery")
 T = TypeVar("T")
@@ -306,6 +311,10 @@ class Delivery:
         limit = self._config.spool_max_bytes
         # An empty spool takes any batch, however large: otherwise it could never move.
         while spool.bytes and spool.bytes + size > limit:
+            if self._to_delete or self._buried:
+                # Delivered batches still on disk: forgetting them may make the room.
+                await self._write(spool)
+                continue
             if self._config.when_full == "drop_oldest":
                 victims = await self._spool_call(spool.oldest, set(self._in_flight), 16)
                 if victims:
@@ -381,10 +390,14 @@ class Delivery:
         self._tidy_needed.set()
 
     async def _tidy(self, spool: Spool) -> None:
-        """Remove delivered batches and bury refused ones, many per transaction."""
+        """Remove delivered batches and bury refused ones, many per transaction: with
+        the next commit when one comes within TIDY_DELAY, else on their own."""
         while True:
             await self._tidy_needed.wait()
             self._tidy_needed = trio.Event()
+            with trio.move_on_after(TIDY_DELAY):
+                while self._to_delete or self._buried:
+                    await self._wait_for_change()
             await self._flush_tidy(spool)
 
     async def settle(self) -> None:

@@ -79,6 +79,22 @@ def test_one_write_records_deliveries_refusals_and_new_batches(tmp_path: Path) -
     assert spool.write().dead_letters == 0
 
 
+def test_writes_larger_than_one_statement_keep_order_and_totals(tmp_path: Path) -> None:
+    spool = spool_at(tmp_path)
+    spool.append("first", 1, b"[0]", 0.5)
+    rows = [(f"b{n}", 2, b"[%d,%d]" % (n, n), float(n)) for n in range(450)]
+    seqs = spool.write(append=rows).seqs
+    stored = spool.read_from(0, 1000)
+    assert seqs == [batch.seq for batch in stored[1:]]
+    assert [batch.batch_id for batch in stored[1:]] == [row[0] for row in rows]
+    written = spool.write(delete=[stored[0].seq, *seqs[::2]])
+    left = spool.read_from(0, 1000)
+    assert [batch.seq for batch in left] == seqs[1::2]
+    assert (spool.batches, spool.events) == (225, 450)
+    assert spool.bytes == sum(len(batch.events) for batch in left)
+    assert written.oldest_created == 1.0
+
+
 def test_oldest_skips_what_is_being_sent(tmp_path: Path) -> None:
     spool = spool_at(tmp_path)
     seqs = [spool.append(f"b{n}", 1, b"[]", float(n)) for n in range(5)]
