@@ -23,7 +23,7 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
-from stag_relay import __version__
+from stag_relay import __version__, metricfiles
 
 # The *_created series double the exposition for no use on a long-running daemon.
 disable_created_metrics()  # type: ignore[no-untyped-call]
@@ -120,6 +120,7 @@ class RelayMetrics:
         self.worker_restarts: Callable[[], int] = lambda: 0
         r.register(_LocalCollector(self))
         self._exposed = r
+        self._files = multiprocess_dir
         if multiprocess_dir is not None:
             self._exposed = CollectorRegistry()
             MultiProcessCollector(self._exposed, path=str(multiprocess_dir))  # type: ignore[no-untyped-call]
@@ -277,13 +278,16 @@ class RelayMetrics:
     def render(self, accept_header: str | None) -> tuple[bytes, str]:
         """The exposition body and its content type, negotiated from ``Accept``."""
         encoder, content_type = choose_encoder(accept_header or "")
-        return encoder(self._exposed), content_type
+        with metricfiles.reading(self._files):
+            return encoder(self._exposed), content_type
 
     def totals(self) -> SampleLookup:
         """A lookup of sample values as ``/metrics`` shows them now (all workers)."""
+        with metricfiles.reading(self._files):
+            families = list(self._exposed.collect())
         values = {
             (sample.name, tuple(sorted(sample.labels.items()))): sample.value
-            for family in self._exposed.collect()
+            for family in families
             for sample in family.samples
         }
 

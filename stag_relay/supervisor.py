@@ -44,6 +44,7 @@ import trio
 from prometheus_client import CollectorRegistry, multiprocess
 from prometheus_client.multiprocess import MultiProcessCollector
 
+from stag_relay import metricfiles
 from stag_relay.config import Config
 from stag_relay.systemd import Notifier, StatusSnapshot, run_watchdog
 from stag_relay.workers import (
@@ -319,6 +320,7 @@ class Supervisor:
         slot.process = None
         # Its live gauges leave with it; its counters stay in the totals.
         multiprocess.mark_process_dead(process.pid, str(self.directory))  # type: ignore[no-untyped-call]
+        metricfiles.fold_dead_process(self.directory, process.pid)
         (self.directory / state_file(slot.index)).unlink(missing_ok=True)
         # Stopping: a clean exit, or a process told to stop before it could drain
         # anything (no READY yet: it had accepted no client).

@@ -466,6 +466,9 @@ def test_a_dead_workers_counts_stay_in_the_totals_and_its_gauges_leave(
             os.kill(victim["pid"], signal.SIGKILL)
             # Once it is gone (a connection the kernel had queued for it is reset).
             wait_logged(relay, "worker exited", pid=victim["pid"])
+            # Its metric files were folded into the archives (scrapes read few files).
+            assert list(directory.glob(f"*_{victim['pid']}.db")) == []
+            assert (directory / "counter_archive.db").exists()
 
             # Its open connections no longer count (its clients see them end); what
             # it received and sent does.
