@@ -320,7 +320,13 @@ class Supervisor:
         slot.process = None
         # Its live gauges leave with it; its counters stay in the totals.
         multiprocess.mark_process_dead(process.pid, str(self.directory))  # type: ignore[no-untyped-call]
-        metricfiles.fold_dead_process(self.directory, process.pid)
+        try:
+            metricfiles.fold_dead_process(self.directory, process.pid)
+        except (OSError, RuntimeError) as exc:
+            # Its files then stay where they are, still counted: only scrapes get slower.
+            log.warning(
+                "cannot fold a dead worker's metric files", pid=process.pid, problem=str(exc)
+            )
         (self.directory / state_file(slot.index)).unlink(missing_ok=True)
         # Stopping: a clean exit, or a process told to stop before it could drain
         # anything (no READY yet: it had accepted no client).
