@@ -316,9 +316,14 @@ class Delivery:
                 await self._write(spool)
                 continue
             if self._config.when_full == "drop_oldest":
-                victims = await self._spool_call(spool.oldest, set(self._in_flight), 16)
+                found = await self._spool_call(spool.oldest, set(self._in_flight), 16)
+                # While that ran, the sender may have taken some, or finished with them:
+                # those are not the spool's to drop (nor to count as lost).
+                busy = {*self._in_flight, *self._to_delete, *(seq for seq, _, _ in self._buried)}
+                victims = [v for v in found if v.seq not in busy]
                 if victims:
                     await self._drop(spool, victims)
+                if found:
                     continue
             # block (or nothing droppable): wait for the sender to free room.
             await self._wait_for_change()
