@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import signal
 import socket
-import threading
 from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
@@ -23,6 +22,7 @@ from tests.support.workerprocs import (
     open_on_both_workers,
     start_workers,
     status,
+    stream_from_many,
 )
 
 
@@ -44,13 +44,7 @@ def test_connections_land_on_both_workers_and_every_event_arrives_once(
     with ExitStack() as stack:
         held = len(open_on_both_workers(port, stack, "held"))
         assert status(port)["workers"][0]["connections"] < held
-    threads = [
-        threading.Thread(target=stream_poses, args=(port, f"flood-{n}", 1000)) for n in range(8)
-    ]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=120)
+    stream_from_many(port, "flood", connections=8, packets=1000)
     expected = held + 8 * 1000
     stag.wait_for_events(expected)
     assert len(stag.events()) == len(set(stag.event_ids())) == expected
@@ -92,13 +86,7 @@ def test_a_killed_worker_is_replaced_and_the_relay_keeps_serving(
     assert status(port)["worker_restarts"] == 1
     assert metric(port, "relay_worker_restarts_total") == 1
     # Both workers serve again: enough connections reach each of them.
-    threads = [
-        threading.Thread(target=stream_poses, args=(port, f"after-{n}", 200)) for n in range(10)
-    ]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=120)
+    stream_from_many(port, "after", connections=10, packets=200)
     stag.wait_for_events(2000)
     assert len(set(stag.event_ids())) == 2000
     workers.proc.send_signal(signal.SIGTERM)

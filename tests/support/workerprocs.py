@@ -4,13 +4,14 @@ their HTTP endpoints say, for the tests of the supervisor and its workers."""
 from __future__ import annotations
 
 import json
+import threading
 from contextlib import ExitStack
 from functools import partial
 from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.support.clients import ClientConnection, connect_relay, pose_packet
+from tests.support.clients import ClientConnection, connect_relay, pose_packet, stream_poses
 from tests.support.relays import RelayProcess, http_get
 from tests.support.stag_server import StagServer
 from tests.support.waiting import poll_until
@@ -63,6 +64,19 @@ def open_on_both_workers(port: int, stack: ExitStack, prefix: str) -> list[Clien
         if len(listed) == 2 and all(w["connections"] for w in listed):
             return opened
     raise AssertionError("200 connections, all on one worker")
+
+
+def stream_from_many(port: int, prefix: str, *, connections: int, packets: int) -> None:
+    """``connections`` clients at once, each streaming ``packets`` poses as
+    ``<prefix>-<n>``: new connections, so the kernel spreads them over the workers."""
+    threads = [
+        threading.Thread(target=stream_poses, args=(port, f"{prefix}-{n}", packets))
+        for n in range(connections)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
 
 
 def gone(pid: int) -> bool:
