@@ -53,9 +53,10 @@ def fold_dead_process(directory: Path, pid: int) -> int:
             dead = directory / f"{kind}_{pid}.db"
             if not dead.exists():
                 continue
+            values = MmapedDict.read_all_values_from_file(str(dead))  # type: ignore[no-untyped-call]
             archive = MmapedDict(str(directory / f"{kind}_archive.db"))  # type: ignore[no-untyped-call]
             try:
-                for key, value, timestamp, _ in MmapedDict.read_all_values_from_file(str(dead)):  # type: ignore[no-untyped-call]
+                for key, value, timestamp, _ in values:
                     total = archive.read_value(key)[0] + value  # type: ignore[no-untyped-call]
                     archive.write_value(key, total, timestamp)  # type: ignore[no-untyped-call]
             finally:

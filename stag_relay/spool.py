@@ -183,10 +183,10 @@ class Spool:
         append: Sequence[tuple[str, int, bytes, float]] = (),
         delete: Sequence[int] = (),
         bury: Sequence[tuple[int, int, str]] = (),
-        dead_letter_max_bytes: int = 0,
+        dead_letter_max_bytes: int | None = None,
     ) -> Written:
         """One transaction: forget ``delete``d batches, move ``bury`` (seq, status, answer)
-        to the dead letters (kept under ``dead_letter_max_bytes``), commit ``append``
+        to the dead letters (kept under ``dead_letter_max_bytes``, if given), commit ``append``
         (batch_id, count, events, created) rows in order. Returns their ``seq``s and what
         the relay shows about the spool afterwards.
 
@@ -228,7 +228,7 @@ class Spool:
         return Written(seqs, oldest, self._dead_letters)
 
     def _bury_row(
-        self, db: sqlite3.Connection, seq: int, status: int, answer: str, max_bytes: int
+        self, db: sqlite3.Connection, seq: int, status: int, answer: str, max_bytes: int | None
     ) -> None:
         row = db.execute(
             "DELETE FROM batches WHERE seq = ? RETURNING batch_id, created, count, events",
@@ -244,6 +244,8 @@ class Spool:
             "events) VALUES (?, ?, ?, ?, ?, ?, ?)",
             (row[0], row[1], time.time(), row[2], status, answer, row[3]),
         )
+        if max_bytes is None:
+            return
         # Oldest dead letters go first when the table outgrows its bound.
         (total,) = db.execute(
             "SELECT COALESCE(SUM(LENGTH(events)), 0) FROM dead_letters"
