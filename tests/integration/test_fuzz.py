@@ -34,6 +34,7 @@ from tests.support.hostile import (
     hostile_messages,
     raw_after_handshake,
     raw_prefixes,
+    read_until_closed,
 )
 from tests.support.relays import make_config
 from tests.support.stag_server import StagServer
@@ -181,12 +182,7 @@ async def test_raw_bytes_before_the_handshake_get_an_answer_or_a_close(
                 sock.shutdown(socket.SHUT_WR)
             except (BrokenPipeError, ConnectionResetError):
                 pass  # the relay hung up first (a head over 16 KiB)
-            answer = b""
-            try:
-                while chunk := sock.recv(65536):
-                    answer += chunk
-            except ConnectionResetError:
-                pass
+            answer = read_until_closed(sock)
         # Nothing, or an HTTP answer with a proper status line.
         assert answer == b"" or _STATUS_LINE.match(answer), answer[:200]
         good.send_one()

@@ -31,7 +31,7 @@ from websockets.sync.client import connect
 from stag_relay.app import Relay
 from stag_relay.config import ConfigError, load_config
 from tests.support.clients import connect_relay, pose_packet
-from tests.support.hostile import SOCKET_TIMEOUT, RawWebSocket, Rejected
+from tests.support.hostile import SOCKET_TIMEOUT, RawWebSocket, Rejected, read_until_closed
 from tests.support.relays import RelayProcess, http_get, make_config
 from tests.support.stag_server import StagServer
 from tests.support.waiting import poll_until
@@ -308,13 +308,7 @@ async def test_wss_and_https_on_one_port(
     def plain_http() -> bytes:
         with socket.create_connection(("127.0.0.1", port), timeout=SOCKET_TIMEOUT) as sock:
             sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
-            answer = b""
-            try:
-                while chunk := sock.recv(65536):
-                    answer += chunk
-            except ConnectionResetError:
-                pass
-            return answer
+            return read_until_closed(sock)
 
     assert not (await in_thread(plain_http)).startswith(b"HTTP/")
     assert (await in_thread(https_get, "/health"))[0] == 200

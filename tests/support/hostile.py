@@ -233,6 +233,17 @@ _WRONG_POOLS = {
 }
 
 
+def read_until_closed(sock: socket.socket) -> bytes:
+    """Everything the relay sends on ``sock`` until it closes (or resets) it."""
+    answer = b""
+    try:
+        while chunk := sock.recv(65536):
+            answer += chunk
+    except ConnectionResetError:
+        pass
+    return answer
+
+
 def _base_packets() -> list[dict[str, Any]]:
     """Valid packets of both types across the edges of every rule."""
     bases: list[dict[str, Any]] = []
