@@ -393,6 +393,7 @@ class Relay:
 
     def _refresh_gauges(self) -> None:
         self.metrics.channel_events.set(self._events_recv.statistics().current_buffer_used)
+        self.metrics.held_events.set(self._events_send.waiting_events() + self.gate.held_events())
         self.metrics.sessions_active.set(len(self.sessions))
         spool = self.delivery.status()
         if spool is not None:

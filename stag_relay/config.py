@@ -446,7 +446,8 @@ class WebSocketConfig:
     buffer_size: int = 1024
     heartbeat_interval: float = attrs.field(default=30.0, metadata=_DURATION)
     max_message_size: int = 8 * 1024 * 1024
-    # Per connection: 4x a 60 Hz pose stream, headroom for pose and mesh together.
+    # Per connection: 4x a 60 Hz pose stream, headroom for pose and mesh together. A
+    # faster client is read more slowly, never refused.
     max_packets_per_second: int = 240
     # Invalid packets in a row that close a connection with 1008.
     max_invalid_packets: int = 100

@@ -111,6 +111,16 @@ class EventSender:
 
         await trio.lowlevel.wait_task_rescheduled(abort)
 
+    def pressed(self) -> bool:
+        """Senders wait for room, or the queue is three quarters full: connections
+        should read little at a time (what they read and cannot put is held)."""
+        queue = self._queue
+        return bool(queue.waiting) or len(queue.events) * 4 >= queue.capacity * 3
+
+    def waiting_events(self) -> int:
+        """Events senders hold while they wait for room."""
+        return sum(len(events) for _task, events in self._queue.waiting)
+
     def send_nowait(self, event: Event) -> None:
         """Put one event or raise ``trio.WouldBlock``."""
         events = [event]

@@ -5,14 +5,22 @@ then reads the socket in the connection's own task, 64 KiB at a time: every
 complete frame of a read is parsed in one loop (``wsframes.FrameReader``), every
 packet of it parsed and transformed, and the read's events go into the queue to
 the batcher in one operation. When the queue is full the connection waits and
-stops reading its socket, so backpressure reaches the client over TCP; the
-heartbeat knows that a connection waiting on backpressure is not a dead peer.
-Invalid packets get an error reply and the connection stays open.
+stops reading its socket, so backpressure reaches the client over TCP (and reads
+only 4 KiB at a time while it lasts); ``websocket.max_packets_per_second`` works
+the same way: a connection over it waits before its next read. No packet is ever
+refused for a limit. The heartbeat knows that a connection we are not reading is
+not a dead peer. Invalid packets get an error reply and the connection stays open.
 
 Everything the relay sends a client (replies, acknowledgements, pongs, pings,
-the close frame) goes through one small queue drained by one writer task, which
-also keeps the heartbeat: one writer at a time, and neither the reader nor the
-delivery stage ever waits on a client that does not read.
+the close frame) waits in the connection's outbox (outbox.py), which cannot
+overflow, and is written by one writer task, which also keeps the heartbeat: one
+writer at a time, and neither the reader nor the delivery stage ever waits on a
+client that does not read. A client is dropped as a slow reader only when its
+socket accepts nothing for SEND_TIMEOUT.
+
+On drain (shutdown) the connection sends its close frame (1001) at once and goes
+on reading, unthrottled, what the client sent before it saw it, up to the client's
+own close frame: a packet in flight when the relay stops is not lost.
 """
 
 from __future__ import annotations
@@ -25,7 +33,6 @@ from typing import Final
 from urllib.parse import parse_qs
 
 import attrs
-import orjson
 import structlog
 import trio
 
@@ -34,10 +41,11 @@ from stag_relay.config import Config
 from stag_relay.eventqueue import EventSender
 from stag_relay.events import Event
 from stag_relay.front import HttpRequest, ReplayStream
-from stag_relay.limits import InvalidStreak, PacketRate, ReplyBudget, Verdict
+from stag_relay.limits import InvalidStreak, ReadThrottle
 from stag_relay.mesh import MeshError
 from stag_relay.meshwork import MeshPipeline
 from stag_relay.metrics import RelayMetrics
+from stag_relay.outbox import Outbox
 from stag_relay.packets import MeshData, PacketError, parse_packet
 from stag_relay.transform import SessionLimitError, Sessions
 from stag_relay.wsframes import Close, FrameReader, Ping, Pong, Received, Violation
@@ -53,9 +61,14 @@ SEND_TIMEOUT: Final = 5.0
 # Meshes a connection may have waiting for its mesh lane: a client sends about one
 # per second beside 60 Hz poses; one more in hand keeps the lane busy, not the reader.
 MESH_LANE: Final = 1
-# Frames (replies, acks, pongs) waiting for a client: acks come one per batch, so
-# this is many batches' worth; a client further behind than that is not reading.
-REPLY_QUEUE: Final = 64
+# While the event queue is (nearly) full, a connection reads this much at a time: a
+# few dozen poses held outside the queue per waiting connection instead of a 64 KiB
+# read's several hundred, so memory under backpressure follows websocket.buffer_size,
+# not the number of connections.
+PRESSED_RECEIVE_BYTES: Final = 4 * 1024
+# Frames longer than this go to the socket in pieces, each with its own SEND_TIMEOUT:
+# a slow reader is one whose socket takes nothing, not one behind on a long ack.
+WRITE_CHUNK: Final = 16 * 1024
 CLOSE_GOING_AWAY: Final = wsframes.CLOSE_GOING_AWAY
 CLOSE_POLICY_VIOLATION: Final = wsframes.CLOSE_POLICY_VIOLATION
 CLOSE_INTERNAL_ERROR: Final = wsframes.CLOSE_INTERNAL_ERROR
@@ -91,7 +104,6 @@ class Gate:
         self.ok_mesh = metrics.packet("mesh", "ok")
         self.duplicate_pose = metrics.packet("pose", "duplicate")
         self.duplicate_mesh = metrics.packet("mesh", "duplicate")
-        self.rate_limited = metrics.packet("unknown", "rate_limited")
         self._ids = itertools.count(1)
         self._idle = trio.Event()
         self._idle.set()
@@ -160,13 +172,6 @@ def _wants_acks(query: str) -> bool:
 
 
 @attrs.frozen
-class _CloseFrame:
-    """A close frame in the writer's queue: the last frame the writer sends."""
-
-    frame: bytes
-
-
-@attrs.frozen
 class _RelayClose:
     """Why the relay ends a connection, as the close frame will say."""
 
@@ -176,6 +181,8 @@ class _RelayClose:
 
 # The client hung up without a close frame (end of stream, or a reset).
 _GONE: Final = _RelayClose(1006, "gone")
+# Drained: our close frame went out and the peer did not answer it in time.
+_DRAINED: Final = _RelayClose(CLOSE_GOING_AWAY, "relay shutting down")
 _Ending = Close | Violation | _RelayClose
 
 
@@ -205,12 +212,10 @@ class Connection:
         self._scope = nursery.cancel_scope
         settings = gate.config.websocket
         self._frames = FrameReader(settings.max_message_size)
-        # Frames to send; an Event marks a point the writer sets once it got there.
-        self._replies_send, self._replies_recv = trio.open_memory_channel[
-            bytes | _CloseFrame | trio.Event
-        ](REPLY_QUEUE)
-        # A close frame is queued (by the reader or the heartbeat): nothing after it.
-        self._close_sent = False
+        # What the writer owes the client (replies, acks, a pong, the close frame), and
+        # the event that wakes the writer when there is something new (set while it waits).
+        self.outbox = Outbox()
+        self._wake: trio.Event | None = None
         # Set once the writer has sent the close frame (created when one is queued).
         self._close_written: trio.Event | None = None
         # A pong came since the last ping (the reader sets it, the heartbeat reads it).
@@ -219,8 +224,9 @@ class Connection:
         # (acknowledged with the next acknowledgement, as they are already safe).
         self._unacked = 0
         self._duplicates: list[int] = []
-        # True while a put waits on a full queue; ``stalls`` counts such waits
-        # so the heartbeat can tell a stalled pipeline from a dead peer.
+        # True while the reader waits on us (a full queue, a busy mesh lane, the read
+        # throttle); ``stalls`` counts such waits so the heartbeat can tell a stalled
+        # reader from a dead peer.
         self.blocked = False
         self.stalls = 0
         # Puts shielded from draining; the shutdown deadline cancels them.
@@ -232,9 +238,9 @@ class Connection:
         self._in_lane = 0
         self._read_scope = trio.CancelScope()
         # Limits that protect the other clients from this one (limits.py).
-        self._rate = PacketRate(settings.max_packets_per_second)
+        self._throttle = ReadThrottle(settings.max_packets_per_second)
+        self._read_again_at = -math.inf
         self._invalid = InvalidStreak(settings.max_invalid_packets)
-        self._error_budget = ReplyBudget()
 
     def stop_reading(self) -> None:
         self._read_scope.cancel()
@@ -248,29 +254,66 @@ class Connection:
     async def run(self, prefix: bytes = b"") -> None:
         self.log.debug("connection opened")
         ending: _Ending | None = None
+        # Only receives and the throttle's waits are ever cancelled by draining:
+        # handling a read has no checkpoint but its shielded puts, so whatever was
+        # read is judged and queued.
+        with self._read_scope:
+            ending = await self._read(prefix)
+        if ending is None:
+            ending = await self._read_after_drain()
+        await self._end(ending)
+
+    async def _read(self, data: bytes | bytearray) -> _Ending:
         receive_some = self.stream.receive_some
         frames = self._frames
-        # Only the receive is ever cancelled by draining: handling a read has no
-        # checkpoint but its shielded puts, so whatever was read is judged and queued.
-        with self._read_scope:
-            data: bytes | bytearray = prefix
+        events = self.gate.events
+        while True:
+            if data:
+                ending = await self._handle(frames.receive(data))
+                if ending is not None:
+                    return ending
+                if self._read_again_at > trio.current_time():
+                    await self._throttled()
+            # While the queue is (nearly) full, what a read brings waits outside it:
+            # read little, so that is a few packets per connection, not a whole read's.
+            size = PRESSED_RECEIVE_BYTES if events.pressed() else RECEIVE_BYTES
+            try:
+                data = await receive_some(size)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                data = b""
+            if not data:
+                return _GONE
+
+    async def _throttled(self) -> None:
+        """Over websocket.max_packets_per_second: read nothing until the bucket has
+        tokens again, so TCP slows the client down. Not the heartbeat's business."""
+        self.blocked = True
+        self.stalls += 1
+        started = trio.current_time()
+        try:
+            await trio.sleep_until(self._read_again_at)
+        finally:
+            self.blocked = False
+            self.gate.metrics.throttled_seconds.inc(trio.current_time() - started)
+
+    async def _read_after_drain(self) -> _Ending:
+        """Drained: our close frame (1001) goes out, and what the client sent before it
+        saw it is still read and queued, up to its own close frame. Unthrottled: that
+        is what it sent already, and the shutdown has a deadline."""
+        self._queue_close(CLOSE_GOING_AWAY, "relay shutting down", keep_reading=True)
+        frames = self._frames
+        with trio.move_on_after(SEND_TIMEOUT):
             while True:
-                if data:
-                    ending = await self._handle(frames.receive(data))
-                    if ending is not None:
-                        break
                 try:
-                    data = await receive_some(RECEIVE_BYTES)
+                    data = await self.stream.receive_some(RECEIVE_BYTES)
                 except (trio.BrokenResourceError, trio.ClosedResourceError):
                     data = b""
                 if not data:
-                    ending = _GONE
-                    break
-        if ending is None:
-            # Drained: once the meshes read are through the lane, everything read
-            # from this client is in the queue.
-            ending = _RelayClose(CLOSE_GOING_AWAY, "relay shutting down")
-        await self._end(ending)
+                    return _GONE
+                ending = await self._handle(frames.receive(data))
+                if ending is not None:
+                    return ending
+        return _DRAINED
 
     async def _handle(self, items: list[Received]) -> _Ending | None:
         """Judge everything one read brought; the read's events go into the queue at once."""
@@ -278,7 +321,6 @@ class Connection:
             return None
         gate = self.gate
         sessions = gate.sessions
-        rate = self._rate
         origin = self if self.acks else None
         events: list[Event] = []
         ending: _Ending | None = None
@@ -288,25 +330,10 @@ class Connection:
         started = time.perf_counter()
         waited = 0.0
         # Tallies for the metrics, added once per read (each inc takes a lock).
-        accepted = meshes = duplicate_pose = duplicate_mesh = limited = 0
+        packets = accepted = meshes = duplicate_pose = duplicate_mesh = 0
         for item in items:
             if type(item) is bytes:
-                # Before parsing: a flood must not cost us the parsing of what we refuse.
-                verdict = rate.check(now)
-                if verdict is not Verdict.ACCEPT:
-                    limited += 1
-                    if verdict is Verdict.CLOSE:
-                        ending = self._policy_close(
-                            "rate_limit", "far over the packet rate for long"
-                        )
-                        break
-                    limit = rate.limit
-                    self._reply_error(
-                        f"over {limit} packets per second; packet dropped",
-                        None,
-                        code="rate_limited",
-                    )
-                    continue
+                packets += 1
                 try:
                     packet = parse_packet(item)
                     if self.session_id is None:
@@ -364,7 +391,8 @@ class Connection:
             elif type(item) is Pong:
                 self._pong = True
             elif type(item) is Ping:
-                self._send_frame(wsframes.pong_frame(item.payload))
+                self.outbox.ping(item.payload)
+                self._notify()
             else:
                 assert isinstance(item, Close | Violation)
                 ending = item
@@ -374,8 +402,8 @@ class Connection:
             gate.metrics.observe_many(
                 gate.metrics.processing_duration, elapsed / accepted, accepted
             )
-        if limited:
-            gate.rate_limited.inc(limited)
+        if packets:
+            self._read_again_at = self._throttle.read(packets, now)
         if duplicate_pose:
             gate.duplicate_pose.inc(duplicate_pose)
         if duplicate_mesh:
@@ -398,12 +426,12 @@ class Connection:
             self.blocked = True
             self.stalls += 1
             # Not reading the client is our doing: its packets bunch up meanwhile.
-            self._rate.pause(trio.current_time())
+            self._throttle.pause(trio.current_time())
             try:
                 await self._shielded_put(events)
             finally:
                 self.blocked = False
-                self._rate.resume(trio.current_time())
+                self._throttle.resume(trio.current_time())
             if events:
                 meshes -= sum(1 for event in events if event.type == "mesh")
         moved = count - len(events)
@@ -444,7 +472,7 @@ class Connection:
             await self._deliver(events, 0)
         self.blocked = True
         self.stalls += 1
-        self._rate.pause(trio.current_time())
+        self._throttle.pause(trio.current_time())
         sent = False
         try:
             with trio.CancelScope(shield=True) as scope:
@@ -456,7 +484,7 @@ class Connection:
         finally:
             self._send_scopes.discard(scope)
             self.blocked = False
-            self._rate.resume(trio.current_time())
+            self._throttle.resume(trio.current_time())
         if not sent:
             self._in_lane -= 1
             self.gate.metrics.events_dropped.labels("shutdown").inc()
@@ -501,41 +529,28 @@ class Connection:
         self, message: str, frame_number: int | None, *, code: str = "invalid_packet"
     ) -> None:
         # Error replies are rate limited too, or a flood of bad packets would make us
-        # an amplifier; the next reply sent says how many were suppressed.
-        suppressed = self._error_budget.take(trio.current_time())
-        if suppressed is None:
+        # an amplifier; the outbox counts and reports the ones it does not send.
+        if not self.outbox.error(trio.current_time(), code, message, frame_number):
             self.gate.metrics.error_replies_suppressed.inc()
-            return
-        reply: dict[str, object] = {"type": "error", "code": code, "message": message}
-        if frame_number is not None:
-            reply["frame_number"] = frame_number
-        if suppressed:
-            reply["suppressed"] = suppressed
-        self._send_frame(wsframes.text_frame(orjson.dumps(reply)))
+        # Either a reply to write, or a summary of suppressed ones to schedule.
+        self._notify()
 
-    def _send_frame(self, frame: bytes | _CloseFrame) -> None:
-        """Queue a frame; a client that lets the queue fill is not reading: drop it."""
-        if self._close_sent:
-            return
-        try:
-            self._replies_send.send_nowait(frame)
-        except trio.WouldBlock:
-            self._drop_slow_reader()
-        except (trio.ClosedResourceError, trio.BrokenResourceError):
-            # The writer is gone (the connection is ending), while packets the client
-            # sent before are still being judged.
-            pass
+    def _notify(self) -> None:
+        """Something new in the outbox: wake the writer if it waits."""
+        wake = self._wake
+        if wake is not None:
+            wake.set()
 
     def _drop_slow_reader(self) -> None:
         if not self._scope.cancel_called:
-            self.log.info("client does not read its replies, closing")
+            self.log.info("client does not read what the relay sends, closing")
             self.gate.metrics.policy_closes.labels("slow_reader").inc()
         self._scope.cancel()
 
     async def write_frames(self) -> None:
-        """The one writer: queued frames in order, and a ping every heartbeat_interval;
+        """The one writer: the outbox in order, and a ping every heartbeat_interval;
         a peer that answers no ping within an interval is closed (1011), unless we
-        were the ones not reading (backpressure)."""
+        were the ones not reading (backpressure, the read throttle)."""
         try:
             closed_here = await self._write_until_closed()
         finally:
@@ -548,53 +563,68 @@ class Connection:
             self._scope.cancel()
 
     async def _write_until_closed(self) -> bool:
-        """Write until a close frame is out (True if the heartbeat sent it) or
+        """Write until the close frame is out (True if the heartbeat sent it) or
         writing failed (False)."""
         interval = self.gate.config.websocket.heartbeat_interval
+        outbox = self.outbox
         beat = trio.current_time() + interval
         ping_out = False
         stalls = 0
         closed_here = False
-        async with self._replies_recv as frames:
-            while True:
-                item: bytes | _CloseFrame | trio.Event | None = None
-                with trio.move_on_at(beat):
-                    item = await frames.receive()
-                if item is None:
-                    beat = trio.current_time() + interval
-                    if self._close_sent:
-                        # The reader queued a close frame: it is next in the queue.
-                        beat = math.inf
-                        continue
-                    if ping_out and not self._pong and not self.blocked and self.stalls == stalls:
-                        self.gate.metrics.heartbeat_timeouts.inc()
-                        self.log.info(
-                            "no pong within heartbeat interval, closing", interval=interval
-                        )
-                        item = self._close_here(CLOSE_INTERNAL_ERROR, "ping timeout")
-                        closed_here = True
-                    else:
-                        # A ping unanswered while we were not reading is not the peer's
-                        # fault: its pong may be sitting unread. Ping again.
-                        self._pong = False
-                        ping_out = True
-                        stalls = self.stalls
-                        item = _PING
-                elif isinstance(item, trio.Event):
-                    item.set()
-                    continue
-                frame = item.frame if isinstance(item, _CloseFrame) else item
-                with trio.move_on_after(SEND_TIMEOUT) as timeout:
-                    try:
-                        await self.stream.send_all(frame)
-                    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        while True:
+            now = trio.current_time()
+            if now >= beat and not outbox.closing:
+                beat = now + interval
+                if ping_out and not self._pong and not self.blocked and self.stalls == stalls:
+                    self.gate.metrics.heartbeat_timeouts.inc()
+                    self.log.info("no pong within heartbeat interval, closing", interval=interval)
+                    self._queue_close(CLOSE_INTERNAL_ERROR, "ping timeout")
+                    closed_here = True
+                else:
+                    # A ping unanswered while we were not reading is not the peer's
+                    # fault: its pong may be sitting unread. Ping again.
+                    self._pong = False
+                    ping_out = True
+                    # A ping sent while the reader waits cannot have its pong read
+                    # until the wait ends: it is judged only if no wait overlaps it.
+                    stalls = self.stalls if not self.blocked else -1
+                    if not await self._write(_PING):
                         return False
-                if timeout.cancelled_caught:
-                    self._drop_slow_reader()
+                continue
+            frame = outbox.pop(now)
+            if frame is None:
+                # Once the close frame is queued, no more pings: it comes next.
+                deadline = math.inf if outbox.closing else beat
+                due = outbox.summary_due(now)
+                if due is not None:
+                    deadline = min(deadline, due)
+                self._wake = wake = trio.Event()
+                with trio.move_on_at(deadline):
+                    await wake.wait()
+                self._wake = None
+                continue
+            if not await self._write(frame):
+                return False
+            if outbox.done:
+                await self._half_close()
+                return closed_here
+
+    async def _write(self, frame: bytes) -> bool:
+        """Send ``frame``; False if the peer is gone, or if its socket took none of it
+        for SEND_TIMEOUT (a slow reader, dropped). A long frame goes in chunks, each
+        with that timeout: a client that reads slowly but reads is not dropped."""
+        stream = self.stream
+        for start in range(0, len(frame), WRITE_CHUNK):
+            chunk = frame if len(frame) <= WRITE_CHUNK else frame[start : start + WRITE_CHUNK]
+            with trio.move_on_after(SEND_TIMEOUT) as timeout:
+                try:
+                    await stream.send_all(chunk)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
                     return False
-                if isinstance(item, _CloseFrame):
-                    await self._half_close()
-                    return closed_here
+            if timeout.cancelled_caught:
+                self._drop_slow_reader()
+                return False
+        return True
 
     async def _half_close(self) -> None:
         """Nothing follows a close frame: say so with a FIN (TCP, not TLS), so a peer
@@ -604,25 +634,17 @@ class Connection:
             with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
                 await self.stream.send_eof()
 
-    def _close_here(self, code: int, reason: str) -> _CloseFrame:
-        """The writer's own close frame (heartbeat): it sends it at once."""
-        self._close_sent = True
-        self._close_written = trio.Event()
-        self._frames.closing()
-        return _CloseFrame(wsframes.close_frame(code, reason))
-
-    def _queue_close(self, code: int | None, reason: str = "") -> None:
-        if self._close_sent:
+    def _queue_close(
+        self, code: int | None, reason: str = "", *, keep_reading: bool = False
+    ) -> None:
+        """Queue our close frame (once). Unless ``keep_reading`` (a drain), only the
+        peer's close frame is read from now on."""
+        if not self.outbox.queue_close(wsframes.close_frame(code, reason)):
             return
-        self._close_sent = True
         self._close_written = trio.Event()
-        self._frames.closing()
-        try:
-            self._replies_send.send_nowait(_CloseFrame(wsframes.close_frame(code, reason)))
-        except trio.WouldBlock:
-            self._drop_slow_reader()
-        except (trio.ClosedResourceError, trio.BrokenResourceError):
-            pass
+        if not keep_reading:
+            self._frames.closing()
+        self._notify()
 
     # -- acknowledgements (events.Origin) ---------------------------------------------
 
@@ -633,8 +655,8 @@ class Connection:
             frame_numbers = frame_numbers + self._duplicates
             self._duplicates = []
         if frame_numbers:
-            message = {"type": "ack", "session_id": session_id, "frame_numbers": frame_numbers}
-            self._send_frame(wsframes.text_frame(orjson.dumps(message)))
+            self.outbox.ack(session_id, frame_numbers)
+            self._notify()
 
     def forget(self, count: int) -> None:
         """These events will never be durable (STAG refused them): no acknowledgement."""
@@ -659,6 +681,11 @@ class Connection:
             return
         if ending is _GONE:
             self.log.debug("connection lost without a close frame")
+            await self._finish_mesh_lane()
+            return
+        if ending is _DRAINED:
+            self.log.debug("no close frame from the peer after ours", code=CLOSE_GOING_AWAY)
+            await self._wait_close_written()
             await self._finish_mesh_lane()
             return
         if isinstance(ending, Violation):

@@ -4,56 +4,40 @@ Pure: no I/O, no trio. Every method takes ``now`` (seconds on any monotonic
 clock; the gate passes ``trio.current_time()``, so tests drive it with values or
 trio's MockClock).
 
-- :class:`PacketRate`: ``websocket.max_packets_per_second`` as a token bucket, and
-  the verdict to close a connection that stays far over it for long.
+- :class:`ReadThrottle`: ``websocket.max_packets_per_second`` as a token bucket that
+  decides when a connection may read again; nothing is ever refused for its rate.
 - :class:`InvalidStreak`: ``websocket.max_invalid_packets`` in a row closes.
-- :class:`ReplyBudget`: error replies are themselves rate limited; the ones not
-  sent are counted and reported in the next one that is.
+- :func:`reply_budget`: error replies are themselves rate limited (outbox.py counts
+  and reports the ones not sent).
 """
 
 from __future__ import annotations
 
-import enum
 from typing import Final
 
 import attrs
 
-# A connection may send this many seconds' worth of its rate at once: a client that
-# was briefly descheduled (mobile radio, GC pause) catches up without being limited.
-BURST_SECONDS: Final = 1.0
-# "Far over the limit": more than this many times the limit offered in a window, so
-# that at least (FAR_OVER_FACTOR - 1) x limit packets of it were refused. A 60 Hz
-# client under the default 240/s never comes near; a client bug or a flood does.
-FAR_OVER_FACTOR: Final = 4.0
-# Offered load is judged per window of this length.
-WINDOW_SECONDS: Final = 1.0
-# "For long": this many consecutive far-over windows. Longer than any burst a real
-# client produces after a reconnect or a stall, short enough that a flood costs us
-# seconds, not minutes.
-FAR_OVER_WINDOWS: Final = 5
+# A connection may send this many seconds' worth of its rate at once before it is
+# slowed down: a client that was briefly descheduled (mobile radio, GC pause) catches
+# up at full speed.
+BURST_SECONDS: Final = 2.0
 # Error replies per second per connection, sustained: enough for a client developer
-# to see what is wrong, too few for a flood of refused packets (rate_limited) to turn
-# the relay into an amplifier.
+# to see what is wrong, too few for a flood of bad packets to turn the relay into an
+# amplifier.
 ERROR_REPLIES_PER_SECOND: Final = 10.0
 # Error replies a connection may get at once: as many as the default
 # websocket.max_invalid_packets, so a client (an acknowledging one in particular)
 # that sends a burst of bad packets gets every answer before its streak closes it.
 ERROR_REPLY_BURST: Final = 100.0
-
-
-class Verdict(enum.Enum):
-    ACCEPT = "accept"
-    # Over the limit: refuse this packet (counted, error reply), keep the connection.
-    LIMIT = "limit"
-    # Far over the limit for long: close the connection with 1008.
-    CLOSE = "close"
+# A token, give or take float rounding: refilling until ``ready_at`` must give one.
+_WHOLE: Final = 1.0 - 1e-9
 
 
 @attrs.define
 class TokenBucket:
     """``rate`` tokens a second, at most ``capacity`` saved up; starts full.
 
-    While ``paused`` (the relay is not reading the client, see PacketRate.pause),
+    While ``paused`` (the relay is not reading the client, see ReadThrottle.pause),
     tokens accrue without the cap: the client's packets from that time arrive
     together afterwards, and that bunching is ours, not theirs.
     """
@@ -78,10 +62,22 @@ class TokenBucket:
     def take(self, now: float) -> bool:
         """Take one token if there is one."""
         self._refill(now)
-        if self.tokens >= 1.0:
+        if self.tokens >= _WHOLE:
             self.tokens -= 1.0
             return True
         return False
+
+    def spend(self, count: int, now: float) -> None:
+        """Take ``count`` tokens, going into debt if there are not that many."""
+        self._refill(now)
+        self.tokens -= count
+
+    def ready_at(self, now: float) -> float:
+        """When there is a token again: ``now`` if there is one already."""
+        self._refill(now)
+        if self.tokens >= _WHOLE or self.paused_at is not None:
+            return now
+        return now + (1.0 - self.tokens) / self.rate
 
     def pause(self, now: float) -> None:
         self._refill(now)
@@ -98,51 +94,27 @@ class TokenBucket:
 
 
 @attrs.define
-class PacketRate:
-    """``limit`` packets a second per connection, and when to give up on a connection.
+class ReadThrottle:
+    """``limit`` packets a second per connection, enforced by reading less often.
 
-    A window is "far over" once more than ``(FAR_OVER_FACTOR - 1) * limit *
-    WINDOW_SECONDS`` of its packets were refused; FAR_OVER_WINDOWS such windows
-    in a row give the verdict CLOSE.
+    The gate spends one token per packet it read and, while the bucket is in debt,
+    waits before its next read: TCP then slows the client down, as backpressure does,
+    and no packet is refused for its rate. A read may bring more packets than there
+    are tokens (they are all judged); the debt is paid by waiting.
     """
 
     limit: int
     bucket: TokenBucket = attrs.field(init=False)
-    window: int | None = attrs.field(default=None, init=False)
-    refused_in_window: int = attrs.field(default=0, init=False)
-    # Index of the last window found far over, and how many in a row up to it.
-    far_window: int | None = attrs.field(default=None, init=False)
-    far_windows: int = attrs.field(default=0, init=False)
-    refused: int = attrs.field(default=0, init=False)
 
     def __attrs_post_init__(self) -> None:
         if self.limit <= 0:
             raise ValueError("limit must be positive")
         self.bucket = TokenBucket(rate=self.limit, capacity=self.limit * BURST_SECONDS)
 
-    @property
-    def far_threshold(self) -> float:
-        return (FAR_OVER_FACTOR - 1.0) * self.limit * WINDOW_SECONDS
-
-    def check(self, now: float) -> Verdict:
-        """The verdict for one packet arriving at ``now``."""
-        if self.bucket.take(now):
-            return Verdict.ACCEPT
-        self.refused += 1
-        window = int(now // WINDOW_SECONDS)
-        if window != self.window:
-            self.window = window
-            self.refused_in_window = 0
-        self.refused_in_window += 1
-        if self.refused_in_window > self.far_threshold and self.far_window != window:
-            # This window just became far over; it extends the run only if the
-            # previous window was far over too.
-            consecutive = self.far_window is not None and window == self.far_window + 1
-            self.far_windows = self.far_windows + 1 if consecutive else 1
-            self.far_window = window
-        if self.far_window == window and self.far_windows >= FAR_OVER_WINDOWS:
-            return Verdict.CLOSE
-        return Verdict.LIMIT
+    def read(self, packets: int, now: float) -> float:
+        """``packets`` were read at ``now``: when the connection may read again."""
+        self.bucket.spend(packets, now)
+        return self.bucket.ready_at(now)
 
     def pause(self, now: float) -> None:
         """The relay stopped reading this client (backpressure): not the client's doing."""
@@ -168,20 +140,6 @@ class InvalidStreak:
         self.streak = 0
 
 
-@attrs.define
-class ReplyBudget:
-    """How many error replies a connection gets; the rest are suppressed and counted."""
-
-    bucket: TokenBucket = attrs.field(
-        factory=lambda: TokenBucket(rate=ERROR_REPLIES_PER_SECOND, capacity=ERROR_REPLY_BURST)
-    )
-    # Suppressed since the last reply that was sent; that reply's successor reports it.
-    suppressed: int = 0
-
-    def take(self, now: float) -> int | None:
-        """None: suppress this reply. Else send it, reporting this many suppressed before it."""
-        if not self.bucket.take(now):
-            self.suppressed += 1
-            return None
-        suppressed, self.suppressed = self.suppressed, 0
-        return suppressed
+def reply_budget() -> TokenBucket:
+    """A connection's error replies: ERROR_REPLY_BURST at once, then the sustained rate."""
+    return TokenBucket(rate=ERROR_REPLIES_PER_SECOND, capacity=ERROR_REPLY_BURST)

@@ -31,14 +31,14 @@ disable_created_metrics()  # type: ignore[no-untyped-call]
 PACKET_TYPES: Final = ("pose", "mesh", "unknown")
 # ok: forwarded; invalid: error reply sent; duplicate: frame not newer than the last
 # accepted one (resends after reconnects), dropped without a reply; too_large: over
-# websocket.max_message_size, the connection is closed with 1009; rate_limited: over
-# websocket.max_packets_per_second, refused unparsed (so its type is "unknown").
-PACKET_STATUSES: Final = ("ok", "invalid", "duplicate", "too_large", "rate_limited")
+# websocket.max_message_size, the connection is closed with 1009. No packet is refused
+# for its rate: websocket.max_packets_per_second slows the reading down instead.
+PACKET_STATUSES: Final = ("ok", "invalid", "duplicate", "too_large")
 # Why an upgrade was answered with an HTTP error instead: 401, 403, 503 (full), 503.
 REFUSAL_REASONS: Final = ("unauthorized", "origin", "capacity", "draining")
-# Why the relay closed a connection to protect the others: far over the packet rate
-# for long (1008), max_invalid_packets in a row (1008), replies not read (dropped).
-POLICY_CLOSE_REASONS: Final = ("rate_limit", "invalid_packets", "slow_reader")
+# Why the relay closed a connection to protect the others: max_invalid_packets in a row
+# (1008), its socket took no byte of what the relay sent for the send timeout (dropped).
+POLICY_CLOSE_REASONS: Final = ("invalid_packets", "slow_reader")
 # rejected: STAG answered a 4xx that retrying cannot fix; shutdown: still held when
 # server.shutdown_timeout ran out; spool_full: dropped by delivery.when_full=drop_oldest.
 DROP_REASONS: Final = ("rejected", "shutdown", "spool_full")
@@ -171,7 +171,14 @@ class RelayMetrics:
         )
         self.error_replies_suppressed = Counter(
             "relay_error_replies_suppressed",
-            "Error replies not sent because a connection was over its error reply rate",
+            "Error replies not sent: over a connection's error reply rate, or too many "
+            "waiting for a client to read them",
+            registry=r,
+        )
+        self.throttled_seconds = Counter(
+            "relay_throttled_seconds",
+            "Time connections waited before reading again, to keep to "
+            "websocket.max_packets_per_second",
             registry=r,
         )
         self.batch_size = Histogram(
@@ -207,6 +214,13 @@ class RelayMetrics:
         self.channel_events = Gauge(
             "relay_channel_events",
             "Events waiting in the channel to the batcher",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.held_events = Gauge(
+            "relay_held_events",
+            "Events read from clients and not yet in the channel: waiting for room, or "
+            "meshes being decoded",
             registry=r,
             multiprocess_mode="livesum",
         )

@@ -76,8 +76,8 @@ IDLE_CONNECTIONS: Final = 3000
 MESH_CONNECTIONS: Final = 20
 MESH_TRIANGLES: Final = 40_000
 BATCH_MAX_SIZE: Final = 100
-# A flood is what websocket.max_packets_per_second (240 by default) exists to refuse;
-# the flood measures the pipeline, so the limit is lifted far above what it sends.
+# A flood is what websocket.max_packets_per_second (240 by default) exists to slow
+# down; the flood measures the pipeline, so the limit is lifted far above what it sends.
 FLOOD_PACKET_RATE_LIMIT: Final = "10000000"
 PACED_BATCH_TIMEOUT: Final = "50ms"
 # The targets.

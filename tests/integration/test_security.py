@@ -441,30 +441,6 @@ async def test_a_head_dripped_byte_by_byte_is_cut_off_at_handshake_timeout(
 # --- per-connection limits ------------------------------------------------------------
 
 
-async def test_packets_over_the_rate_are_refused_with_a_reply(
-    mock_clock: trio.testing.MockClock, nursery: trio.Nursery, stag: StagServer
-) -> None:
-    # The clock stands still: one second's worth of packets passes, the rest is over.
-    relay = await start(
-        nursery, stag, websocket={"max_packets_per_second": 20}, batch={"max_size": 1}
-    )
-
-    def stream() -> list[dict[str, Any]]:
-        with connect_relay(relay.ports[0]) as ws:
-            for frame in range(1, 51):
-                ws.send(pose_packet("rated", frame))
-            return [json.loads(ws.recv(timeout=SOCKET_TIMEOUT)) for _ in range(30)]
-
-    replies = await in_thread(stream)
-    assert {reply["code"] for reply in replies} == {"rate_limited"}
-    assert "20 packets per second" in replies[0]["message"]
-    events = await in_thread(stag.wait_for_events, 20)
-    assert sorted(e["frame_number"] for e in events) == list(range(1, 21))
-    await relay.gate.wait_idle()
-    assert sample(relay, "relay_packets_total", type="unknown", status="rate_limited") == 30
-    assert sample(relay, "relay_packets_total", type="pose", status="ok") == 20
-
-
 async def test_max_invalid_packets_in_a_row_closes_with_1008(
     nursery: trio.Nursery, stag: StagServer
 ) -> None:
@@ -551,10 +527,10 @@ async def test_compression_is_declined_so_the_size_limit_is_the_decoded_size(
 
 
 async def test_a_client_that_never_reads_is_dropped_and_blocks_nobody(
-    mock_clock: trio.testing.MockClock, nursery: trio.Nursery, stag: StagServer
+    nursery: trio.Nursery, stag: StagServer
 ) -> None:
-    # The clock stands still, so no timeout (heartbeat, send timeout) can be what
-    # drops the reader: only its full reply queue can.
+    # Its acknowledgements fill its socket; once the socket has taken nothing for the
+    # send timeout, the relay gives up on it (and only then: what waits merges).
     relay = await start(nursery, stag, batch={"max_size": 1})
     port = relay.ports[0]
     stalled = await in_thread(

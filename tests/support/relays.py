@@ -56,11 +56,16 @@ class RelayProcess:
     for one (the "relay listening" line tells the port chosen for port 0).
     """
 
-    def __init__(self, env: Mapping[str, str], args: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self, env: Mapping[str, str], args: tuple[str, ...] = (), *, lift_rate: bool = True
+    ) -> None:
+        """``lift_rate``: no packet rate limit (tests that stream as fast as they can);
+        False keeps the relay's default, as a user gets it."""
         full_env = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
         full_env.update(env)
         full_env.setdefault("RELAY_LOG_FORMAT", "json")
-        full_env.setdefault("RELAY_WEBSOCKET_MAX_PACKETS_PER_SECOND", str(UNLIMITED_RATE))
+        if lift_rate:
+            full_env.setdefault("RELAY_WEBSOCKET_MAX_PACKETS_PER_SECOND", str(UNLIMITED_RATE))
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "stag_relay", *args],
             env=full_env,

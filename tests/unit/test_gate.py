@@ -18,7 +18,7 @@ from wsproto.events import Ping, Pong, TextMessage
 from stag_relay.config import Config
 from stag_relay.eventqueue import EventReceiver, open_event_queue
 from stag_relay.events import Event as SpatialEvent
-from stag_relay.gate import Gate
+from stag_relay.gate import PRESSED_RECEIVE_BYTES, Gate
 from stag_relay.metrics import RelayMetrics
 from stag_relay.transform import Sessions
 from tests.support.clients import pose_packet
@@ -314,3 +314,28 @@ async def test_a_bad_websocket_handshake_is_refused_before_the_gate(
     if status == 426:
         assert b"sec-websocket-version: 13" in answer.lower()
     assert sample(gate, "relay_connections_total") == 0
+
+
+async def test_while_the_queue_is_full_a_connection_reads_little_at_a_time(
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    gate, events = build_gate(capacity=4)
+    async with trio.open_nursery() as nursery:
+        client = await connect(nursery, gate)
+        packets = [pose_packet("pressed", n) for n in range(1, 201)]
+        await client.send(*packets[:4])
+        await trio.testing.wait_all_tasks_blocked()
+        assert gate.events.pressed()
+        await client.send(*packets[4:])
+        await trio.testing.wait_all_tasks_blocked()
+        # Each time room appears, the connection reads at most PRESSED_RECEIVE_BYTES:
+        # what it holds outside the queue is that read's few packets, never all 196.
+        per_read = PRESSED_RECEIVE_BYTES // len(packets[0]) + 1
+        assert per_read < 50
+        received: list[SpatialEvent] = []
+        while len(received) < 200:
+            assert gate.events.waiting_events() <= per_read
+            received.append(await events.receive())
+            await trio.testing.wait_all_tasks_blocked()
+        assert [e.frame_number for e in received] == list(range(1, 201))
+        nursery.cancel_scope.cancel()

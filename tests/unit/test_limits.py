@@ -6,23 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from stag_relay.limits import (
-    BURST_SECONDS,
-    ERROR_REPLIES_PER_SECOND,
-    ERROR_REPLY_BURST,
-    FAR_OVER_FACTOR,
-    FAR_OVER_WINDOWS,
-    InvalidStreak,
-    PacketRate,
-    ReplyBudget,
-    TokenBucket,
-    Verdict,
-)
-
-
-def offer(rate: PacketRate, count: int, now: float) -> list[Verdict]:
-    return [rate.check(now) for _ in range(count)]
-
+from stag_relay.limits import BURST_SECONDS, InvalidStreak, ReadThrottle, TokenBucket
 
 # --- token bucket -------------------------------------------------------------------
 
@@ -74,72 +58,63 @@ def test_bucket_never_grants_more_than_rate_times_time_plus_capacity(
     assert granted <= rate * now + rate * BURST_SECONDS + 1e-6
 
 
-# --- packet rate --------------------------------------------------------------------
+# --- read throttle ------------------------------------------------------------------
 
 
-def test_excess_is_limited_then_the_rate_is_allowed_again() -> None:
-    rate = PacketRate(limit=240)
-    verdicts = offer(rate, 300, now=10.0)
-    assert verdicts.count(Verdict.ACCEPT) == 240
-    assert verdicts.count(Verdict.LIMIT) == 60
-    assert rate.refused == 60
-    assert offer(rate, 240, now=11.0).count(Verdict.ACCEPT) == 240
+def test_a_read_within_the_burst_may_be_followed_at_once() -> None:
+    throttle = ReadThrottle(limit=240)
+    assert throttle.read(int(240 * BURST_SECONDS) - 1, now=10.0) == 10.0
 
 
-def test_a_steady_client_at_its_limit_is_never_limited() -> None:
-    rate = PacketRate(limit=60)
+def test_a_read_over_the_burst_waits_until_the_debt_is_paid() -> None:
+    throttle = ReadThrottle(limit=100)
+    # 500 packets in one read: 200 from the burst, 300 of debt, and one more token.
+    assert throttle.read(500, now=0.0) == pytest.approx(3.01)
+    # Reading earlier anyway (the drain does) only deepens the debt.
+    assert throttle.read(100, now=3.01) == pytest.approx(4.01)
+
+
+def test_a_steady_client_at_its_limit_is_never_slowed() -> None:
+    throttle = ReadThrottle(limit=60)
     for frame in range(60 * 30):
-        assert rate.check(frame / 60) is Verdict.ACCEPT
-
-
-def test_far_over_the_limit_for_long_closes() -> None:
-    limit = 10
-    rate = PacketRate(limit=limit)
-    per_window = int(limit * FAR_OVER_FACTOR) + 1
-    verdicts: list[Verdict] = []
-    for second in range(FAR_OVER_WINDOWS):
-        verdicts = offer(rate, per_window, now=100.0 + second + 0.5)
-        if second < FAR_OVER_WINDOWS - 1:
-            assert Verdict.CLOSE not in verdicts, second
-    assert verdicts[-1] is Verdict.CLOSE
-
-
-def test_over_but_not_far_over_never_closes() -> None:
-    limit = 10
-    rate = PacketRate(limit=limit)
-    # Just under FAR_OVER_FACTOR times the limit, for a long time.
-    per_window = int(limit * FAR_OVER_FACTOR) - 1
-    for second in range(10 * FAR_OVER_WINDOWS):
-        assert Verdict.CLOSE not in offer(rate, per_window, now=second + 0.5)
-
-
-def test_a_quiet_window_breaks_the_run() -> None:
-    limit = 10
-    rate = PacketRate(limit=limit)
-    per_window = int(limit * FAR_OVER_FACTOR) + 1
-    seconds = [*range(FAR_OVER_WINDOWS - 1), FAR_OVER_WINDOWS, *range(FAR_OVER_WINDOWS + 1, 20)]
-    closed_at = None
-    for second in seconds:
-        if Verdict.CLOSE in offer(rate, per_window, now=second + 0.5):
-            closed_at = second
-            break
-    # The gap at FAR_OVER_WINDOWS - 1 restarts the count at FAR_OVER_WINDOWS.
-    assert closed_at == 2 * FAR_OVER_WINDOWS - 1
+        now = frame / 60
+        assert throttle.read(1, now) == now
 
 
 def test_backpressure_is_not_held_against_the_client() -> None:
-    rate = PacketRate(limit=60)
-    assert offer(rate, 60, now=0.0).count(Verdict.ACCEPT) == 60
+    throttle = ReadThrottle(limit=60)
+    assert throttle.read(60, now=0.0) == 0.0
     # The relay stopped reading for 10 s (STAG slow, channel full); the client kept
     # sending at 60 Hz, and its 600 packets arrive at once when reading resumes.
-    rate.pause(0.0)
-    rate.resume(10.0)
-    assert offer(rate, 600, now=10.0).count(Verdict.ACCEPT) == 600
+    throttle.pause(0.0)
+    throttle.resume(10.0)
+    assert throttle.read(600, now=10.0) == 10.0
+
+
+@settings(max_examples=200)
+@given(
+    limit=st.integers(1, 1000),
+    reads=st.lists(st.tuples(st.floats(0, 3, allow_nan=False), st.integers(1, 3000)), max_size=40),
+)
+def test_reading_when_allowed_never_exceeds_the_rate_plus_one_read(
+    limit: int, reads: list[tuple[float, int]]
+) -> None:
+    """A reader that waits as told reads at most limit x time + the burst + its last read."""
+    throttle = ReadThrottle(limit=limit)
+    now = allowed = 0.0
+    total = last = 0
+    for delay, packets in reads:
+        now = max(now + delay, allowed)
+        allowed = throttle.read(packets, now)
+        total += packets
+        last = packets
+        assert allowed >= now
+    assert total <= limit * now + limit * BURST_SECONDS + last + 1e-6
 
 
 def test_limits_must_be_positive() -> None:
     with pytest.raises(ValueError):
-        PacketRate(limit=0)
+        ReadThrottle(limit=0)
     with pytest.raises(ValueError):
         TokenBucket(rate=0, capacity=1)
 
@@ -152,18 +127,3 @@ def test_invalid_streak_closes_at_the_limit_and_a_valid_packet_resets_it() -> No
     assert [streak.invalid(), streak.invalid()] == [False, False]
     streak.valid()
     assert [streak.invalid(), streak.invalid(), streak.invalid()] == [False, False, True]
-
-
-# --- error reply budget -------------------------------------------------------------
-
-
-def test_error_replies_are_rate_limited_and_report_what_was_suppressed() -> None:
-    budget = ReplyBudget()
-    burst = int(ERROR_REPLY_BURST)
-    sent = [budget.take(0.0) for _ in range(burst + 25)]
-    assert sent[:burst] == [0] * burst
-    assert sent[burst:] == [None] * 25
-    # The next reply that goes out says how many did not.
-    per_second = int(ERROR_REPLIES_PER_SECOND)
-    sent = [budget.take(1.0) for _ in range(per_second + 1)]
-    assert sent == [25] + [0] * (per_second - 1) + [None]
