@@ -360,7 +360,10 @@ def _table(args: argparse.Namespace, view: _View, ledger: Ledger) -> Any:
     table.add_row("batches to STAG", f"{ledger.batches:,}", f"mean {mean:.1f} events")
     stag = status.get("stag", {})
     reachable = {True: "reachable", False: "unreachable", None: "not tried yet"}
-    table.add_row("STAG (the sink)", reachable.get(stag.get("reachable"), "-"), "")
+    shown = reachable.get(stag.get("reachable"), "-")
+    if stag.get("state") == "misconfigured":
+        shown = f"misconfigured (HTTP {stag.get('last_status')})"
+    table.add_row("STAG (the sink)", shown, "")
     errors = int((view.loadgen_summary or view.loadgen).get("errors", 0))
     if errors:
         table.add_row("error replies", f"{errors:,}", "")

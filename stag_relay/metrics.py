@@ -24,6 +24,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
 from stag_relay import __version__, metricfiles
+from stag_relay.retry import MISCONFIGURED_STATUSES
 
 # The *_created series double the exposition for no use on a long-running daemon.
 disable_created_metrics()  # type: ignore[no-untyped-call]
@@ -42,7 +43,8 @@ POLICY_CLOSE_REASONS: Final = ("invalid_packets", "slow_reader")
 # rejected: STAG answered a 4xx that retrying cannot fix; shutdown: still held when
 # server.shutdown_timeout ran out; spool_full: dropped by delivery.when_full=drop_oldest.
 DROP_REASONS: Final = ("rejected", "shutdown", "spool_full")
-STAG_OUTCOMES: Final = ("success", "retry", "rejected", "too_large", "error")
+# misconfigured: STAG answered 404, 405, 401, 403 or 407 (a wrong URL or key): retried.
+STAG_OUTCOMES: Final = ("success", "retry", "misconfigured", "rejected", "too_large", "error")
 
 # Batches are 1..batch.max_size events; these cover the defaults (5) to large (1000).
 _BATCH_BUCKETS: Final = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
@@ -198,6 +200,16 @@ class RelayMetrics:
         )
         for o in STAG_OUTCOMES:
             self.stag_requests.labels(o)
+        self.stag_misconfigured = Gauge(
+            "relay_stag_misconfigured",
+            "1 while STAG answers that the relay's configuration is wrong (a wrong URL: 404,"
+            " 405; wrong credentials: 401, 403, 407), by that status; batches are held",
+            ["status"],
+            registry=r,
+            multiprocess_mode="livemax",
+        )
+        for status in sorted(MISCONFIGURED_STATUSES):
+            self.stag_misconfigured.labels(str(status))
         self.stag_request_duration = Histogram(
             "relay_stag_request_duration_seconds", "Duration of one request to STAG", registry=r
         )

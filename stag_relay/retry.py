@@ -3,8 +3,9 @@
 Pure: no I/O, no trio. The sender reports what happened (an HTTP status and its
 ``Retry-After``, or a transport error) and gets back a verdict and, for a retry,
 how long to wait. Losing events is worse than retrying too long, so anything that
-might be transient is retried; only answers that say the batch itself is wrong
-are final.
+might be transient is retried, and so is anything that says the configuration (a
+URL, a key) is wrong, since the batch goes through once that is fixed; only answers
+that say the batch itself is wrong are final.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import enum
 import math
 import random
 import re
+from collections.abc import Mapping
 from datetime import UTC
 from typing import Final
 
@@ -23,6 +25,9 @@ import attrs
 class Verdict(enum.Enum):
     DELIVERED = "delivered"
     RETRY = "retry"
+    # Retried like RETRY, but the answer says the relay's configuration (or STAG's) is
+    # wrong, not that STAG is down: someone has to fix it, so it is reported as such.
+    MISCONFIGURED = "misconfigured"
     REJECT = "reject"
     SPLIT = "split"
 
@@ -30,6 +35,29 @@ class Verdict(enum.Enum):
 # Statuses the issue names as transient: STAG (or a proxy before it) is overloaded,
 # restarting, or timed out, and the same request may succeed later.
 RETRY_STATUSES: Final = frozenset({408, 429, 500, 502, 503, 504})
+# Answers that blame the request's address or credentials, not the batch: the same batch
+# goes through once stag.url / stag.ingest_path / stag.api_key (or STAG behind its proxy,
+# mid-redeploy) is right again, so it is kept and retried, never dropped. With the fix to
+# suggest for each.
+MISCONFIGURED_STATUSES: Final[Mapping[int, str]] = {
+    404: (
+        "nothing takes batches at this URL: check stag.url and stag.ingest_path"
+        " (or STAG is being redeployed behind its proxy)"
+    ),
+    405: "this URL does not take POST: check stag.url and stag.ingest_path",
+    401: (
+        "STAG did not accept the relay's credentials: check stag.api_key"
+        " (sent as X-API-Key) and any user:password in stag.url"
+    ),
+    403: (
+        "STAG refused the relay's credentials for this path: check stag.api_key"
+        " and that it may post to stag.ingest_path"
+    ),
+    407: (
+        "a proxy between the relay and STAG wants credentials, and the relay sends"
+        " none to proxies: point stag.url at STAG, or let the proxy admit the relay"
+    ),
+}
 # Only these carry a Retry-After worth obeying for us (RFC 9110 §10.2.3 also allows it on
 # 3xx, which we never retry).
 RETRY_AFTER_STATUSES: Final = frozenset({429, 503})
@@ -52,15 +80,22 @@ def classify_status(status: int) -> Verdict:
         return Verdict.SPLIT
     if status in RETRY_STATUSES:
         return Verdict.RETRY
+    if status in MISCONFIGURED_STATUSES:
+        return Verdict.MISCONFIGURED
     if 500 <= status < 600:
         # 501, 505, 507, ...: the server's fault, not the batch's. It may be fixed by a
         # deploy; dropping the events would be silent loss, retrying shows up in
         # /status and the metrics while the channel fills.
         return Verdict.RETRY
-    # Other 4xx: the batch (or our credentials) is wrong and will stay wrong. 3xx: we do not
+    # Other 4xx (400, 422, ...): they judge the batch, which will stay wrong. 3xx: we do not
     # follow redirects with a POST body; stag.url needs fixing. 1xx never reaches us, and
     # anything outside 100..599 is not HTTP.
     return Verdict.REJECT
+
+
+def misconfiguration_hint(status: int) -> str | None:
+    """The likely fix for a status that says the configuration is wrong; else ``None``."""
+    return MISCONFIGURED_STATUSES.get(status)
 
 
 def backoff_delay(attempt: int, *, initial: float, maximum: float, rng: random.Random) -> float:
@@ -113,7 +148,8 @@ class RetryPolicy:
     """Backoff and ``Retry-After`` combined into one decision per attempt.
 
     ``attempt`` counts the failed attempts of one batch before this one (0 after the
-    first failure). A ``Retry-After`` on 429/503 is a floor: we wait at least that long
+    first failure). Answers that say the configuration is wrong are retried with the
+    same backoff as an outage. A ``Retry-After`` on 429/503 is a floor: we wait at least that long
     (up to ``MAX_RETRY_AFTER``), even when it exceeds ``maximum``, because the server
     asked; our own backoff stays within ``maximum``.
     """
@@ -126,14 +162,14 @@ class RetryPolicy:
         self, status: int, *, attempt: int, retry_after: str | None, now: float
     ) -> Decision:
         verdict = classify_status(status)
-        if verdict is not Verdict.RETRY:
+        if verdict is not Verdict.RETRY and verdict is not Verdict.MISCONFIGURED:
             return Decision(verdict)
         delay = self._backoff(attempt)
         if status in RETRY_AFTER_STATUSES:
             asked = parse_retry_after(retry_after, now=now)
             if asked is not None:
                 delay = max(delay, asked)
-        return Decision(Verdict.RETRY, delay)
+        return Decision(verdict, delay)
 
     def after_error(self, *, attempt: int) -> Decision:
         """After a connection error or timeout: always retry."""

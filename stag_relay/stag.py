@@ -5,11 +5,14 @@ connection per slot), and at most ``stag.max_in_flight`` batches in flight. A ba
 is only taken from the channel when a slot is free, so while STAG is slow or down the
 batcher waits, the event channel fills and the connection tasks stop reading their
 sockets: backpressure instead of loss. STAG being down is normal and only logged when
-the state changes.
+the state changes. STAG saying the relay's URL or credentials are wrong (404, 405, 401,
+403, 407) is handled the same way, but logged as an error, once per episode, with the
+likely fix: the batches wait until someone fixes the configuration.
 """
 
 from __future__ import annotations
 
+import math
 import random
 import ssl
 import time
@@ -24,7 +27,13 @@ from stag_relay.config import StagConfig, redact_url
 from stag_relay.events import WireBatch
 from stag_relay.ingest import Answer, IngestClient, TransportError, ignored_proxy
 from stag_relay.metrics import RelayMetrics
-from stag_relay.retry import Decision, RetryPolicy, Verdict
+from stag_relay.retry import (
+    MISCONFIGURED_STATUSES,
+    Decision,
+    RetryPolicy,
+    Verdict,
+    misconfiguration_hint,
+)
 
 logger = structlog.get_logger("stag_relay.stag")
 
@@ -34,6 +43,7 @@ _ANSWER_PREVIEW = 200
 _OUTCOMES: Final = {
     Verdict.DELIVERED: "success",
     Verdict.RETRY: "retry",
+    Verdict.MISCONFIGURED: "misconfigured",
     Verdict.REJECT: "rejected",
     Verdict.SPLIT: "too_large",
 }
@@ -96,6 +106,14 @@ class StagSender:
         )
         self._held = 0
         self._reachable: bool | None = None
+        # While STAG says the configuration is wrong: since when (wall clock, for the
+        # log; trio's clock, to order answers), and the statuses already logged in this
+        # episode (another one has another fix). When the last episode ended (trio).
+        self._misconfigured_since: float | None = None
+        self._misconfigured_at = 0.0
+        self._misconfigured_logged: set[int] = set()
+        self._configured_at = -math.inf
+        self._last_status: int | None = None
         self._last_success: float | None = None
         self._last_failure: float | None = None
         self._consecutive_failures = 0
@@ -106,9 +124,21 @@ class StagSender:
         """Events in batches taken from the channel but not yet delivered or rejected."""
         return self._held
 
+    def state(self) -> str:
+        """``unknown`` before the first attempt, then ``reachable``, ``unreachable`` or
+        ``misconfigured`` (STAG answers that the URL or the credentials are wrong)."""
+        if self._misconfigured_since is not None:
+            return "misconfigured"
+        if self._reachable is None:
+            return "unknown"
+        return "reachable" if self._reachable else "unreachable"
+
     def status(self) -> dict[str, object]:
-        """A snapshot for ``/status``. ``reachable`` is ``None`` before the first attempt."""
+        """A snapshot for ``/status``. ``reachable`` is ``None`` before the first attempt;
+        ``last_status`` is the last HTTP status STAG answered (``None``: none yet)."""
         return {
+            "state": self.state(),
+            "last_status": self._last_status,
             "reachable": self._reachable,
             "last_success": self._last_success,
             "last_failure": self._last_failure,
@@ -180,6 +210,7 @@ class StagSender:
             if decision.verdict is Verdict.REJECT:
                 assert answer is not None
                 return self._rejected(batch, answer, "STAG rejected a batch")
+            # RETRY or MISCONFIGURED: the batch stays here, and with it its slot.
             attempt += 1
             await trio.sleep(decision.delay)
 
@@ -203,11 +234,15 @@ class StagSender:
             answer.status, attempt=attempt, retry_after=answer.retry_after, now=time.time()
         )
         self._metrics.stag_requests.labels(_OUTCOMES[decision.verdict]).inc()
+        self._last_status = answer.status
         if decision.verdict is Verdict.RETRY:
             self._failed(f"HTTP {answer.status}")
+        elif decision.verdict is Verdict.MISCONFIGURED:
+            self._misconfigured(answer, started)
         else:
-            # STAG answered for this batch (even a refusal): it is up.
-            self._answered()
+            # STAG answered for this batch (even a refusal): it is up, and the URL and
+            # credentials are right.
+            self._answered(answer.status, started)
         return decision, answer
 
     def _delivered(self, batch: WireBatch) -> None:
@@ -230,8 +265,25 @@ class StagSender:
         )
         return answer.status, preview
 
-    def _answered(self) -> None:
-        if self._reachable is not True:
+    def _answered(self, status: int, sent: float) -> None:
+        if self._misconfigured_since is not None:
+            if sent < self._misconfigured_at:
+                # Sent before the first refusal, answered after it: says nothing about
+                # whether the configuration has been fixed since.
+                return
+            # One line for the end of the episode; it also says STAG is reachable.
+            logger.info(
+                "STAG accepts the relay's requests again: configuration error cleared",
+                url=self._url_for_logs,
+                status=status,
+                misconfigured_seconds=round(time.time() - self._misconfigured_since, 3),
+                after_failures=self._consecutive_failures,
+            )
+            self._misconfigured_since = None
+            self._misconfigured_logged.clear()
+            self._configured_at = trio.current_time()
+            self._show_misconfigured(None)
+        elif self._reachable is not True:
             logger.info(
                 "STAG reachable",
                 url=self._url_for_logs,
@@ -250,3 +302,37 @@ class StagSender:
                 reason=reason,
             )
         self._reachable = False
+
+    def _misconfigured(self, answer: Answer, sent: float) -> None:
+        """STAG answered that the URL or the credentials are wrong: retried like an
+        outage, but someone must act, so it is an error, logged once per episode (and
+        once more for each other such status in it, as its fix differs).
+
+        Only an answer that shows the URL and credentials work (2xx, 413, a 4xx about the
+        batch) ends the episode; errors and 5xx meanwhile say nothing about them. Batches
+        are in flight side by side, so answers to requests sent before the episode's
+        start or end do not flip it back and forth."""
+        status = answer.status
+        self._consecutive_failures += 1
+        self._last_failure = time.time()
+        if self._misconfigured_since is None:
+            if sent < self._configured_at:
+                return
+            self._misconfigured_since = self._last_failure
+            self._misconfigured_at = trio.current_time()
+        self._reachable = False
+        self._show_misconfigured(status)
+        if status not in self._misconfigured_logged:
+            self._misconfigured_logged.add(status)
+            logger.error(
+                "STAG answers that the relay's configuration is wrong;"
+                " holding batches and retrying until it is fixed",
+                url=self._url_for_logs,
+                status=status,
+                answer=answer.text()[:_ANSWER_PREVIEW],
+                fix=misconfiguration_hint(status),
+            )
+
+    def _show_misconfigured(self, status: int | None) -> None:
+        for code in MISCONFIGURED_STATUSES:
+            self._metrics.stag_misconfigured.labels(str(code)).set(1 if code == status else 0)

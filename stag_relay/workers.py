@@ -283,14 +283,20 @@ def _latest(values: list[Any]) -> Any:
     return max(present) if present else None
 
 
+# StagSender.state() values, from the least to the most in need of attention.
+_STAG_STATES: Final = ("unknown", "reachable", "unreachable", "misconfigured")
+
+
 def combine_states(states: list[dict[str, Any]]) -> dict[str, Any]:
     """Totals over the workers' states for ``/status``, and the list of workers.
 
     A state is what ``Relay.worker_state`` returns. Counts add up; for STAG, the
-    latest success and failure and the longest failure streak are shown, and STAG is
-    reachable only when every worker that tried reached it.
+    latest success and failure and the longest failure streak are shown, STAG is
+    reachable only when every worker that tried reached it, and its state is the worst
+    of the workers' (with the last status of a worker in that state).
     """
     stags = [state["stag"] for state in states]
+    worst = max(stags, key=lambda s: _STAG_STATES.index(s["state"]))
     reachable = [s["reachable"] for s in stags if s["reachable"] is not None]
     spools = [state["spool"] for state in states if state["spool"] is not None]
     spool = None
@@ -308,6 +314,8 @@ def combine_states(states: list[dict[str, Any]]) -> dict[str, Any]:
         "channel_capacity": sum(state["channel_capacity"] for state in states),
         "draining": any(state["draining"] for state in states),
         "stag": {
+            "state": worst["state"],
+            "last_status": worst["last_status"],
             "reachable": all(reachable) if reachable else None,
             "last_success": _latest([s["last_success"] for s in stags]),
             "last_failure": _latest([s["last_failure"] for s in stags]),

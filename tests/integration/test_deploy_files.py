@@ -275,9 +275,16 @@ def test_alert_rules_say_what_and_how_bad() -> None:
         assert rule["labels"]["severity"] in {"critical", "warning", "info"}, rule["alert"]
         assert rule["annotations"]["summary"], rule["alert"]
         assert rule["annotations"]["description"], rule["alert"]
-    # The failures that matter most: lost events, STAG unreachable, the relay gone.
+    # The failures that matter most: lost events, STAG unreachable or refusing the relay's
+    # URL or key, the relay gone.
     exprs = " ".join(rule["expr"] for rule in alert_rules())
-    for needed in ("relay_events_dropped_total", "relay_stag_requests_total", "up{"):
+    needed_metrics = (
+        "relay_events_dropped_total",
+        "relay_stag_requests_total",
+        "relay_stag_misconfigured",
+        "up{",
+    )
+    for needed in needed_metrics:
         assert needed in exprs
 
 

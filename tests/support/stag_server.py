@@ -7,6 +7,9 @@ Trio test, a relay in a subprocess, ``stag-relay sink``). Like STAG it answers
 
 Failures are programmed, and chosen in this order for each request:
 
+0. a path other than ``ingest_path`` gets 404 and, with ``require_api_key``, a missing
+   or wrong ``X-API-Key`` gets 401, as STAG answers a misconfigured relay (both can
+   change while it runs: ``move_ingest_path``, a key rotated);
 1. ``fail_next`` / ``drop_next`` / ``script``: one reply each, in order;
 2. ``fail_for``: every request answered with a status until a moment passes;
 3. ``reject_all``: every request answered with a status until ``reset``;
@@ -85,6 +88,7 @@ class StagServer:
         self._script: deque[Reply] = deque()
         self._fail_until = 0.0
         self._fail_reply = Reply()
+        self._api_key: str | None = None
         self._reject_reply: Reply | None = None
         self._max_events: int | None = None
         self._paused = False
@@ -179,11 +183,28 @@ class StagServer:
         """Close the connection without answering the next ``times`` requests."""
         self.script(*[Reply(close=True, delay=delay)] * times)
 
-    def fail_for(self, status: int, seconds: float, *, retry_after: str | None = None) -> None:
+    def fail_for(
+        self,
+        status: int,
+        seconds: float,
+        *,
+        retry_after: str | None = None,
+        body: bytes | None = None,
+    ) -> None:
         """Answer ``status`` to every request for the next ``seconds`` (real time)."""
         with self._cond:
-            self._fail_reply = Reply(status, retry_after)
+            self._fail_reply = Reply(status, retry_after, body)
             self._fail_until = time.monotonic() + seconds
+
+    def move_ingest_path(self, path: str) -> None:
+        """Take batches at ``path`` from now on; the old path gets 404 (STAG redeployed)."""
+        with self._cond:
+            self.ingest_path = path
+
+    def require_api_key(self, key: str | None) -> None:
+        """Answer 401 to a request without this ``X-API-Key`` (``None``: any is fine)."""
+        with self._cond:
+            self._api_key = key
 
     def reject_all(self, status: int, *, body: bytes | None = None) -> None:
         """Answer ``status`` to every request until ``reset()``."""
@@ -293,8 +314,12 @@ class StagServer:
             self._cond.wait_for(lambda: not self._paused or self._stopping)
             return not self._stopping
 
-    def _choose(self, parsed: Any) -> Reply:
+    def _choose(self, path: str, api_key: str | None, parsed: Any) -> Reply:
         with self._cond:
+            if path.split("?", 1)[0] != self.ingest_path:
+                return Reply(404, body=b'{"error":"not found"}')
+            if self._api_key is not None and api_key != self._api_key:
+                return Reply(401, body=b'{"error":"invalid or missing API key"}')
             if self._script:
                 return self._script.popleft()
             if time.monotonic() < self._fail_until:
@@ -369,9 +394,6 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def do_POST(self) -> None:
         stag = self.server.stag
         with stag._handling():
-            if self.path.split("?", 1)[0] != stag.ingest_path:
-                self._answer(404, b'{"error":"not found"}')
-                return
             length = self.headers.get("Content-Length")
             if length is None or not length.isdigit():
                 self._answer(411, b'{"error":"Content-Length required"}')
@@ -384,7 +406,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 parsed: Any = json.loads(body)
             except ValueError:
                 parsed = None
-            reply = stag._choose(parsed)
+            reply = stag._choose(self.path, self.headers.get("X-API-Key"), parsed)
             if reply.delay:
                 time.sleep(reply.delay)
             headers = {k.lower(): v for k, v in self.headers.items()}

@@ -12,11 +12,13 @@ from hypothesis import strategies as st
 
 from stag_relay.retry import (
     MAX_RETRY_AFTER,
+    MISCONFIGURED_STATUSES,
     Decision,
     RetryPolicy,
     Verdict,
     backoff_delay,
     classify_status,
+    misconfiguration_hint,
     parse_retry_after,
 )
 
@@ -49,10 +51,16 @@ def http_date(seconds_from_now: float) -> str:
         (507, Verdict.RETRY),
         (599, Verdict.RETRY),
         (413, Verdict.SPLIT),
+        # The URL or the credentials are wrong, not the batch: kept and retried.
+        (401, Verdict.MISCONFIGURED),
+        (403, Verdict.MISCONFIGURED),
+        (404, Verdict.MISCONFIGURED),
+        (405, Verdict.MISCONFIGURED),
+        (407, Verdict.MISCONFIGURED),
+        # 4xx that judge the batch: final.
         (400, Verdict.REJECT),
-        (401, Verdict.REJECT),
-        (403, Verdict.REJECT),
-        (404, Verdict.REJECT),
+        (402, Verdict.REJECT),
+        (406, Verdict.REJECT),
         (409, Verdict.REJECT),
         (410, Verdict.REJECT),
         (415, Verdict.REJECT),
@@ -77,6 +85,38 @@ def test_every_status_has_exactly_one_verdict(status: int) -> None:
     verdict = classify_status(status)
     assert (verdict is Verdict.DELIVERED) == (200 <= status < 300)
     assert (verdict is Verdict.SPLIT) == (status == 413)
+    assert (verdict is Verdict.MISCONFIGURED) == (status in {401, 403, 404, 405, 407})
+
+
+@given(st.integers(min_value=100, max_value=599))
+def test_only_an_answer_that_judges_the_batch_loses_it(status: int) -> None:
+    # The table by class. Final (the events are dropped, counted): the 4xx that say the
+    # batch is wrong, and redirects, which are not followed. Everything else is kept.
+    kept_4xx = {401, 403, 404, 405, 407, 408, 413, 429}
+    verdict = classify_status(status)
+    if 200 <= status < 300:
+        assert verdict is Verdict.DELIVERED
+    elif 500 <= status < 600:
+        assert verdict is Verdict.RETRY
+    elif 400 <= status < 500 and status in kept_4xx:
+        assert verdict in {Verdict.RETRY, Verdict.MISCONFIGURED, Verdict.SPLIT}
+    else:
+        assert verdict is Verdict.REJECT
+
+
+@pytest.mark.parametrize("status", [401, 403, 404, 405, 407])
+def test_configuration_answers_name_the_setting_to_fix(status: int) -> None:
+    hint = misconfiguration_hint(status)
+    assert hint is not None
+    setting = "stag.api_key" if status in {401, 403} else "stag.url"
+    assert setting in hint
+
+
+@given(st.integers(min_value=0, max_value=1_000))
+def test_a_hint_exactly_for_the_configuration_answers(status: int) -> None:
+    has_hint = misconfiguration_hint(status) is not None
+    assert has_hint == (status in MISCONFIGURED_STATUSES)
+    assert has_hint == (classify_status(status) is Verdict.MISCONFIGURED)
 
 
 @settings(max_examples=200)
@@ -186,6 +226,16 @@ def test_policy_waits_at_least_what_retry_after_says(status: int) -> None:
 def test_policy_never_waits_longer_than_the_cap_for_retry_after() -> None:
     decision = policy().after_status(503, attempt=0, retry_after="86400", now=NOW)
     assert decision.delay == MAX_RETRY_AFTER
+
+
+@pytest.mark.parametrize("status", [401, 403, 404, 405, 407])
+def test_policy_retries_configuration_answers_like_an_outage(status: int) -> None:
+    # The same backoff as for an outage, up to stag.retry_max (10 s here), for ever.
+    for attempt in range(40):
+        got = policy(attempt).after_status(status, attempt=attempt, retry_after="30", now=NOW)
+        outage = policy(attempt).after_error(attempt=attempt)
+        assert got == Decision(Verdict.MISCONFIGURED, outage.delay)
+        assert got.delay <= 10.0
 
 
 @pytest.mark.parametrize("status", [408, 500, 502, 504])

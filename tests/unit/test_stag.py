@@ -196,6 +196,8 @@ def test_status_before_any_attempt() -> None:
         config("http://127.0.0.1:9"), RelayMetrics(), relay_id=RELAY_ID, version=VERSION
     )
     assert sender.status() == {
+        "state": "unknown",
+        "last_status": None,
         "reachable": None,
         "last_success": None,
         "last_failure": None,
@@ -562,3 +564,240 @@ async def test_a_proxy_variable_is_reported_and_not_used(
     assert len(server.events()) == 2
     [warning] = [e for e in logs if e["event"].startswith("proxy variable ignored")]
     assert (warning["log_level"], warning["variable"]) == ("warning", "HTTP_PROXY")
+
+
+# -- answers that say the configuration is wrong -------------------------------------------
+
+CONFIG_LOG = (
+    "STAG answers that the relay's configuration is wrong;"
+    " holding batches and retrying until it is fixed"
+)
+CLEARED_LOG = "STAG accepts the relay's requests again: configuration error cleared"
+
+
+def state_lines(logs: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    """The log lines about STAG's state, as (event, level): no per-batch lines."""
+    return [(e["event"], e["log_level"]) for e in logs if e["event"].startswith("STAG ")]
+
+
+def misconfigured_gauge(metrics: RelayMetrics) -> dict[str, float]:
+    return {
+        status: sample(metrics, "relay_stag_misconfigured", status=status)
+        for status in ("401", "403", "404", "405", "407")
+    }
+
+
+async def test_a_wrong_ingest_path_holds_the_batches_until_stag_serves_it(
+    server: StagServer, run_sender: Callable[[StagSender], Run]
+) -> None:
+    metrics = RelayMetrics()
+    sender = StagSender(
+        config(server.url, ingest_path="/v2/ingest", max_in_flight=2),
+        metrics,
+        relay_id=RELAY_ID,
+        version=VERSION,
+    )
+    with structlog.testing.capture_logs() as logs:
+        run = run_sender(sender)
+        await run.send.send(Shipment(to_wire(batch("a", 0, 3))))
+        await run.send.send(Shipment(to_wire(batch("b", 3, 2))))
+        # Both batches refused several times each: still held, nothing dropped.
+        await wait_until(lambda: failures(sender) >= 10, "10 refusals")
+        status = sender.status()
+        assert status["state"] == "misconfigured"
+        assert status["last_status"] == 404
+        assert status["reachable"] is False
+        assert sender.held_events() == 5
+        assert misconfigured_gauge(metrics) == {
+            "401": 0,
+            "403": 0,
+            "404": 1,
+            "405": 0,
+            "407": 0,
+        }
+        # STAG redeployed at the path the relay was configured with.
+        server.move_ingest_path("/v2/ingest")
+        await run.send.aclose()
+        with trio.fail_after(GUARD):
+            await run.done.wait()
+
+    assert sorted(server.event_ids()) == sorted(f"session-1-e{n}" for n in range(5))
+    assert sender.held_events() == 0
+    assert sample(metrics, "relay_events_dropped_total", reason="rejected") == 0
+    assert sample(metrics, "relay_stag_requests_total", outcome="misconfigured") >= 10
+    assert sample(metrics, "relay_stag_requests_total", outcome="rejected") == 0
+    assert set(misconfigured_gauge(metrics).values()) == {0}
+    status = sender.status()
+    assert (status["state"], status["last_status"]) == ("reachable", 200)
+    assert status["consecutive_failures"] == 0
+    # One error line for the whole episode (both batches, every retry), one when it clears.
+    assert state_lines(logs) == [(CONFIG_LOG, "error"), (CLEARED_LOG, "info")]
+    [error] = [e for e in logs if e["event"] == CONFIG_LOG]
+    assert error["url"] == server.url + "/v2/ingest"
+    assert error["status"] == 404
+    assert error["answer"] == '{"error":"not found"}'
+    assert "stag.ingest_path" in error["fix"]
+    [cleared] = [e for e in logs if e["event"] == CLEARED_LOG]
+    assert cleared["status"] == 200
+    assert cleared["after_failures"] >= 10
+
+
+async def test_a_wrong_api_key_holds_the_batch_until_stag_takes_it(
+    server: StagServer, run_sender: Callable[[StagSender], Run]
+) -> None:
+    metrics = RelayMetrics()
+    sender = StagSender(
+        config(server.url, api_key="old-key"), metrics, relay_id=RELAY_ID, version=VERSION
+    )
+    server.require_api_key("new-key")
+    with structlog.testing.capture_logs() as logs:
+        run = run_sender(sender)
+        await run.send.send(Shipment(to_wire(batch("k", 0, 4))))
+        await wait_until(lambda: failures(sender) >= 3, "3 refusals")
+        assert (sender.state(), sender.status()["last_status"]) == ("misconfigured", 401)
+        assert misconfigured_gauge(metrics)["401"] == 1
+        server.require_api_key("old-key")  # STAG takes the relay's key again
+        await run.send.aclose()
+        with trio.fail_after(GUARD):
+            await run.done.wait()
+    assert server.event_ids() == [f"session-1-e{n}" for n in range(4)]
+    assert state_lines(logs) == [(CONFIG_LOG, "error"), (CLEARED_LOG, "info")]
+    [error] = [e for e in logs if e["event"] == CONFIG_LOG]
+    assert error["status"] == 401
+    assert error["answer"] == '{"error":"invalid or missing API key"}'
+    assert "stag.api_key" in error["fix"]
+    # The key itself is never logged.
+    assert "old-key" not in repr(logs)
+
+
+@pytest.mark.parametrize("status", [403, 405, 407])
+async def test_other_configuration_answers_are_held_and_retried(
+    server: StagServer, run_sender: Callable[[StagSender], Run], status: int
+) -> None:
+    metrics = RelayMetrics()
+    sender = StagSender(config(server.url), metrics, relay_id=RELAY_ID, version=VERSION)
+    server.reject_all(status, body=b"<html>" + b"x" * 500)
+    with structlog.testing.capture_logs() as logs:
+        run = run_sender(sender)
+        await run.send.send(Shipment(to_wire(batch("c", 0, 2))))
+        await wait_until(lambda: failures(sender) >= 3, "3 refusals")
+        assert sender.state() == "misconfigured"
+        assert misconfigured_gauge(metrics)[str(status)] == 1
+        server.reset()
+        await run.send.aclose()
+        with trio.fail_after(GUARD):
+            await run.done.wait()
+    assert len(server.events()) == 2
+    assert sample(metrics, "relay_events_dropped_total", reason="rejected") == 0
+    [error] = [e for e in logs if e["event"] == CONFIG_LOG]
+    assert error["status"] == status
+    # The start of STAG's answer, not all of it.
+    assert error["answer"] == "<html>" + "x" * 194
+    assert error["fix"]
+
+
+async def test_an_outage_inside_an_episode_does_not_end_it(
+    server: StagServer, run_sender: Callable[[StagSender], Run]
+) -> None:
+    # STAG being redeployed behind its proxy: 404 while it is gone, 502 while it starts,
+    # then 200. Neither the 502 nor a dropped connection says the URL is right again.
+    metrics = RelayMetrics()
+    sender = StagSender(config(server.url), metrics, relay_id=RELAY_ID, version=VERSION)
+    server.fail_next(404, times=2)
+    server.fail_next(502, times=2)
+    server.drop_next()
+    with structlog.testing.capture_logs() as logs:
+        run = run_sender(sender)
+        await run.send.send(Shipment(to_wire(batch("r", 0, 1))))
+        await wait_until(lambda: len(server.requests()) >= 5, "5 requests")
+        await wait_until(lambda: failures(sender) >= 5, "5 failures")
+        assert (sender.state(), sender.status()["last_status"]) == ("misconfigured", 502)
+        assert misconfigured_gauge(metrics)["404"] == 1
+        await run.send.aclose()
+        with trio.fail_after(GUARD):
+            await run.done.wait()
+    assert [r.status for r in server.requests()] == [404, 404, 502, 502, None, 200]
+    assert state_lines(logs) == [(CONFIG_LOG, "error"), (CLEARED_LOG, "info")]
+    assert sender.state() == "reachable"
+
+
+async def test_another_configuration_status_in_an_episode_is_logged_with_its_fix(
+    server: StagServer,
+) -> None:
+    # The path is fixed, then the key turns out wrong too: each has its own fix; the
+    # same status again is not logged again.
+    sender = StagSender(config(server.url), RelayMetrics(), relay_id=RELAY_ID, version=VERSION)
+    server.fail_next(404, times=3)
+    server.fail_next(401, times=3)
+    server.fail_next(404)
+    with structlog.testing.capture_logs() as logs:
+        await deliver(sender, batch("s", 0, 1))
+    assert [r.status for r in server.requests()] == [404] * 3 + [401] * 3 + [404, 200]
+    assert state_lines(logs) == [
+        (CONFIG_LOG, "error"),
+        (CONFIG_LOG, "error"),
+        (CLEARED_LOG, "info"),
+    ]
+    assert [e["status"] for e in logs if e["event"] == CONFIG_LOG] == [404, 401]
+
+
+async def test_a_4xx_about_the_batch_ends_the_episode(server: StagServer) -> None:
+    # STAG judged the batch: the URL and the key reached it. That batch is dropped
+    # (counted); the configuration error is over.
+    metrics = RelayMetrics()
+    sender = StagSender(config(server.url), metrics, relay_id=RELAY_ID, version=VERSION)
+    server.fail_next(404, times=2)
+    server.fail_next(422, body=b'{"error":"bad event"}')
+    with structlog.testing.capture_logs() as logs:
+        await deliver(sender, batch("j", 0, 2))
+    assert sample(metrics, "relay_events_dropped_total", reason="rejected") == 2
+    assert [line for line in state_lines(logs) if line[0] != "STAG rejected a batch"] == [
+        (CONFIG_LOG, "error"),
+        (CLEARED_LOG, "info"),
+    ]
+    assert (sender.state(), sender.status()["last_status"]) == ("reachable", 422)
+
+
+async def test_an_answer_to_a_request_sent_before_the_episode_does_not_end_it(
+    nursery: trio.Nursery,
+) -> None:
+    # Two batches in flight: the first request is answered 200 only after the second
+    # was refused with 404 and the sender saw it. That 200 was earned before the
+    # configuration broke, so the episode goes on until a later request succeeds.
+    requests = 0
+    misconfigured_seen = trio.Event()
+    first_delivered = trio.Event()
+
+    async def handler(peer: Peer) -> None:
+        nonlocal requests
+        while await peer.request() is not None:
+            requests += 1
+            if requests == 1:
+                await misconfigured_seen.wait()
+                await peer.answer(200)
+            elif requests == 2:
+                await peer.answer(404, b'{"error":"not found"}')
+            else:
+                await first_delivered.wait()
+                await peer.answer(200)
+
+    stag = await RawServer(handler).start(nursery)
+    sender = StagSender(
+        config(stag.url, max_in_flight=2), RelayMetrics(), relay_id=RELAY_ID, version=VERSION
+    )
+    send, recv = trio.open_memory_channel[Shipment](0)
+    with structlog.testing.capture_logs() as logs, trio.fail_after(GUARD):
+        async with trio.open_nursery() as inner:
+            inner.start_soon(sender.run, recv)
+            await send.send(
+                Shipment(to_wire(batch("first", 0, 1)), on_delivered=first_delivered.set)
+            )
+            await wait_until(lambda: requests == 1, "the first request")
+            await send.send(Shipment(to_wire(batch("second", 1, 1))))
+            await wait_until(lambda: sender.state() == "misconfigured", "the 404")
+            misconfigured_seen.set()
+            await first_delivered.wait()
+            assert sender.state() == "misconfigured"
+            await send.aclose()
+    assert sender.state() == "reachable"
+    assert state_lines(logs) == [(CONFIG_LOG, "error"), (CLEARED_LOG, "info")]

@@ -89,6 +89,8 @@ def state(index: int, **changes: Any) -> dict[str, Any]:
         "channel_depth": 5,
         "channel_capacity": 1024,
         "stag": {
+            "state": "reachable",
+            "last_status": 200,
             "reachable": True,
             "last_success": 1000.0 + index,
             "last_failure": None,
@@ -103,7 +105,7 @@ def state(index: int, **changes: Any) -> dict[str, Any]:
 
 
 def test_combined_status_totals_the_workers_and_lists_each() -> None:
-    failing = {**state(1)["stag"], "reachable": False, "last_failure": 5.0}
+    failing = {**state(1)["stag"], "state": "unreachable", "reachable": False, "last_failure": 5.0}
     failing["consecutive_failures"] = 3
     combined = combine_states([state(0), state(1, stag=failing, draining=True)])
     assert combined["connections"] == 6
@@ -111,6 +113,7 @@ def test_combined_status_totals_the_workers_and_lists_each() -> None:
     assert combined["channel_capacity"] == 2048
     assert combined["draining"] is True
     assert combined["stag"]["reachable"] is False
+    assert combined["stag"]["state"] == "unreachable"
     assert combined["stag"]["last_success"] == 1001.0
     assert combined["stag"]["last_failure"] == 5.0
     assert combined["stag"]["consecutive_failures"] == 3
@@ -127,10 +130,40 @@ def test_combined_status_totals_the_workers_and_lists_each() -> None:
 
 
 def test_combined_status_before_any_worker_tried_stag() -> None:
-    untried = {**state(0)["stag"], "reachable": None, "last_success": None}
+    untried = {
+        **state(0)["stag"],
+        "state": "unknown",
+        "last_status": None,
+        "reachable": None,
+        "last_success": None,
+    }
     combined = combine_states([state(0, stag=untried), state(1, stag=untried)])
     assert combined["stag"]["reachable"] is None
+    assert combined["stag"]["state"] == "unknown"
+    assert combined["stag"]["last_status"] is None
     assert combined["stag"]["last_success"] is None
+
+
+@pytest.mark.parametrize(
+    ("states", "expected"),
+    [
+        (("unknown", "reachable", "unreachable", "misconfigured"), ("misconfigured", 404)),
+        (("misconfigured", "unreachable", "reachable"), ("misconfigured", 404)),
+        (("reachable", "unreachable", "unknown"), ("unreachable", 503)),
+        (("reachable", "unknown"), ("reachable", 200)),
+    ],
+)
+def test_combined_stag_state_is_the_worst_with_its_status(
+    states: tuple[str, ...], expected: tuple[str, int]
+) -> None:
+    # A status that belongs to each state, so the combined one shows which worker it is from.
+    status = {"unknown": None, "reachable": 200, "unreachable": 503, "misconfigured": 404}
+    workers = [
+        state(n, stag={**state(n)["stag"], "state": name, "last_status": status[name]})
+        for n, name in enumerate(states)
+    ]
+    combined = combine_states(workers)["stag"]
+    assert (combined["state"], combined["last_status"]) == expected
 
 
 def test_combined_spools_add_up() -> None:
