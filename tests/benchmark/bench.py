@@ -29,6 +29,11 @@ client in the same repeat, bare first, so slow drift hits both alike.
    Skipped when DracoPy is missing; ``MESH_RELAY_ENV`` is the hook for the mesh
    pipeline's settings.
 
+5. backpressure (only with ``--only backpressure``: minutes): 1,000 connections at
+   10 Hz for 120 s while the stand-in takes 2 s per request (batches of 100, so STAG
+   takes 200 events a second: full backpressure). The relay's RSS at its highest
+   against the same relay holding 1,000 idle connections. Target <= 64 MiB more.
+
 Keeping the client and the stand-in from distorting the figures on 2 cores: the
 server under test (relay or bare) is pinned to CPU 0 and everything else (the
 load generator, the stand-in, this script) to the other CPUs (``--no-pin`` to
@@ -85,6 +90,10 @@ TARGET_FLOOD_RATIO: Final = 0.8
 TARGET_P99_MS: Final = 20.0
 TARGET_CPU_RATIO: Final = 1.5
 TARGET_RSS_PER_CONNECTION: Final = 32 * 1024
+# 1,000 clients under full backpressure hold no more than this over 1,000 idle ones.
+TARGET_BACKPRESSURE_GROWTH_MIB: Final = 64
+BACKPRESSURE_CONNECTIONS: Final = 1000
+BACKPRESSURE_SECONDS: Final = 120.0
 # Issue 4: a spool may cost at most this share of the memory-only flood throughput.
 TARGET_SPOOL_COST: Final = 0.25
 # Relay settings for the mesh workload, beyond the batch settings (the mesh
@@ -251,10 +260,10 @@ class Pinning:
         )
 
 
-def start_sink(pin: Pinning) -> tuple[Child, str]:
+def start_sink(pin: Pinning, *options: str) -> tuple[Child, str]:
     sink = Child(
         "sink",
-        [PYTHON, "-m", "stag_relay.sink", "--port", "0", "--quiet"],
+        [PYTHON, "-m", "stag_relay.sink", "--port", "0", "--quiet", *options],
         cpus=pin.others,
     )
     url = sink.wait_for(
@@ -586,6 +595,62 @@ def idle(pin: Pinning, connections: int) -> dict[str, Any]:
     return result
 
 
+def backpressure(pin: Pinning, connections: int, seconds: float) -> dict[str, Any]:
+    """The relay's RSS with ``connections`` clients at 10 Hz while STAG takes 2 s per
+    request (full backpressure), against the same relay with as many idle clients."""
+    sink, sink_url = start_sink(pin, "--delay", "2s")
+    relay: Child | None = None
+    try:
+        relay, port = start_relay(sink_url, pin.server, RELAY_BATCH_MAX_SIZE="100")
+        status_url = f"http://127.0.0.1:{port}/status"
+        idle = Loadgen(
+            port,
+            pin,
+            "--connections",
+            str(connections),
+            "--count",
+            "0",
+            "--duration",
+            f"{IDLE_SETTLE + 3:g}s",
+        )
+        idle.connected()
+        time.sleep(IDLE_SETTLE)
+        rss_idle = relay.rss_bytes()
+        idle.done()
+        pressed = Loadgen(
+            port,
+            pin,
+            "--connections",
+            str(connections),
+            "--rate",
+            "10",
+            "--duration",
+            f"{seconds:g}s",
+        )
+        pressed.connected()
+        samples = []
+        started = time.monotonic()
+        while time.monotonic() - started < seconds:
+            time.sleep(5.0)
+            samples.append(relay.rss_bytes())
+        depth = http_json(status_url)["channel"]
+        pressed.done()
+        relay.stop()
+    finally:
+        if relay is not None and relay.proc.poll() is None:
+            relay.proc.kill()
+        sink.stop()
+    return {
+        "connections": connections,
+        "seconds": seconds,
+        "rss_idle_mib": round(rss_idle / 2**20, 1),
+        "rss_pressed_max_mib": round(max(samples) / 2**20, 1),
+        "rss_pressed_last_mib": round(samples[-1] / 2**20, 1),
+        "rss_growth_mib": round((max(samples) - rss_idle) / 2**20, 1),
+        "channel_at_end": depth,
+    }
+
+
 def mesh(pin: Pinning, connections: int) -> dict[str, Any]:
     options = [
         *("--connections", str(connections), "--rate", f"{PACED_RATE:g}"),
@@ -672,6 +737,11 @@ MEDIANS: Final[dict[str, list[tuple[str, ...]]]] = {
         ("relay", "cpu_us_per_event"),
         ("cpu_ratio",),
         ("relay", "lost"),
+    ],
+    "backpressure": [
+        ("rss_idle_mib",),
+        ("rss_pressed_max_mib",),
+        ("rss_growth_mib",),
     ],
     "idle": [
         ("bare", "rss_per_connection_kib"),
@@ -768,6 +838,14 @@ def targets(workloads: dict[str, Any]) -> list[dict[str, Any]]:
             p99,
             f"<= {TARGET_P99_MS:g}",
             None if p99 is None else p99 <= TARGET_P99_MS and lost,
+        )
+    if "backpressure" in workloads:
+        growth = workloads["backpressure"]["median"]["rss_growth_mib"]
+        add(
+            "backpressure: RSS over the same relay with idle clients (MiB)",
+            growth,
+            f"<= {TARGET_BACKPRESSURE_GROWTH_MIB}",
+            None if growth is None else growth <= TARGET_BACKPRESSURE_GROWTH_MIB,
         )
     if "idle" in workloads:
         rss = workloads["idle"]["median"]["relay.rss_per_connection_kib"]
@@ -884,6 +962,14 @@ def _main() -> int:
         default=MESH_CONNECTIONS,
         help=f"connections of the mesh workload, each with a mesh a second ({MESH_CONNECTIONS})",
     )
+    parser.add_argument("--backpressure-connections", type=int, default=BACKPRESSURE_CONNECTIONS)
+    parser.add_argument(
+        "--backpressure-seconds",
+        type=float,
+        default=BACKPRESSURE_SECONDS,
+        help="how long the backpressure workload holds its clients under backpressure "
+        f"({BACKPRESSURE_SECONDS:g}; not in the default --only, it takes minutes)",
+    )
     parser.add_argument("--no-pin", action="store_true", help="do not pin processes to CPUs")
     parser.add_argument("--output", default="bench-results.json", help="JSON results file")
     args = parser.parse_args()
@@ -914,10 +1000,15 @@ def _main() -> int:
         "idle": lambda: idle(pin, args.idle_connections),
         "mesh": lambda: mesh(pin, args.mesh_connections),
         "workers": lambda: workers(pin),
+        "backpressure": lambda: backpressure(
+            pin, args.backpressure_connections, args.backpressure_seconds
+        ),
     }
     for name in chosen:
         if name not in runners:
-            parser.error(f"unknown workload {name!r} (flood, paced, idle, mesh, workers)")
+            parser.error(
+                f"unknown workload {name!r} (flood, paced, idle, mesh, workers, backpressure)"
+            )
         if name == "mesh":
             try:
                 import DracoPy  # noqa: F401
