@@ -4,9 +4,9 @@ Nothing here can overflow, so nothing here can be a reason to close a client tha
 reads. Error replies wait up to a bound; one that finds no room, or comes over the
 reply rate, is counted and the next reply sent says how many were suppressed (if no
 reply follows, a summary says it once the rate allows). Acknowledgements merge into
-one pending ack whose frame numbers accumulate, and pongs into the latest (RFC 6455
-5.5.3 allows answering only the most recent ping), so what waits for a slow reader
-is bounded by what it is owed, not by how often we had something to say. The close
+one pending ack whose frame numbers accumulate, and pongs keep the latest MAX_PONGS
+(RFC 6455 5.5.3 allows answering only the most recent ping), so what waits for a slow
+reader is bounded by what it is owed, not by how often we had something to say. The close
 frame goes last, after the replies and acknowledgements queued before it.
 """
 
@@ -24,6 +24,9 @@ from stag_relay.limits import TokenBucket, reply_budget
 # Error replies waiting for the writer. A reply a client has not taken while this
 # many wait behind it is suppressed (and counted), never a reason to close.
 MAX_REPLIES: Final = 64
+# Pongs waiting: every ping of a burst is answered (as the Autobahn suite checks),
+# and a client pinging faster than it reads gets answers to its latest ones.
+MAX_PONGS: Final = 16
 
 
 @attrs.define
@@ -36,7 +39,7 @@ class Outbox:
     # The pending acknowledgement: its session and the frame numbers it will carry.
     ack_session: str | None = None
     ack_frames: list[int] = attrs.Factory(list)
-    pong: bytes | None = None
+    pongs: deque[bytes] = attrs.Factory(lambda: deque(maxlen=MAX_PONGS))
     # The close frame, once queued: nothing is queued after it.
     close: bytes | None = None
     # The close frame has been taken by the writer: the outbox is done.
@@ -68,9 +71,9 @@ class Outbox:
         self.ack_frames.extend(frame_numbers)
 
     def ping(self, payload: bytes) -> None:
-        """The client pinged: answer the latest ping."""
+        """The client pinged: answer it (the oldest unanswered pong goes past MAX_PONGS)."""
         if not self.closing:
-            self.pong = payload
+            self.pongs.append(payload)
 
     def queue_close(self, frame: bytes) -> bool:
         """Queue the close frame; False if one is queued already."""
@@ -89,10 +92,8 @@ class Outbox:
         """The next frame to write, or None if there is nothing to write now."""
         if self.done:
             return None
-        if self.pong is not None:
-            frame = wsframes.pong_frame(self.pong)
-            self.pong = None
-            return frame
+        if self.pongs:
+            return wsframes.pong_frame(self.pongs.popleft())
         if self.replies:
             reply = self.replies.popleft()
             return self._with_suppressed(reply)

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from stag_relay import wsframes
 from stag_relay.limits import ERROR_REPLIES_PER_SECOND, ERROR_REPLY_BURST
-from stag_relay.outbox import MAX_REPLIES, Outbox
+from stag_relay.outbox import MAX_PONGS, MAX_REPLIES, Outbox
 
 
 def decode(frame: bytes) -> Any:
@@ -71,14 +71,15 @@ def test_acknowledgements_merge_into_one_frame() -> None:
     assert [decode(frame)["frame_numbers"] for frame in pop_all(outbox, 0.0)] == [[1000, 1001]]
 
 
-def test_only_the_latest_ping_is_answered_and_first() -> None:
+def test_pings_are_answered_first_and_only_the_latest_beyond_the_bound() -> None:
     outbox = Outbox()
     outbox.error(0.0, "invalid_packet", "bad")
-    outbox.ping(b"one")
-    outbox.ping(b"two")
+    for n in range(MAX_PONGS + 3):
+        outbox.ping(b"%d" % n)
     frames = pop_all(outbox, 0.0)
-    assert frames[0] == wsframes.pong_frame(b"two")
-    assert len(frames) == 2
+    assert frames[:MAX_PONGS] == [wsframes.pong_frame(b"%d" % n) for n in range(3, MAX_PONGS + 3)]
+    assert decode(frames[MAX_PONGS])["type"] == "error"
+    assert len(frames) == MAX_PONGS + 1
 
 
 def test_the_close_frame_goes_last_and_nothing_follows_it() -> None:
