@@ -11,6 +11,12 @@ of its payload, the peer's close frame with a close frame of its code, a violati
 with a close frame of the violation's code, after which only the peer's close frame
 is waited for (``SEND_TIMEOUT``); after our close frame, a FIN.
 
+Every ping gets its own pong, at once, rather than going through the gate's outbox
+(``outbox.Outbox``): that answers only the latest of the pings it has not answered
+yet, as RFC 6455 5.5.3 allows, which the suite counts as a failure all the same
+(cases 2.10 and 2.11: "not required by the Spec .. but we check for this behaviour
+anyway"). The outbox orders the relay's replies, which an echo has none of.
+
     python tests/conformance/echo_server.py [--port 0]
 
 Prints ``listening <port>`` on stdout once bound, then serves until SIGTERM/SIGINT.
