@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import nox
 
 nox.options.sessions = ["lint", "typecheck", "tests"]
@@ -62,6 +64,20 @@ def deploy(session: nox.Session) -> None:
         "tests/unit/test_systemd.py",
         *session.posargs,
         env={"STAG_RELAY_REQUIRE_DEPLOY_TOOLS": "1"},
+    )
+
+
+@nox.session(python=PYTHON)
+def conformance(session: nox.Session) -> None:
+    """The Autobahn TestSuite, sections 1-10, run by kosoku against an echo endpoint
+    built on the relay's own frame code (tests/conformance/); under a minute.
+
+    Arguments go to tests/conformance/run.py: nox -s conformance -- --parallelism 2
+    """
+    session.install("-e", ".[test]", "kosoku>=0.1")
+    report_dir = Path(session.create_tmp()) / "autobahn"
+    session.run(
+        "python", "tests/conformance/run.py", "--report-dir", str(report_dir), *session.posargs
     )
 
 

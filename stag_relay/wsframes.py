@@ -83,6 +83,13 @@ class Pong:
 
 
 @attrs.frozen(slots=True)
+class Binary:
+    """A binary message, from a reader asked to tell them from text (``mark_binary``)."""
+
+    payload: bytes
+
+
+@attrs.frozen(slots=True)
 class Close:
     """The peer's close frame; ``code`` is 1005 when the frame carried none."""
 
@@ -99,8 +106,9 @@ class Violation:
 
 
 # What a read yields, in order: complete data messages as bytes (text already
-# checked to be UTF-8; the gate parses text and binary messages alike), and frames.
-Received = bytes | Ping | Pong | Close | Violation
+# checked to be UTF-8; the gate parses text and binary messages alike), binary ones
+# as Binary instead when the reader was asked to mark them, and frames.
+Received = bytes | Binary | Ping | Pong | Close | Violation
 
 
 def _close_code_allowed(code: int) -> bool:
@@ -116,12 +124,26 @@ class FrameReader:
     :class:`Violation`, or once :meth:`closing` is called (we sent a close frame),
     nothing but the peer's :class:`Close` comes out any more: data is skipped
     without being buffered, whatever its size, until that close frame arrives.
+
+    With ``mark_binary``, binary messages come out as :class:`Binary`, for a peer
+    that must answer in kind (the conformance suite's echo endpoint).
     """
 
-    __slots__ = ("_buffer", "_closing", "_done", "_max_size", "_opcode", "_parts", "_size", "_skip")
+    __slots__ = (
+        "_binary",
+        "_buffer",
+        "_closing",
+        "_done",
+        "_max_size",
+        "_opcode",
+        "_parts",
+        "_size",
+        "_skip",
+    )
 
-    def __init__(self, max_message_size: int) -> None:
+    def __init__(self, max_message_size: int, *, mark_binary: bool = False) -> None:
         self._max_size = max_message_size
+        self._binary = mark_binary
         # Bytes of an incomplete frame, kept until the rest of it arrives.
         self._buffer = bytearray()
         # A fragmented message in progress: its opcode (0 when none), parts and size.
@@ -222,7 +244,7 @@ class FrameReader:
                     return self._fail(out, CLOSE_INVALID_DATA, "text is not UTF-8", view, pos)
                 out.append(payload)
             elif opcode == OP_BINARY and first & 0x80:
-                out.append(payload)
+                out.append(Binary(payload) if self._binary else payload)
             elif opcode < OP_CLOSE:
                 if opcode:
                     self._opcode = opcode
@@ -239,7 +261,7 @@ class FrameReader:
                     self._size = 0
                     if text and not message_bytes.isascii() and not _is_utf8(message_bytes):
                         return self._fail(out, CLOSE_INVALID_DATA, "text is not UTF-8", view, pos)
-                    out.append(message_bytes)
+                    out.append(message_bytes if text or not self._binary else Binary(message_bytes))
             elif opcode == OP_PING:
                 out.append(Ping(payload))
             elif opcode == OP_PONG:

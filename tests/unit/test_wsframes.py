@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from wsproto.frame_protocol import FrameProtocol, Opcode
 
 from stag_relay.wsframes import (
+    Binary,
     Close,
     FrameReader,
     Ping,
@@ -93,9 +94,9 @@ messages = st.one_of(
 
 
 @st.composite
-def conversations(draw: st.DrawFn) -> tuple[bytes, list[Received]]:
+def conversations(draw: st.DrawFn, mark_binary: bool = False) -> tuple[bytes, list[Received]]:
     """Frames for a few messages, some fragmented with pings and pongs between the
-    fragments, and what the reader must make of them."""
+    fragments, and what the reader (marking binary messages or not) must make of them."""
     wire = b""
     expected: list[Received] = []
     for opcode, payload in draw(st.lists(messages, max_size=6)):
@@ -107,7 +108,8 @@ def conversations(draw: st.DrawFn) -> tuple[bytes, list[Received]]:
             last = index == len(parts) - 1
             wire += client_frame(opcode if index == 0 else CONT, part, fin=last, mask=draw(masks))
             if last:
-                expected.append(payload)
+                binary = mark_binary and opcode == BINARY
+                expected.append(Binary(payload) if binary else payload)
             if draw(st.booleans()):
                 control = draw(st.binary(max_size=125))
                 kind = draw(st.sampled_from([PING, PONG]))
@@ -143,6 +145,25 @@ def test_byte_by_byte_is_the_same_as_all_at_once(
 def test_data_messages_come_out_as_bytes() -> None:
     [text, binary] = only(client_frame(TEXT, b'{"a": 1}') + client_frame(BINARY, b"\xff\x00"))
     assert type(text) is bytes and type(binary) is bytes
+
+
+@settings(max_examples=100, deadline=None)
+@given(conversations(mark_binary=True), st.lists(st.integers(0, 300_000), max_size=12))
+def test_a_reader_that_marks_binary_tells_binary_from_text_however_the_reads_split(
+    conversation: tuple[bytes, list[Received]], cuts: list[int]
+) -> None:
+    wire, expected = conversation
+    assert feed(FrameReader(1 << 20, mark_binary=True), wire, cuts) == expected
+
+
+def test_a_marked_fragmented_message_keeps_its_first_frames_opcode() -> None:
+    wire = (
+        client_frame(BINARY, b"\xff", fin=False)
+        + client_frame(CONT, b"\x00")
+        + client_frame(TEXT, b"ab", fin=False)
+        + client_frame(CONT, b"c")
+    )
+    assert FrameReader(LIMIT, mark_binary=True).receive(wire) == [Binary(b"\xff\x00"), b"abc"]
 
 
 # -- what a client may not send ---------------------------------------------------------
