@@ -162,6 +162,7 @@ class Spool:
         self.reserve_path = self.path.with_name(self.path.name + "-reserve")
         # Bytes of the reserve this spool keeps (0: none, as for `stag-relay spool`).
         self._reserve = 0
+        self._reserve_held = False
         try:
             self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
             self._check_and_prepare()
@@ -280,6 +281,15 @@ class Spool:
         hand-off, and each statement gives the GIL up and waits to take it back from the
         event loop.
         """
+        if append and not self._refill_reserve():
+            # New batches only while the reserve is held: without it, a full disk could
+            # not even record the deliveries that would make room again.
+            raise SpoolFull(
+                self.path,
+                self.free_bytes(),
+                f"no room to hold the reserve ({self.reserve_path}, {self._reserve} bytes) "
+                "beside new batches",
+            )
         seqs: list[int] = []
         # Totals change only once the transaction has committed: a rolled-back write
         # (a full disk) leaves them as the file is.
@@ -456,14 +466,19 @@ class Spool:
         return self._refill_reserve()
 
     def _refill_reserve(self) -> bool:
-        if not self._reserve:
+        """Hold the reserve if it is not held; whether it is held now."""
+        if not self._reserve or self._reserve_held:
             return True
         with contextlib.suppress(OSError):
             if self.reserve_path.stat().st_size >= self._reserve:
+                self._reserve_held = True
                 return True
         free = self.free_bytes()
+        if free is None:
+            # Cannot tell (statvfs failed): hold nothing back on a guess.
+            return True
         # Only with room to spare: the reserve must not be what fills the disk.
-        if free is None or free < 2 * self._reserve:
+        if free < 2 * self._reserve:
             return False
         try:
             fd = os.open(self.reserve_path, os.O_WRONLY | os.O_CREAT, 0o600)
@@ -474,11 +489,20 @@ class Spool:
         except OSError:
             self._release_reserve()
             return False
+        self._reserve_held = True
         return True
 
     def _release_reserve(self) -> None:
+        self._reserve_held = False
         with contextlib.suppress(FileNotFoundError):
             self.reserve_path.unlink()
+
+    def has_room(self) -> bool:
+        """Whether the reserve is held with as much again free (or free space is unknown)."""
+        if not self._refill_reserve():
+            return False
+        free = self.free_bytes()
+        return free is None or free >= max(self._reserve, RESERVE_MIN)
 
     def reclaim(self) -> int | None:
         """On a full disk: give the reserve back, fold the WAL into the file and empty

@@ -7,11 +7,16 @@ import errno
 import os
 import sqlite3
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from structlog.testing import capture_logs
 
+from stag_relay.config import DeliveryConfig
+from stag_relay.delivery import Delivery
+from stag_relay.metrics import RelayMetrics
 from stag_relay.spool import (
     CHECKPOINT_PAGES_MAX,
     RESERVE_MAX,
@@ -137,3 +142,41 @@ def test_the_reserve_holds_what_a_checkpoint_adds(free: int, page_size: int) -> 
     assert 16 <= pages <= CHECKPOINT_PAGES_MAX
     if reserve // page_size >= 32:
         assert pages * page_size * 2 <= reserve
+
+
+def start_warnings(logs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [
+        line for line in logs if "less free space than delivery.spool_max_bytes" in line["event"]
+    ]
+
+
+async def test_a_file_system_smaller_than_spool_max_bytes_is_warned_about_at_start(
+    tmp_path: Path,
+) -> None:
+    spool_max = 2 * free_bytes(tmp_path) + 10**9
+    delivery = Delivery(
+        DeliveryConfig(spool_path=str(tmp_path / "s.sqlite3"), spool_max_bytes=spool_max),
+        RelayMetrics(),
+    )
+    with capture_logs() as logs:
+        await delivery.open()
+    await delivery.close()
+    [warning] = start_warnings(logs)
+    assert warning["log_level"] == "warning"
+    assert warning["spool"] == str(tmp_path / "s.sqlite3")
+    assert warning["spool_max_bytes"] == spool_max
+    assert 0 < warning["free_bytes"] < spool_max
+    assert f"lower delivery.spool_max_bytes to {warning['free_bytes']} or less" in warning["fix"]
+
+
+async def test_no_warning_when_the_spool_fits_and_the_reserve_is_taken(tmp_path: Path) -> None:
+    delivery = Delivery(
+        DeliveryConfig(spool_path=str(tmp_path / "s.sqlite3"), spool_max_bytes=1024**2),
+        RelayMetrics(),
+    )
+    with capture_logs() as logs:
+        await delivery.open()
+    await delivery.close()
+    assert start_warnings(logs) == []
+    # Its size follows the free space at start (which other programs change meanwhile).
+    assert RESERVE_MIN <= (tmp_path / "s.sqlite3-reserve").stat().st_size <= RESERVE_MAX
