@@ -235,7 +235,15 @@ class Delivery:
                 f"system, or lower delivery.spool_max_bytes to {spool_bytes + free} or less",
             )
         reserve = reserve_size(free)
-        if not await self._spool_call(spool.hold_reserve, reserve):
+        held = await self._spool_call(spool.hold_reserve, reserve)
+        if not spool.reserve_bytes:
+            log.warning(
+                "this file system cannot keep the spool's reserve file: on a full disk, "
+                "recording deliveries may have to wait for room from elsewhere",
+                spool=str(spool.path),
+                reserve=str(spool.reserve_path),
+            )
+        elif not held:
             log.warning(
                 "no room for the spool's reserve: the spool is full (new batches wait) until "
                 "deliveries or an operator free room",
@@ -425,11 +433,11 @@ class Delivery:
                 await self._spool_call(spool.reclaim)
                 return
         if self._config.when_full == "drop_oldest":
-            found = await self._spool_call(spool.oldest, set(self._in_flight), 16)
-            busy = {*self._in_flight, *self._to_delete, *(seq for seq, _, _ in self._buried)}
-            victims = [v for v in found if v.seq not in busy]
-            if victims:
-                with contextlib.suppress(SpoolFull):
+            with contextlib.suppress(SpoolFull):
+                found = await self._spool_call(spool.oldest, set(self._in_flight), 16)
+                busy = {*self._in_flight, *self._to_delete, *(seq for seq, _, _ in self._buried)}
+                victims = [v for v in found if v.seq not in busy]
+                if victims:
                     await self._drop(spool, victims)
                     await self._spool_call(spool.reclaim)
                     return
@@ -509,7 +517,14 @@ class Delivery:
                 self._dropped.clear()
             if self._spill_from is not None:
                 start = self._spill_from
-                page = await self._spool_call(spool.read_from, start, READ_PAGE)
+                try:
+                    page = await self._spool_call(spool.read_from, start, READ_PAGE)
+                except SpoolFull as exc:
+                    # A failing disk: the batches stay where they are; try again.
+                    await self._disk_full(spool, exc)
+                    with trio.move_on_after(DISK_FULL_RETRY):
+                        await self._wait_for_change()
+                    continue
                 if page:
                     self._window.extend(
                         (b.seq, WireBatch(b.batch_id, b.count, b.events)) for b in page

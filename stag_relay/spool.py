@@ -368,11 +368,12 @@ class Spool:
 
     def read_from(self, seq: int, limit: int) -> list[SpooledBatch]:
         """Up to ``limit`` batches with ``seq`` at least ``seq``, oldest first."""
-        rows = self._db.execute(
-            "SELECT seq, batch_id, created, count, events FROM batches "
-            "WHERE seq >= ? ORDER BY seq LIMIT ?",
-            (seq, limit),
-        ).fetchall()
+        with self._disk_full_is_spool_full():
+            rows = self._db.execute(
+                "SELECT seq, batch_id, created, count, events FROM batches "
+                "WHERE seq >= ? ORDER BY seq LIMIT ?",
+                (seq, limit),
+            ).fetchall()
         return [SpooledBatch(r[0], r[1], r[2], r[3], bytes(r[4])) for r in rows]
 
     def last_seq(self) -> int:
@@ -486,11 +487,20 @@ class Spool:
                 os.posix_fallocate(fd, 0, self._reserve)
             finally:
                 os.close(fd)
-        except OSError:
+        except OSError as exc:
             self._release_reserve()
-            return False
+            if is_disk_full(exc):
+                return False
+            # This file system cannot keep one (not a matter of room): do without.
+            self._reserve = 0
+            return True
         self._reserve_held = True
         return True
+
+    @property
+    def reserve_bytes(self) -> int:
+        """The reserve this spool keeps (0: none)."""
+        return self._reserve
 
     def _release_reserve(self) -> None:
         self._reserve_held = False
