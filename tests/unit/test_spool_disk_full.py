@@ -96,6 +96,11 @@ def test_a_full_file_system_records_deliveries_and_gets_its_room_back(tmp_path: 
                 held = [b.seq for b in spool.read_from(0, 10**6)]
                 # The reserve goes back to the file system: room to record deliveries.
                 spool.reclaim()
+                assert not spool.reserve_path.exists()
+                # New batches wait until it is held again: a disk filled without it
+                # could not record the deliveries that free it.
+                with pytest.raises(SpoolFull, match="reserve"):
+                    spool.append_many([("early", 5, BLOB, 2.0)])
                 spool.delete(held[: len(held) // 2])
                 # The deleted batches' pages go back to the file system.
                 free = spool.reclaim()
