@@ -213,9 +213,11 @@ class Spool:
                 "SELECT 1 FROM batches UNION ALL SELECT 1 FROM dead_letters LIMIT 1"
             ).fetchone()
         ):
-            # A spool from before ``reclaim``, empty: cheap to convert now.
+            # A spool from before ``reclaim``, empty: cheap to convert now. Another
+            # process using the file (busy) is no damage: converted at a later start.
             db.execute("PRAGMA auto_vacuum = INCREMENTAL")
-            db.execute("VACUUM")
+            with contextlib.suppress(sqlite3.OperationalError):
+                db.execute("VACUUM")
 
     def _totals(self, table: str) -> tuple[int, int, int]:
         row = self._db.execute(

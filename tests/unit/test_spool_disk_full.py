@@ -18,9 +18,12 @@ from stag_relay.config import DeliveryConfig
 from stag_relay.delivery import Delivery
 from stag_relay.metrics import RelayMetrics
 from stag_relay.spool import (
+    _SCHEMA,
+    APPLICATION_ID,
     CHECKPOINT_PAGES_MAX,
     RESERVE_MAX,
     RESERVE_MIN,
+    SCHEMA_VERSION,
     Spool,
     SpoolFull,
     checkpoint_pages,
@@ -185,3 +188,45 @@ async def test_no_warning_when_the_spool_fits_and_the_reserve_is_taken(tmp_path:
     assert start_warnings(logs) == []
     # Its size follows the free space at start (which other programs change meanwhile).
     assert RESERVE_MIN <= (tmp_path / "s.sqlite3-reserve").stat().st_size <= RESERVE_MAX
+
+
+def legacy_spool(path: Path, rows: int) -> None:
+    """A spool as the relay made them before ``reclaim``: no auto_vacuum."""
+    db = sqlite3.connect(path)
+    db.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+    db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+    db.executescript(_SCHEMA)
+    for n in range(rows):
+        db.execute(
+            "INSERT INTO batches (batch_id, created, count, events) VALUES (?, 0, 1, x'5b315d')",
+            (f"old{n}",),
+        )
+    db.commit()
+    db.close()
+
+
+def auto_vacuum(path: Path) -> int:
+    db = sqlite3.connect(path)
+    try:
+        (mode,) = db.execute("PRAGMA auto_vacuum").fetchone()
+        return int(mode)
+    finally:
+        db.close()
+
+
+def test_an_empty_spool_from_before_is_converted_a_full_one_kept_as_it_is(
+    tmp_path: Path,
+) -> None:
+    empty, full = tmp_path / "empty.sqlite3", tmp_path / "full.sqlite3"
+    legacy_spool(empty, 0)
+    legacy_spool(full, 3)
+    assert auto_vacuum(empty) == auto_vacuum(full) == 0
+    Spool(empty).close()
+    spool = Spool(full)
+    assert [b.batch_id for b in spool.read_from(0, 10)] == ["old0", "old1", "old2"]
+    # Without auto_vacuum, reclaim has no pages to hand back, and still works.
+    spool.delete([b.seq for b in spool.read_from(0, 10)])
+    assert spool.reclaim() is not None
+    spool.close()
+    assert auto_vacuum(empty) == 2
+    assert auto_vacuum(full) == 0
