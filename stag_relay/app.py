@@ -229,11 +229,17 @@ class Relay:
             task_status.started(self.ports)
             self.notifier.ready(f"listening on port {', '.join(map(str, self.ports))}")
             await self._shutdown_requested.wait()
-            await self._shut_down()
+            summary = await self._shut_down()
             root.cancel_scope.cancel()
+        # Every task has ended, so no spool write is under way: what the spool holds now
+        # is what `stag-relay spool stats` will say, and what the next start sends.
+        log.info(
+            "shutdown complete", **summary, events_left_in_spool=self.delivery.spooled_events()
+        )
 
-    async def _shut_down(self) -> None:
-        """The shutdown sequence, in order. Bounded by server.shutdown_timeout."""
+    async def _shut_down(self) -> dict[str, object]:
+        """The shutdown sequence, in order. Bounded by server.shutdown_timeout. Returns
+        the counts for the summary line."""
         timeout = self.config.server.shutdown_timeout
         log.info("shutting down", timeout=timeout, connections=len(self.gate.connections))
         self.notifier.stopping(f"draining {len(self.gate.connections)} connections")
@@ -268,13 +274,11 @@ class Relay:
         if undelivered > 0:
             self.metrics.events_dropped.labels("shutdown").inc(undelivered)
             log.error("events not delivered before shutdown timeout", events=undelivered)
-        log.info(
-            "shutdown complete",
-            events_read=self.gate.events_in,
-            events_delivered=self.sender.status()["events_sent"],
-            events_undelivered=undelivered,
-            events_left_in_spool=self.sender.held_events() if spooled else 0,
-        )
+        return {
+            "events_read": self.gate.events_in,
+            "events_delivered": self.sender.status()["events_sent"],
+            "events_undelivered": undelivered,
+        }
 
     def status_snapshot(self) -> StatusSnapshot:
         """Counts for systemd's STATUS line."""

@@ -7,11 +7,18 @@ happens to it, its connections are acknowledged right then, and the sender is fe
 from the spool in order, oldest first, so a STAG outage fills the disk, not the
 clients' sockets. Delivered batches are deleted; refused ones become dead letters.
 
+A full or failing disk is a full spool (``SpoolFull``), never a crash: the batches being
+committed stay in memory, unacknowledged, and ``delivery.when_full`` applies as for
+``delivery.spool_max_bytes``; deliveries not yet recorded stay in memory too and are
+written with the next commit. The spool gives its reserve back so they can be.
+
 SQLite is only ever called from a worker thread, one call at a time.
 """
 
 from __future__ import annotations
 
+import contextlib
+import math
 import sqlite3
 import time
 from collections import deque
@@ -26,7 +33,16 @@ import trio
 from stag_relay.config import DeliveryConfig
 from stag_relay.events import Batch, Origin, WireBatch, to_wire
 from stag_relay.metrics import RelayMetrics
-from stag_relay.spool import Spool, SpoolCorrupt, SpooledBatch, open_spool, quarantine
+from stag_relay.spool import (
+    Spool,
+    SpoolCorrupt,
+    SpooledBatch,
+    SpoolFull,
+    disk_shortfall,
+    open_spool,
+    quarantine,
+    reserve_size,
+)
 from stag_relay.stag import Shipment
 
 # Committed batches kept in memory for the sender, so a healthy STAG never makes the
@@ -42,6 +58,12 @@ COMMIT_GROUP: Final = 16
 # so a record costs no extra thread hand-off; meanwhile a crash would resend the batch,
 # with its batch id, which STAG's Idempotency-Key deduplicates.
 TIDY_DELAY: Final = 0.1
+# On a full disk with nothing delivered meanwhile, a commit is tried again this often:
+# room may come from elsewhere (an operator, another program).
+DISK_FULL_RETRY: Final = 1.0
+# A full-disk episode ends once the disk has room to spare and no write was refused for
+# this long: a disk that hovers at the edge while a backlog drains is one episode.
+DISK_FULL_QUIET: Final = 5.0
 
 log = structlog.get_logger("stag_relay.delivery")
 T = TypeVar("T")
@@ -125,6 +147,11 @@ class Delivery:
         self._taken_all = False
         self.dead_letters = 0
         self.oldest_created: float | None = None
+        # Since when (trio clock) the spool's disk is full; None while it takes writes.
+        self._disk_full_since: float | None = None
+        # A commit refused by a full disk is being tried again.
+        self._commit_retrying = False
+        self._last_refusal = 0.0
 
     async def _spool_call(self, fn: Callable[..., T], *args: Any) -> T:
         return await trio.to_thread.run_sync(partial(fn, *args), limiter=self._limiter)
@@ -169,6 +196,7 @@ class Delivery:
         stats = await self._spool_call(spool.stats)
         self.oldest_created = stats.oldest_created
         self.dead_letters = stats.dead_letters
+        await self._check_disk_room(spool, stats.bytes)
         if stats.batches:
             # Everything already on disk is sent first, oldest first.
             first = await self._spool_call(spool.read_from, 0, 1)
@@ -188,6 +216,43 @@ class Delivery:
                 hint="stag-relay spool list-dead / requeue-dead",
             )
 
+    async def _check_disk_room(self, spool: Spool, spool_bytes: int) -> None:
+        """Warn when the file system cannot hold a full spool, then take the reserve."""
+        free = await self._spool_call(spool.free_bytes)
+        if free is None:
+            return
+        missing = disk_shortfall(free, spool_bytes, self._config.spool_max_bytes)
+        if missing:
+            log.warning(
+                "the spool's file system has less free space than delivery.spool_max_bytes; "
+                "when it fills, the spool is full (delivery.when_full applies) before "
+                "delivery.spool_max_bytes is reached",
+                spool=str(spool.path),
+                free_bytes=free,
+                spool_bytes=spool_bytes,
+                spool_max_bytes=self._config.spool_max_bytes,
+                fix=f"free {missing} bytes there, move delivery.spool_path to a larger file "
+                f"system, or lower delivery.spool_max_bytes to {spool_bytes + free} or less",
+            )
+        reserve = reserve_size(free)
+        held = await self._spool_call(spool.hold_reserve, reserve)
+        if not spool.reserve_bytes:
+            log.warning(
+                "this file system cannot keep the spool's reserve file: on a full disk, "
+                "recording deliveries may have to wait for room from elsewhere",
+                spool=str(spool.path),
+                reserve=str(spool.reserve_path),
+            )
+        elif not held:
+            log.warning(
+                "no room for the spool's reserve: the spool is full (new batches wait) until "
+                "deliveries or an operator free room",
+                spool=str(spool.path),
+                reserve=str(spool.reserve_path),
+                reserve_bytes=reserve,
+                free_bytes=free,
+            )
+
     def _set_aside(self, path: str, moved: Path, then: str) -> None:
         self._metrics.spool_corrupt.inc()
         log.error(
@@ -203,6 +268,10 @@ class Delivery:
     def held_events(self) -> int:
         """Events that would be lost if the relay stopped now (not spooled, not sent)."""
         return self._holding
+
+    def spooled_events(self) -> int:
+        """Events the spool file holds (what ``stag-relay spool stats`` counts), 0 without."""
+        return self.spool.events if self.spool is not None else 0
 
     async def run(
         self, batches: trio.MemoryReceiveChannel[Batch], shipments: trio.MemorySendChannel[Shipment]
@@ -288,11 +357,21 @@ class Delivery:
     async def _commit_group(self, taken: list[tuple[Batch, WireBatch]], spool: Spool) -> None:
         group = [batch for batch, _ in taken]
         wires = [wire for _, wire in taken]
-        await self._make_room(spool, sum(len(wire.events) for wire in wires))
         created = time.time()
         rows = [(wire.batch_id, wire.count, wire.events, created) for wire in wires]
-        # Deliveries recorded since the last write ride along in the same commit.
-        seqs = await self._write(spool, rows)
+        while True:
+            try:
+                await self._make_room(spool, sum(len(wire.events) for wire in wires))
+                # Deliveries recorded since the last write ride along in the same commit.
+                seqs = await self._write(spool, rows)
+            except SpoolFull:
+                # Not committed, so not acknowledged: the group stays here, held (the
+                # batcher waits behind it), until the disk takes it.
+                self._commit_retrying = True
+                await self._wait_for_disk(spool)
+                continue
+            break
+        self._commit_retrying = False
         self._holding -= sum(len(batch) for batch in group)
         for batch, wire, seq in zip(group, wires, seqs, strict=True):
             send_acks(group_acks(batch))
@@ -329,14 +408,85 @@ class Delivery:
             await self._wait_for_change()
 
     async def _drop(self, spool: Spool, victims: list[SpooledBatch]) -> None:
+        """Drop ``victims`` from the spool and count them (``SpoolFull``: none dropped)."""
         seqs = [v.seq for v in victims]
-        await self._spool_call(spool.delete, seqs)
+        try:
+            await self._spool_call(spool.delete, seqs)
+        except SpoolFull as exc:
+            await self._disk_full(spool, exc)
+            raise
         events = sum(v.count for v in victims)
         self._dropped.update(seqs)
         for seq in seqs:
             self._mesh_refs.pop(seq, None)
         self._metrics.events_dropped.labels("spool_full").inc(events)
         log.warning("spool full: dropped the oldest batches", batches=len(seqs), events=events)
+
+    async def _wait_for_disk(self, spool: Spool) -> None:
+        """After a commit failed on a full disk: free room the way ``when_full`` says,
+        or wait for deliveries to, then let the commit be tried again."""
+        if self._to_delete or self._buried:
+            # The reserve was given back: room for the deliveries, whose rows then go
+            # back to the file system.
+            with contextlib.suppress(SpoolFull):
+                await self._write(spool)
+                await self._spool_call(spool.reclaim)
+                return
+        if self._config.when_full == "drop_oldest":
+            with contextlib.suppress(SpoolFull):
+                found = await self._spool_call(spool.oldest, set(self._in_flight), 16)
+                busy = {*self._in_flight, *self._to_delete, *(seq for seq, _, _ in self._buried)}
+                victims = [v for v in found if v.seq not in busy]
+                if victims:
+                    await self._drop(spool, victims)
+                    await self._spool_call(spool.reclaim)
+                    return
+        # block (or nothing to drop): deliveries, or room from elsewhere, will come.
+        with trio.move_on_after(DISK_FULL_RETRY):
+            await self._wait_for_change()
+
+    async def _disk_full(self, spool: Spool, exc: SpoolFull) -> None:
+        """A write failed on a full or failing disk: give the reserve back, and say so
+        once per episode."""
+        await self._spool_call(spool.reclaim)
+        self._last_refusal = trio.current_time()
+        if self._disk_full_since is not None:
+            return
+        self._disk_full_since = self._last_refusal
+        self._metrics.spool_disk_full.set(1)
+        self._metrics.spool_disk_full_episodes.inc()
+        log.error(
+            "spool's disk is full or failing: the spool is full until deliveries free room",
+            spool=str(exc.path),
+            # When the write failed (the reserve, given back since, is not in it).
+            free_bytes=exc.free_bytes,
+            problem=exc.problem,
+            when_full=self._config.when_full,
+            fix="free space on that file system, or move delivery.spool_path to a larger one",
+        )
+
+    async def _maybe_disk_writable(self, spool: Spool) -> None:
+        """End the full-disk episode when no commit waits, no write was refused for
+        DISK_FULL_QUIET and the disk has room to spare; not with the first commit
+        squeezed in: a disk that stays at the edge is one episode, logged once."""
+        if self._disk_full_since is None or self._commit_retrying:
+            return
+        if trio.current_time() - self._last_refusal < DISK_FULL_QUIET:
+            return
+        # What deliveries freed goes back to the file system (and the reserve) first.
+        await self._spool_call(spool.reclaim)
+        room = await self._spool_call(spool.has_room)
+        # Meanwhile another write may have ended the episode, or a commit been refused.
+        since = self._disk_full_since
+        if not room or since is None or self._commit_retrying:
+            return
+        log.info(
+            "spool's disk takes writes again",
+            spool=str(self._config.spool_path),
+            full_for_seconds=round(trio.current_time() - since, 3),
+        )
+        self._disk_full_since = None
+        self._metrics.spool_disk_full.set(0)
 
     async def _feed(self, shipments: trio.MemorySendChannel[Shipment], spool: Spool) -> None:
         """Hand spooled batches to the sender in order until nothing is left to send."""
@@ -367,7 +517,14 @@ class Delivery:
                 self._dropped.clear()
             if self._spill_from is not None:
                 start = self._spill_from
-                page = await self._spool_call(spool.read_from, start, READ_PAGE)
+                try:
+                    page = await self._spool_call(spool.read_from, start, READ_PAGE)
+                except SpoolFull as exc:
+                    # A failing disk: the batches stay where they are; try again.
+                    await self._disk_full(spool, exc)
+                    with trio.move_on_after(DISK_FULL_RETRY):
+                        await self._wait_for_change()
+                    continue
                 if page:
                     self._window.extend(
                         (b.seq, WireBatch(b.batch_id, b.count, b.events)) for b in page
@@ -398,7 +555,15 @@ class Delivery:
         """Remove delivered batches and bury refused ones, many per transaction: with
         the next commit when one comes within TIDY_DELAY, else on their own."""
         while True:
-            await self._tidy_needed.wait()
+            # During a full-disk episode, also wake now and then to see it end (and give
+            # what deliveries freed back to the file system) when nothing else writes.
+            with trio.move_on_after(
+                DISK_FULL_RETRY if self._disk_full_since is not None else math.inf
+            ):
+                await self._tidy_needed.wait()
+            if not self._tidy_needed.is_set():
+                await self._maybe_disk_writable(spool)
+                continue
             self._tidy_needed = trio.Event()
             with trio.move_on_after(TIDY_DELAY):
                 while self._to_delete or self._buried:
@@ -412,7 +577,9 @@ class Delivery:
 
     async def _flush_tidy(self, spool: Spool) -> None:
         if self._to_delete or self._buried:
-            await self._write(spool)
+            # On a full disk they stay in memory and go with the next write that works.
+            with contextlib.suppress(SpoolFull):
+                await self._write(spool)
 
     async def _write(
         self, spool: Spool, append: list[tuple[str, int, bytes, float]] | None = None
@@ -421,19 +588,27 @@ class Delivery:
         refusal reported since the last write. Returns the new rows' ``seq``s."""
         delete, self._to_delete = self._to_delete, []
         bury, self._buried = self._buried, []
-        written = await self._spool_call(
-            partial(
-                spool.write,
-                append=append or (),
-                delete=delete,
-                bury=bury,
-                dead_letter_max_bytes=self._config.dead_letter_max_bytes,
+        try:
+            written = await self._spool_call(
+                partial(
+                    spool.write,
+                    append=append or (),
+                    delete=delete,
+                    bury=bury,
+                    dead_letter_max_bytes=self._config.dead_letter_max_bytes,
+                )
             )
-        )
+        except SpoolFull as exc:
+            # Rolled back: these are still to be recorded, before any reported since.
+            self._to_delete[:0] = delete
+            self._buried[:0] = bury
+            await self._disk_full(spool, exc)
+            raise
         self.oldest_created = written.oldest_created
         self.dead_letters = written.dead_letters
         # Room was freed: a commit waiting on a full spool may go on.
         self._wake()
+        await self._maybe_disk_writable(spool)
         return written.seqs
 
     def _wake(self) -> None:

@@ -280,6 +280,17 @@ class RelayMetrics:
             "Spool files found corrupt or foreign at start and moved aside",
             registry=r,
         )
+        self.spool_disk_full = Gauge(
+            "relay_spool_disk_full",
+            "1 while the spool's disk is full or failing (the spool is then full)",
+            registry=r,
+            multiprocess_mode="livemax",
+        )
+        self.spool_disk_full_episodes = Counter(
+            "relay_spool_disk_full_episodes",
+            "Times the spool's disk became full or failing",
+            registry=r,
+        )
         self.mesh = MeshMetrics(r)
 
     def observe_many(self, histogram: Histogram, amount: float, count: int) -> None:

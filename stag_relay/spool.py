@@ -11,12 +11,17 @@ The rules it keeps:
 - rows leave in ``seq`` order, oldest first, and keep their ``batch_id`` for life, so
   STAG's ``Idempotency-Key`` deduplicates a batch delivered just before a crash;
 - a file that is not ours, or corrupt, is never read nor silently replaced: opening
-  it raises ``SpoolCorrupt`` and ``open_spool`` moves it aside.
+  it raises ``SpoolCorrupt`` and ``open_spool`` moves it aside;
+- a full or failing disk (``SQLITE_FULL``, an I/O error, ``ENOSPC``) is a full spool:
+  the write is rolled back whole, the totals are untouched and ``SpoolFull`` says so.
+  The relay holds a reserve file beside the spool so that, then, it can still record
+  deliveries and give the freed pages back to the file system (``reclaim``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import sqlite3
 import time
@@ -31,6 +36,22 @@ APPLICATION_ID: Final = 0x53544147
 SCHEMA_VERSION: Final = 1
 
 T = TypeVar("T")
+
+# SQLite's primary result codes (the low byte of an extended code) that mean the disk
+# is full or failing: https://www.sqlite.org/rescode.html
+SQLITE_IOERR: Final = 10
+SQLITE_FULL: Final = 13
+# OSErrors that mean the same, from the reserve file.
+DISK_FULL_ERRNOS: Final = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EIO})
+
+# The reserve: room given back to the file system on a full disk so the spool can still
+# record deliveries and fold its WAL into the file. At most 64 MiB, a sixteenth of the
+# free space at start on a small file system.
+RESERVE_MAX: Final = 64 * 1024**2
+RESERVE_MIN: Final = 256 * 1024
+# The WAL is checkpointed every 8192 pages (32 MiB) at most, and never past half the
+# reserve: the reserve must hold what a checkpoint adds to the file.
+CHECKPOINT_PAGES_MAX: Final = 8192
 
 _SCHEMA: Final = """
 CREATE TABLE IF NOT EXISTS batches (
@@ -55,6 +76,40 @@ CREATE TABLE IF NOT EXISTS dead_letters (
 
 class SpoolCorrupt(Exception):
     """The file is not a stag-relay spool, or it is damaged."""
+
+
+class SpoolFull(Exception):
+    """The disk under the spool is full or failing; the write was rolled back whole."""
+
+    def __init__(self, path: Path, free_bytes: int | None, problem: str) -> None:
+        super().__init__(f"{path}: {problem} (free: {free_bytes} bytes)")
+        self.path = path
+        self.free_bytes = free_bytes
+        self.problem = problem
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """Whether ``exc`` means the disk is full or failing (the spool is then full)."""
+    if isinstance(exc, sqlite3.Error):
+        code = getattr(exc, "sqlite_errorcode", None)
+        return code is not None and code & 0xFF in (SQLITE_FULL, SQLITE_IOERR)
+    return isinstance(exc, OSError) and exc.errno in DISK_FULL_ERRNOS
+
+
+def reserve_size(free_bytes: int) -> int:
+    """The reserve for a file system with ``free_bytes`` free at start."""
+    return max(RESERVE_MIN, min(RESERVE_MAX, free_bytes // 16))
+
+
+def checkpoint_pages(reserve: int, page_size: int) -> int:
+    """WAL pages between checkpoints: a checkpoint grows the file by at most that."""
+    return max(16, min(CHECKPOINT_PAGES_MAX, reserve // page_size // 2))
+
+
+def disk_shortfall(free_bytes: int, spool_bytes: int, max_bytes: int) -> int:
+    """How far the file system is from holding a spool of ``max_bytes`` (0: it can),
+    given ``free_bytes`` free and ``spool_bytes`` already in the spool."""
+    return max(0, max_bytes - spool_bytes - free_bytes)
 
 
 @attrs.frozen
@@ -104,6 +159,10 @@ class Spool:
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
+        self.reserve_path = self.path.with_name(self.path.name + "-reserve")
+        # Bytes of the reserve this spool keeps (0: none, as for `stag-relay spool`).
+        self._reserve = 0
+        self._reserve_held = False
         try:
             self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
             self._check_and_prepare()
@@ -122,6 +181,9 @@ class Spool:
         if app_id == 0 and not tables:
             db.execute(f"PRAGMA application_id = {APPLICATION_ID}")
             db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            # Freed pages can go back to the file system (``reclaim``); only settable
+            # before the first table.
+            db.execute("PRAGMA auto_vacuum = INCREMENTAL")
         elif app_id != APPLICATION_ID:
             raise sqlite3.DatabaseError("not a stag-relay spool (foreign SQLite database)")
         else:
@@ -139,8 +201,23 @@ class Spool:
         # not SQLite's 1000: at tens of thousands of events a second the default
         # checkpointed several times a second. Measured: the spool's throughput cost
         # 0.258 -> 0.232 of the memory-only flood. The WAL file stays near 32 MiB.
-        db.execute("PRAGMA wal_autocheckpoint = 8192")
+        db.execute(f"PRAGMA wal_autocheckpoint = {CHECKPOINT_PAGES_MAX}")
+        # Deleting a row must not rewrite every freed page (the default on some builds):
+        # on a full disk the WAL has no room for that, and deletions must still commit.
+        db.execute("PRAGMA secure_delete = FAST")
         db.executescript(_SCHEMA)
+        (vacuums,) = db.execute("PRAGMA auto_vacuum").fetchone()
+        if (
+            vacuums != 2
+            and not db.execute(
+                "SELECT 1 FROM batches UNION ALL SELECT 1 FROM dead_letters LIMIT 1"
+            ).fetchone()
+        ):
+            # A spool from before ``reclaim``, empty: cheap to convert now. Another
+            # process using the file (busy) is no damage: converted at a later start.
+            db.execute("PRAGMA auto_vacuum = INCREMENTAL")
+            with contextlib.suppress(sqlite3.OperationalError):
+                db.execute("VACUUM")
 
     def _totals(self, table: str) -> tuple[int, int, int]:
         row = self._db.execute(
@@ -154,10 +231,21 @@ class Spool:
         self._db.execute("BEGIN IMMEDIATE")
         try:
             yield self._db
+            self._db.execute("COMMIT")
         except BaseException:
-            self._db.execute("ROLLBACK")
+            # SQLite may have rolled back already (it does on SQLITE_FULL at commit).
+            if self._db.in_transaction:
+                self._db.execute("ROLLBACK")
             raise
-        self._db.execute("COMMIT")
+
+    @contextlib.contextmanager
+    def _disk_full_is_spool_full(self) -> Iterator[None]:
+        try:
+            yield
+        except (sqlite3.Error, OSError) as exc:
+            if is_disk_full(exc):
+                raise SpoolFull(self.path, self.free_bytes(), str(exc)) from exc
+            raise
 
     def append(self, batch_id: str, count: int, events: bytes, created: float) -> int:
         """Commit one batch; return its ``seq``."""
@@ -195,21 +283,37 @@ class Spool:
         hand-off, and each statement gives the GIL up and waits to take it back from the
         event loop.
         """
+        if append and not self._refill_reserve():
+            # New batches only while the reserve is held: without it, a full disk could
+            # not even record the deliveries that would make room again.
+            raise SpoolFull(
+                self.path,
+                self.free_bytes(),
+                f"no room to hold the reserve ({self.reserve_path}, {self._reserve} bytes) "
+                "beside new batches",
+            )
         seqs: list[int] = []
-        with self._transaction() as db:
+        # Totals change only once the transaction has committed: a rolled-back write
+        # (a full disk) leaves them as the file is.
+        batches = events_delta = size_delta = 0
+        with self._disk_full_is_spool_full(), self._transaction() as db:
             for chunk in _chunks(delete):
                 gone = _in(len(chunk))
-                batches, events, size = db.execute(
+                n, events, size = db.execute(
                     "SELECT COUNT(*), COALESCE(SUM(count), 0), COALESCE(SUM(LENGTH(events)), 0) "
                     f"FROM batches WHERE seq IN {gone}",
                     chunk,
                 ).fetchone()
                 db.execute(f"DELETE FROM batches WHERE seq IN {gone}", chunk)
-                self.batches -= batches
-                self.events -= events
-                self.bytes -= size
+                batches -= n
+                events_delta -= events
+                size_delta -= size
             for seq, status, answer in bury:
-                self._bury_row(db, seq, status, answer, dead_letter_max_bytes)
+                moved = self._bury_row(db, seq, status, answer, dead_letter_max_bytes)
+                if moved is not None:
+                    batches -= 1
+                    events_delta -= moved[0]
+                    size_delta -= moved[1]
             for rows in _chunks(append):
                 cursor = db.execute(
                     "INSERT INTO batches (batch_id, created, count, events) VALUES "
@@ -219,33 +323,37 @@ class Spool:
                 # One statement, one writer: AUTOINCREMENT numbered its rows in a row.
                 assert cursor.lastrowid is not None
                 seqs.extend(range(cursor.lastrowid - len(rows) + 1, cursor.lastrowid + 1))
-                self.batches += len(rows)
-                self.events += sum(n for _, n, _, _ in rows)
-                self.bytes += sum(len(events) for _, _, events, _ in rows)
+                batches += len(rows)
+                events_delta += sum(n for _, n, _, _ in rows)
+                size_delta += sum(len(events) for _, _, events, _ in rows)
             (oldest,) = db.execute("SELECT MIN(created) FROM batches").fetchone()
+            dead = self._dead_letters
             if bury:
-                (self._dead_letters,) = db.execute("SELECT COUNT(*) FROM dead_letters").fetchone()
+                (dead,) = db.execute("SELECT COUNT(*) FROM dead_letters").fetchone()
+        self.batches += batches
+        self.events += events_delta
+        self.bytes += size_delta
+        self._dead_letters = dead
         return Written(seqs, oldest, self._dead_letters)
 
     def _bury_row(
         self, db: sqlite3.Connection, seq: int, status: int, answer: str, max_bytes: int | None
-    ) -> None:
+    ) -> tuple[int, int] | None:
+        """Move one batch to the dead letters; returns its (events, bytes), if it was there."""
         row = db.execute(
             "DELETE FROM batches WHERE seq = ? RETURNING batch_id, created, count, events",
             (seq,),
         ).fetchone()
         if row is None:
-            return
-        self.batches -= 1
-        self.events -= int(row[2])
-        self.bytes -= len(row[3])
+            return None
         db.execute(
             "INSERT INTO dead_letters (batch_id, created, failed, count, status, answer, "
             "events) VALUES (?, ?, ?, ?, ?, ?, ?)",
             (row[0], row[1], time.time(), row[2], status, answer, row[3]),
         )
+        moved = (int(row[2]), len(row[3]))
         if max_bytes is None:
-            return
+            return moved
         # Oldest dead letters go first when the table outgrows its bound.
         (total,) = db.execute(
             "SELECT COALESCE(SUM(LENGTH(events)), 0) FROM dead_letters"
@@ -258,14 +366,16 @@ class Spool:
             if oldest is None:
                 break
             total -= int(oldest[0])
+        return moved
 
     def read_from(self, seq: int, limit: int) -> list[SpooledBatch]:
         """Up to ``limit`` batches with ``seq`` at least ``seq``, oldest first."""
-        rows = self._db.execute(
-            "SELECT seq, batch_id, created, count, events FROM batches "
-            "WHERE seq >= ? ORDER BY seq LIMIT ?",
-            (seq, limit),
-        ).fetchall()
+        with self._disk_full_is_spool_full():
+            rows = self._db.execute(
+                "SELECT seq, batch_id, created, count, events FROM batches "
+                "WHERE seq >= ? ORDER BY seq LIMIT ?",
+                (seq, limit),
+            ).fetchall()
         return [SpooledBatch(r[0], r[1], r[2], r[3], bytes(r[4])) for r in rows]
 
     def last_seq(self) -> int:
@@ -295,7 +405,7 @@ class Spool:
 
     def requeue_dead(self) -> int:
         """Put every dead letter back in line (at the end), same batch ids; return how many."""
-        with self._transaction() as db:
+        with self._disk_full_is_spool_full(), self._transaction() as db:
             rows = db.execute(
                 "DELETE FROM dead_letters RETURNING batch_id, created, count, events"
             ).fetchall()
@@ -304,9 +414,7 @@ class Spool:
                     "INSERT INTO batches (batch_id, created, count, events) VALUES (?, ?, ?, ?)",
                     (batch_id, created, count, events),
                 )
-                self.batches += 1
-                self.events += count
-                self.bytes += len(events)
+        self.batches, self.events, self.bytes = self._totals("batches")
         self._dead_letters = 0
         return len(rows)
 
@@ -336,12 +444,118 @@ class Spool:
                 ).rowcount
         finally:
             self._db.execute("DETACH DATABASE orphan")
-        for side in ("", "-wal", "-shm"):
+        for side in ("", "-wal", "-shm", "-reserve"):
             with contextlib.suppress(FileNotFoundError):
                 other.with_name(other.name + side).unlink()
         self.batches, self.events, self.bytes = self._totals("batches")
         self._dead_letters = self._totals("dead_letters")[0]
         return batches, dead
+
+    def free_bytes(self) -> int | None:
+        """Bytes free for us on the spool's file system (``None``: cannot tell)."""
+        try:
+            st = os.statvfs(self.path.parent)
+        except OSError:
+            return None
+        return st.f_bavail * st.f_frsize
+
+    def hold_reserve(self, size: int) -> bool:
+        """Keep ``size`` bytes allocated beside the spool (``<path>-reserve``), to give
+        back on a full disk, and checkpoint the WAL often enough that the reserve holds
+        what a checkpoint adds to the file. False when there is no room for it now."""
+        (page_size,) = self._db.execute("PRAGMA page_size").fetchone()
+        self._db.execute(f"PRAGMA wal_autocheckpoint = {checkpoint_pages(size, page_size)}")
+        self._reserve = size
+        return self._refill_reserve()
+
+    def _refill_reserve(self) -> bool:
+        """Hold the reserve if it is not held; whether it is held now."""
+        if not self._reserve or self._reserve_held:
+            return True
+        with contextlib.suppress(OSError):
+            if self.reserve_path.stat().st_size >= self._reserve:
+                self._reserve_held = True
+                return True
+        free = self.free_bytes()
+        if free is None:
+            # Cannot tell (statvfs failed): hold nothing back on a guess.
+            return True
+        # Only with room to spare: the reserve must not be what fills the disk.
+        if free < 2 * self._reserve:
+            return False
+        try:
+            fd = os.open(self.reserve_path, os.O_WRONLY | os.O_CREAT, 0o600)
+            try:
+                os.posix_fallocate(fd, 0, self._reserve)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            self._release_reserve()
+            if is_disk_full(exc):
+                return False
+            # This file system cannot keep one (not a matter of room): do without.
+            self._reserve = 0
+            return True
+        self._reserve_held = True
+        return True
+
+    @property
+    def reserve_bytes(self) -> int:
+        """The reserve this spool keeps (0: none)."""
+        return self._reserve
+
+    def _release_reserve(self) -> None:
+        self._reserve_held = False
+        with contextlib.suppress(FileNotFoundError):
+            self.reserve_path.unlink()
+
+    def has_room(self) -> bool:
+        """Whether the reserve is held with as much again free (or free space is unknown)."""
+        if not self._refill_reserve():
+            return False
+        free = self.free_bytes()
+        return free is None or free >= max(self._reserve, RESERVE_MIN)
+
+    def reclaim(self) -> int | None:
+        """On a full disk: give the reserve back, fold the WAL into the file and empty
+        it, hand the pages of deleted batches back to the file system, then hold the
+        reserve again if there is room. Returns the free bytes after. Never raises for
+        a full disk: whatever could not be done now is tried again next time."""
+        self._release_reserve()
+        self._checkpoint()
+        (vacuums,) = self._db.execute("PRAGMA auto_vacuum").fetchone()
+        (page_size,) = self._db.execute("PRAGMA page_size").fetchone()
+        # In steps the WAL (and the reserve) can hold: moving a page writes it again.
+        step = max(16, max(self._reserve, RESERVE_MIN) // page_size // 4)
+        while vacuums == 2:
+            (free_pages,) = self._db.execute("PRAGMA freelist_count").fetchone()
+            if not free_pages:
+                break
+            try:
+                self._db.execute(f"PRAGMA incremental_vacuum({step})").fetchall()
+            except sqlite3.Error as exc:
+                if not is_disk_full(exc):
+                    raise
+                break
+            if not self._checkpoint():
+                break
+        self._refill_reserve()
+        return self.free_bytes()
+
+    def _checkpoint(self) -> bool:
+        """Fold the WAL into the file and truncate it; False when that could not finish."""
+        try:
+            (busy, _, _) = self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        except sqlite3.Error as exc:
+            if not is_disk_full(exc):
+                raise
+            return False
+        return not busy
+
+    def set_max_pages(self, pages: int) -> None:
+        """SQLite's hard limit on the file's pages: a write past it fails like a full
+        disk. For tests that need a full disk without making one."""
+        self._db.execute(f"PRAGMA max_page_count = {int(pages)}")
 
     def stats(self) -> SpoolStats:
         (oldest,) = self._db.execute("SELECT MIN(created) FROM batches").fetchone()
@@ -351,6 +565,7 @@ class Spool:
         )
 
     def close(self) -> None:
+        # The reserve stays: the next start on a full disk still has it.
         self._db.close()
 
 
