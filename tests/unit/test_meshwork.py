@@ -22,16 +22,8 @@ import trio
 from prometheus_client import CollectorRegistry
 
 from stag_relay.events import Event, MeshUpdate
-from stag_relay.mesh import (
-    MeshError,
-    MeshJob,
-    MeshSettings,
-    MeshVerdict,
-    apply_mesh_diff,
-    decode_mesh,
-    run_job,
-    triangles_equal,
-)
+from stag_relay.geometry import apply_mesh_diff, decode_mesh, triangles_equal
+from stag_relay.mesh import MeshError, MeshJob, MeshSettings, MeshVerdict, run_job
 from stag_relay.meshwork import MeshMetrics, MeshPipeline, mesh_refs, open_mesh_pipeline
 from stag_relay.packets import MeshData
 
