@@ -12,6 +12,7 @@ import sys
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import DracoPy
@@ -324,3 +325,23 @@ async def test_a_pipeline_that_never_sees_a_mesh_starts_and_stops_no_worker() ->
         assert decoder_processes() == before
     assert not mesh_pipeline.started
     assert decoder_processes() == before
+
+
+async def test_workers_that_cannot_start_cost_the_mesh_and_the_next_mesh_tries_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The workers inherit the environment: with numpy unimportable there, none can start.
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text("import sys\nsys.modules['numpy'] = None\n")
+    path = os.pathsep.join(p for p in (str(site), os.getcwd(), os.environ.get("PYTHONPATH")) if p)
+    monkeypatch.setenv("PYTHONPATH", path)
+    async with pipeline(workers=2) as (mesh_pipeline, registry):
+        with pytest.raises(MeshError, match=r"^\$\.data\.mesh: the mesh decoder could not start$"):
+            await mesh_pipeline.process("s", "e1", MeshData("a", scan(8), ""))
+        assert not mesh_pipeline.started
+        assert sample(registry, "relay_mesh_worker_failures_total", reason="crash") == 2
+        monkeypatch.undo()
+        update = await mesh_pipeline.process("s", "e2", MeshData("a", scan(8), ""))
+        assert mesh_pipeline.started
+        assert update.face_count == decode_mesh(scan(8)).face_count
