@@ -41,17 +41,61 @@ EXIT_INTERRUPTED = 130
 
 log = structlog.get_logger("stag_relay")
 
-# Tools beside the relay itself, as subcommands: each module has
-# ``configure_parser(parser)`` and ``run(args) -> int``. Imported only when used.
-TOOLS: Final[dict[str, str]] = {
-    "spool": "stag_relay.spoolcmd",
-    "loadgen": "stag_relay.loadgen",
-    "sink": "stag_relay.sink",
-    "demo": "stag_relay.demo",
+
+@attrs.frozen
+class Tool:
+    """A subcommand beside the relay: ``module`` has ``configure_parser(parser)`` and
+    ``run(args) -> int``; ``needs`` are the distributions of the ``tools`` extra it imports."""
+
+    module: str
+    help: str
+    needs: tuple[str, ...] = ()
+
+
+# Imported only when run: the relay itself loads none of them, nor what they need.
+# ``help`` is the first line of each module's docstring (checked by the tests).
+TOOLS: Final[dict[str, Tool]] = {
+    "spool": Tool(
+        "stag_relay.spoolcmd",
+        "Inspect the delivery spool: stats, dead letters, and putting them back in line.",
+    ),
+    "loadgen": Tool(
+        "stag_relay.loadgen",
+        "Load generator: N WebSocket connections streaming StreamKit packets to a relay.",
+        ("websockets", "rich"),
+    ),
+    "sink": Tool(
+        "stag_relay.sink",
+        "Local STAG stand-in: accepts the relay's batches like STAG and shows what arrives.",
+        ("rich",),
+    ),
+    "demo": Tool(
+        "stag_relay.demo",
+        "Demo: a relay, a local STAG stand-in and a load generator, with one live table.",
+        ("httpx", "rich", "websockets"),
+    ),
 }
+TOOLS_INSTALL: Final = "pip install 'stag-relay[tools]'"
 
 
-def build_parser() -> argparse.ArgumentParser:
+def missing_tools_extra(name: str) -> str | None:
+    """What to tell the user when tool ``name`` cannot run for want of the ``tools`` extra."""
+    missing = []
+    for distribution in TOOLS[name].needs:
+        try:
+            importlib.import_module(distribution)
+        except ImportError:
+            missing.append(distribution)
+    if not missing:
+        return None
+    return (
+        f"stag-relay {name} needs {', '.join(missing)}, from the optional 'tools' extra "
+        f"the relay itself does without; install it with: {TOOLS_INSTALL}"
+    )
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The command line; with ``command``, that tool's own options too (it is imported)."""
     parser = argparse.ArgumentParser(
         prog="stag-relay",
         description="Relay StreamKit packets from AR/VR clients (WebSocket) to STAG as batched "
@@ -73,18 +117,28 @@ def build_parser() -> argparse.ArgumentParser:
     )
     if TOOLS:
         commands = parser.add_subparsers(dest="command", metavar="COMMAND")
-        for name, module_name in TOOLS.items():
-            module = importlib.import_module(module_name)
-            doc = (module.__doc__ or name).strip().splitlines()[0]
-            module.configure_parser(commands.add_parser(name, help=doc, description=doc))
+        for name, tool in TOOLS.items():
+            # Without its options a tool's own --help would be taken for the relay's.
+            sub = commands.add_parser(
+                name, help=tool.help, description=tool.help, add_help=name == command
+            )
+            if name == command:
+                importlib.import_module(tool.module).configure_parser(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    command = getattr(args, "command", None)
+    # First which tool, if any, without importing one; then its options.
+    known, _ = build_parser().parse_known_args(argv)
+    command: str | None = getattr(known, "command", None)
     if command is not None:
-        code: int = importlib.import_module(TOOLS[command]).run(args)
+        problem = missing_tools_extra(command)
+        if problem is not None:
+            print(f"stag-relay: {problem}", file=sys.stderr)
+            return EXIT_CONFIG
+    args = build_parser(command).parse_args(argv)
+    if command is not None:
+        code: int = importlib.import_module(TOOLS[command].module).run(args)
         return code
     overrides: dict[str, object] = {}
     if args.host is not None:

@@ -186,8 +186,8 @@ class Relay:
             max_state_bytes=mesh.max_state_bytes,
         )
         try:
-            # Mesh workers are processes: started before serving, stopped after the
-            # shutdown sequence (a mesh still being diffed then is counted lost).
+            # Mesh workers are processes: started by the first mesh packet, stopped after
+            # the shutdown sequence (a mesh still being diffed then is counted lost).
             async with open_mesh_pipeline(
                 settings, workers=mesh.workers, metrics=self.metrics.mesh
             ) as meshes:

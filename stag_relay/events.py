@@ -43,7 +43,7 @@ class MeshUpdate:
     mesh for the event ``base_event_id``, without the triangles at the indices in
     ``removed_faces`` (base64 little-endian uint32, ascending), followed by the
     triangles of ``added`` (base64 lossless Draco); see
-    ``stag_relay.mesh.apply_mesh_diff``. ``vertex_count`` and ``face_count``
+    ``stag_relay.geometry.apply_mesh_diff``. ``vertex_count`` and ``face_count``
     describe the client's new mesh (0 until the mesh pipeline has decoded it).
     """
 

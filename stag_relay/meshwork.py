@@ -7,11 +7,16 @@ and diffed in a trio-parallel worker process, and a worker that dies (or runs
 past ``JOB_TIMEOUT``) costs that packet an error reply and a metric, never the
 relay.
 
+The worker processes start with the first mesh packet, all of them at once, not
+with the relay: a relay that only ever sees poses runs no worker, and never loads
+numpy or DracoPy (they load in the workers, see :mod:`stag_relay.geometry`). Only
+the first mesh waits for them.
+
 What crosses the process boundary: only the packet's base64 text goes in and
 the update's text (or an error) comes out. The mesh each anchor's deltas are
 computed against stays in the worker that computes them: the anchors are
 sharded over ``mesh.workers`` single-worker contexts by a hash of (session,
-anchor), and each worker keeps its shard's :class:`~stag_relay.mesh.MeshStore`
+anchor), and each worker keeps its shard's :class:`~stag_relay.geometry.MeshStore`
 with its share of ``mesh.max_state_bytes``. Measured on the 2-core development
 machine, a trio-parallel round trip costs 0.1 ms empty, 0.9 ms with 340 KB of
 base64 in, and 5.9 ms when a 40,000-triangle base (1.44 MB of keys) also goes in
@@ -109,6 +114,13 @@ class MeshPipeline:
         self._metrics = metrics
         self._job_timeout = job_timeout
         self._work = work
+        self._started = False
+        self._starting = trio.Lock()
+
+    @property
+    def started(self) -> bool:
+        """Whether the worker processes have been started (by the first mesh)."""
+        return self._started
 
     async def process(self, session_id: str, event_id: str, mesh: MeshData) -> MeshUpdate:
         """The update to send STAG for one accepted mesh packet (its event is ``event_id``).
@@ -123,6 +135,7 @@ class MeshPipeline:
         self._metrics.bytes_in.inc(len(mesh.vertices) + len(mesh.faces))
         # The first checkpoint: the lock queues callers in call order.
         async with shard.lock:
+            await self._start()
             held = shard.held.get(key)
             base = held.event_id if held is not None and held.delivered else None
             job = MeshJob(session_id, mesh.anchor_id, event_id, base, mesh.vertices, mesh.faces)
@@ -173,6 +186,32 @@ class MeshPipeline:
         held = self._shard(key).held.get(key)
         if held is not None and held.event_id == event_id:
             held.delivered = True
+
+    async def _start(self) -> None:
+        """Start every shard's worker, once: the first mesh's callers wait for it."""
+        if self._started:
+            return
+        # Callers of several shards may arrive together: one starts them all, the
+        # others wait here and find them started.
+        async with self._starting:
+            if self._started:
+                return
+            log.info("starting mesh workers", workers=len(self._shards))
+            failures: list[str] = []
+            async with trio.open_nursery() as nursery:
+                for shard in self._shards:
+                    nursery.start_soon(_start_worker, shard, failures)
+            if failures:
+                # Seen when numpy or DracoPy cannot load in a worker. The next mesh
+                # tries again; the caller counts this one as not processed.
+                self._metrics.worker_failures.labels("crash").inc(len(failures))
+                log.error(
+                    "mesh workers cannot start",
+                    errors=failures,
+                    fix="check that numpy and DracoPy import: python -c 'import DracoPy'",
+                )
+                raise MeshError("$.data.mesh: the mesh decoder could not start")
+            self._started = True
 
     def _shard(self, key: AnchorKey) -> _Shard:
         return self._shards[hash(key) % len(self._shards)]
@@ -229,10 +268,10 @@ async def open_mesh_pipeline(
     job_timeout: float = JOB_TIMEOUT,
     work: Callable[[MeshJob], MeshVerdict] = run_job,
 ) -> AsyncIterator[MeshPipeline]:
-    """Start ``workers`` worker processes and yield the pipeline that uses them.
+    """Yield the pipeline of ``workers`` worker processes; they start with the first mesh.
 
-    Returns once every worker has started, so the first mesh does not wait for
-    one. ``work`` is the job function run in the workers: a module-level
+    On exit, after the caller has finished with the pipeline, the workers (if any
+    were started) are stopped. ``work`` is the job function run in the workers: a module-level
     function (workers import it by name), :func:`stag_relay.mesh.run_job` or, in
     tests, a wrapper around it.
     """
@@ -240,18 +279,19 @@ async def open_mesh_pipeline(
         raise ValueError(f"workers must be >= 1, got {workers}")
     init = functools.partial(init_worker, settings, settings.max_state_bytes // workers)
     async with AsyncExitStack() as stack:
+        # A context starts no process until its first job.
         shards = [
             _Shard(await stack.enter_async_context(_worker_context(init))) for _ in range(workers)
         ]
-        async with trio.open_nursery() as nursery:
-            for shard in shards:
-                nursery.start_soon(_start_worker, shard)
         yield MeshPipeline(shards, metrics, job_timeout, work)
 
 
-async def _start_worker(shard: _Shard) -> None:
-    async with shard.lock:
+async def _start_worker(shard: _Shard, failures: list[str]) -> None:
+    # Not under shard.lock: the caller that starts the workers holds its own shard's.
+    try:
         await shard.context.run_sync(worker_pid, limiter=shard.limiter)
+    except trio_parallel.BrokenWorkerError as exc:
+        failures.append(str(exc))
 
 
 @asynccontextmanager

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import signal
@@ -10,7 +11,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from stag_relay import __version__
+from stag_relay.__main__ import TOOLS
 from tests.support.relays import RelayProcess, http_get
 
 
@@ -115,3 +119,65 @@ def test_starts_and_stays_healthy_without_stag() -> None:
         assert relay.wait() == 0
     finally:
         relay.kill()
+
+
+# A Python that cannot import the `tools` extra's distributions, as after a plain
+# `pip install stag-relay`; the command line then comes after `-c`.
+WITHOUT_TOOLS_EXTRA = (
+    "import sys; sys.modules.update(dict.fromkeys(['websockets', 'rich', 'httpx'])); "
+    "from stag_relay.__main__ import main; sys.exit(main())"
+)
+
+
+def run_without_tools_extra(*args: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
+    return subprocess.run(
+        [sys.executable, "-c", WITHOUT_TOOLS_EXTRA, *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+@pytest.mark.parametrize(
+    ("tool", "args"),
+    [
+        ("loadgen", ("--connections", "2", "ws://127.0.0.1:9/ws/streamkit")),
+        ("loadgen", ("--help",)),
+        ("sink", ()),
+        ("demo", ("--duration", "1s")),
+    ],
+)
+def test_a_tool_without_the_tools_extra_says_how_to_install_it(
+    tool: str, args: tuple[str, ...]
+) -> None:
+    result = run_without_tools_extra(tool, *args)
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert f"stag-relay {tool} needs " in result.stderr
+    assert "pip install 'stag-relay[tools]'" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_the_relay_and_the_spool_tool_need_no_tools_extra(tmp_path: Path) -> None:
+    check = run_without_tools_extra("--check-config")
+    assert check.returncode == 0, check.stderr
+    assert "stag:" in check.stdout
+    spool = run_without_tools_extra("spool", "--spool", str(tmp_path / "none.db"), "stats")
+    assert "tools" not in spool.stderr
+    assert "Traceback" not in spool.stderr
+    usage = run_without_tools_extra("--help")
+    assert usage.returncode == 0
+    for tool in TOOLS:
+        assert tool in usage.stdout
+
+
+@pytest.mark.parametrize("tool", sorted(TOOLS))
+def test_each_tool_is_listed_with_its_modules_summary_and_has_its_own_help(tool: str) -> None:
+    module = importlib.import_module(TOOLS[tool].module)
+    assert (module.__doc__ or "").strip().splitlines()[0] == TOOLS[tool].help
+    usage = run_cli(tool, "--help")
+    assert usage.returncode == 0, usage.stderr
+    assert usage.stdout.startswith(f"usage: stag-relay {tool} ")

@@ -10,7 +10,7 @@ import time
 import trio
 
 from stag_relay.app import Relay
-from stag_relay.mesh import apply_mesh_diff, decode_mesh, triangles_equal
+from stag_relay.geometry import apply_mesh_diff, decode_mesh, triangles_equal
 from tests.support.clients import connect_relay, mesh_packet, pose_packet
 from tests.support.meshes import scan_step
 from tests.support.relays import make_config

@@ -19,14 +19,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from stag_relay.events import MeshUpdate
-from stag_relay.mesh import (
+from stag_relay.geometry import (
     STATE_OVERHEAD,
     DecodedMesh,
-    MeshError,
-    MeshJob,
-    MeshSettings,
     MeshStore,
-    MeshVerdict,
     apply_mesh_diff,
     canonical_keys,
     decode_mesh,
@@ -36,6 +32,7 @@ from stag_relay.mesh import (
     encode_removed,
     triangles_equal,
 )
+from stag_relay.mesh import MeshError, MeshJob, MeshSettings, MeshVerdict
 
 Points = npt.NDArray[np.float32]
 Faces = npt.NDArray[np.uint32]

@@ -12,6 +12,7 @@ import sys
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import DracoPy
@@ -22,18 +23,11 @@ import trio
 from prometheus_client import CollectorRegistry
 
 from stag_relay.events import Event, MeshUpdate
-from stag_relay.mesh import (
-    MeshError,
-    MeshJob,
-    MeshSettings,
-    MeshVerdict,
-    apply_mesh_diff,
-    decode_mesh,
-    run_job,
-    triangles_equal,
-)
+from stag_relay.geometry import apply_mesh_diff, decode_mesh, triangles_equal
+from stag_relay.mesh import MeshError, MeshJob, MeshSettings, MeshVerdict, run_job
 from stag_relay.meshwork import MeshMetrics, MeshPipeline, mesh_refs, open_mesh_pipeline
 from stag_relay.packets import MeshData
+from tests.support.procfs import HAVE_PROC, children, cmdline
 
 
 def crash_or_hang(job: MeshJob) -> MeshVerdict:
@@ -288,3 +282,66 @@ async def test_evicted_bases_go_full() -> None:
         assert sample(registry, "relay_mesh_state_bytes") == 2 * one_anchor
         assert not (await mesh_pipeline.process("s", "a2", MeshData("a", vertices, ""))).is_delta
         assert (await mesh_pipeline.process("s", "c2", MeshData("c", vertices, ""))).is_delta
+
+
+def decoder_processes() -> set[int]:
+    """This process's trio-parallel workers (multiprocessing's spawned children)."""
+    return {child for child in children(os.getpid()) if "spawn_main" in cmdline(child)}
+
+
+@pytest.mark.skipif(not HAVE_PROC, reason="counts child processes in /proc (Linux)")
+async def test_the_first_mesh_starts_every_workers_process() -> None:
+    before = decoder_processes()
+    async with pipeline(workers=2) as (mesh_pipeline, _):
+        assert not mesh_pipeline.started
+        assert decoder_processes() == before
+        update = await mesh_pipeline.process("s", "e1", MeshData("a", scan(8), ""))
+        assert update.face_count == decode_mesh(scan(8)).face_count
+        assert mesh_pipeline.started
+        # Both, though one anchor's mesh needs only its own shard's worker.
+        started = decoder_processes() - before
+        assert len(started) == 2
+        await mesh_pipeline.process("s", "e2", MeshData("b", scan(9), ""))
+        assert decoder_processes() - before == started
+    # Stopped with the pipeline.
+    assert not decoder_processes() & started
+
+
+@pytest.mark.skipif(not HAVE_PROC, reason="counts child processes in /proc (Linux)")
+async def test_first_meshes_arriving_together_start_the_workers_once() -> None:
+    before = decoder_processes()
+    async with pipeline(workers=2) as (mesh_pipeline, _):
+        async with trio.open_nursery() as nursery:
+            for i in range(6):
+                mesh = MeshData(f"a{i}", scan(8 + i), "")
+                nursery.start_soon(mesh_pipeline.process, "s", f"e{i}", mesh)
+        assert len(decoder_processes() - before) == 2
+
+
+@pytest.mark.skipif(not HAVE_PROC, reason="counts child processes in /proc (Linux)")
+async def test_a_pipeline_that_never_sees_a_mesh_starts_and_stops_no_worker() -> None:
+    before = decoder_processes()
+    async with pipeline(workers=3) as (mesh_pipeline, _):
+        assert decoder_processes() == before
+    assert not mesh_pipeline.started
+    assert decoder_processes() == before
+
+
+async def test_workers_that_cannot_start_cost_the_mesh_and_the_next_mesh_tries_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The workers inherit the environment: with numpy unimportable there, none can start.
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text("import sys\nsys.modules['numpy'] = None\n")
+    path = os.pathsep.join(p for p in (str(site), os.getcwd(), os.environ.get("PYTHONPATH")) if p)
+    monkeypatch.setenv("PYTHONPATH", path)
+    async with pipeline(workers=2) as (mesh_pipeline, registry):
+        with pytest.raises(MeshError, match=r"^\$\.data\.mesh: the mesh decoder could not start$"):
+            await mesh_pipeline.process("s", "e1", MeshData("a", scan(8), ""))
+        assert not mesh_pipeline.started
+        assert sample(registry, "relay_mesh_worker_failures_total", reason="crash") == 2
+        monkeypatch.undo()
+        update = await mesh_pipeline.process("s", "e2", MeshData("a", scan(8), ""))
+        assert mesh_pipeline.started
+        assert update.face_count == decode_mesh(scan(8)).face_count

@@ -26,6 +26,7 @@ from stag_relay.wsframes import (
     Received,
     Violation,
     accept_key,
+    apply_mask,
     close_frame,
     encode_frame,
     handshake_problem,
@@ -391,3 +392,12 @@ def test_handshake_problems(version: str | None, key: str | None, status: int | 
     if status == 426:
         assert problem is not None
         assert ("sec-websocket-version", "13") in problem.headers
+
+
+@given(st.binary(max_size=2000), st.binary(min_size=4, max_size=4))
+def test_apply_mask_xors_each_byte_with_the_key_repeated(data: bytes, mask: bytes) -> None:
+    expected = bytes(byte ^ mask[i % 4] for i, byte in enumerate(data))
+    assert apply_mask(data, mask) == expected
+    assert apply_mask(memoryview(data), memoryview(mask)) == expected
+    # Masking twice gives the data back (RFC 6455 5.3: the same operation both ways).
+    assert apply_mask(expected, mask) == data
