@@ -42,7 +42,6 @@ import attrs
 import structlog
 import trio
 from prometheus_client import CollectorRegistry, multiprocess
-from prometheus_client.multiprocess import MultiProcessCollector
 
 from stag_relay import metricfiles
 from stag_relay.config import Config
@@ -238,7 +237,7 @@ class Supervisor:
         """The whole relay's counts for systemd's STATUS line, from the workers' metric
         files (they keep counting across a worker's restart)."""
         registry = CollectorRegistry()
-        MultiProcessCollector(registry, path=str(self.directory))  # type: ignore[no-untyped-call]
+        registry.register(metricfiles.FileCollector(self.directory))
         total: dict[str, float] = {}
         for family in registry.collect():
             for sample in family.samples:
