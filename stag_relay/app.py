@@ -149,6 +149,10 @@ class Relay:
         self._shutdown_requested = trio.Event()
         self._delivered = trio.Event()
         self._listen_scope = trio.CancelScope()
+        # One state write at a time, each with the figures as of its turn: the periodic
+        # write and the one at the start of a drain overlap, and the older state must
+        # not land last (a draining worker shown as serving).
+        self._publishing = trio.Lock()
 
     def shut_down(self) -> None:
         """Begin the graceful shutdown (what SIGTERM does). Idempotent."""
@@ -208,13 +212,15 @@ class Relay:
             root.start_soon(self._deliver)
             root.start_soon(self._sweep_sessions)
             root.start_soon(self._abort_sends_when_cancelled)
-            root.start_soon(self._serve, listeners)
-            root.start_soon(run_watchdog, self.notifier, self.status_snapshot)
             if self.worker is not None:
-                # Before READY: once the supervisor says the relay is ready, /status on
-                # any worker lists every worker.
+                # Before serving: a worker that answered /status itself before the others
+                # could read its state would be listed by one worker and not the other
+                # (a replacement, say). And before READY: once the supervisor says the
+                # relay is ready, /status on any worker lists every worker.
                 await self._publish_now()
                 root.start_soon(self._publish_state)
+            root.start_soon(self._serve, listeners)
+            root.start_soon(run_watchdog, self.notifier, self.status_snapshot)
             log.info(
                 "relay listening",
                 host=server.host,
@@ -431,18 +437,27 @@ class Relay:
         return sorted([own, *others], key=lambda state: int(state["index"]))
 
     async def _publish_state(self) -> None:
+        # On a fixed schedule, not a sleep after each write: the writes' own time (a
+        # thread to start, a busy event loop) would add up and age the state past
+        # STATE_MAX_AGE. A worker that fell behind writes at once, then keeps the pace.
+        due = trio.current_time()
         while True:
-            await trio.sleep(STATE_INTERVAL)
+            due = max(due + STATE_INTERVAL, trio.current_time())
+            await trio.sleep_until(due)
             await self._publish_now()
 
     async def _publish_now(self) -> None:
         if self.worker is None:
             return
-        # Another worker's /metrics shows these gauges too, so keep them current here.
-        self._refresh_gauges()
-        await trio.to_thread.run_sync(
-            publish_state, self.worker.directory, state_file(self.worker.index), self.worker_state()
-        )
+        async with self._publishing:
+            # Another worker's /metrics shows these gauges too, so keep them current here.
+            self._refresh_gauges()
+            await trio.to_thread.run_sync(
+                publish_state,
+                self.worker.directory,
+                state_file(self.worker.index),
+                self.worker_state(),
+            )
 
     def status(self) -> dict[str, Any]:
         """The /status document: what an operator needs to see at a glance, totalled over
@@ -450,7 +465,7 @@ class Relay:
         sample = self.metrics.totals()
         combined = combine_states(self._worker_states())
         # Counters and the connection gauge are live in every worker's metric files;
-        # the rest of the other workers' figures are up to STATE_INTERVAL old.
+        # the rest of the other workers' figures are up to STATE_MAX_AGE old.
         stag = combined["stag"]
         stag["events_sent"] = int(sample("relay_events_sent_total"))
         stag["batches_sent"] = int(sample("relay_batches_sent_total"))

@@ -13,21 +13,57 @@ The rule that keeps the totals right: a scrape holds a shared lock on ``LOCK_FIL
 while it reads the files, and folding holds it exclusively, so no scrape sees a dead
 worker's values twice (archived and not yet removed) or not at all (a counter going
 down, which Prometheus takes for a reset).
+
+And a scrape skips a file that a starting process has created but not yet sized:
+prometheus-client's own collector fails the whole scrape on it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
-from collections.abc import Iterator
+import os
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Final
 
+from prometheus_client.metrics_core import Metric
 from prometheus_client.mmap_dict import MmapedDict
+from prometheus_client.multiprocess import MultiProcessCollector
 
 LOCK_FILE: Final = ".metrics.lock"
 # The kinds whose values outlive their process; gauges are live* and go with it.
 _KEPT_KINDS: Final = ("counter", "histogram")
+# The header of a metric file (bytes used, padding), which prometheus-client reads first.
+_HEADER_BYTES: Final = 8
+
+
+class FileCollector(MultiProcessCollector):
+    """prometheus-client's collector over the shared directory, without the files still
+    being created.
+
+    A process creates its file empty and sizes it a moment later (``MmapedDict``: open,
+    then truncate to 64 KiB). A scrape that read it in between failed as a whole
+    (``struct.error``), so /metrics and /status failed, on every worker, while a
+    worker started (a restart under load, say). An empty file holds no values yet,
+    and files only grow, so one seen sized reads whole.
+    """
+
+    def __init__(self, directory: Path) -> None:
+        super().__init__(None, path=str(directory))  # type: ignore[no-untyped-call]
+        self._directory = directory
+
+    def collect(self) -> Iterable[Metric]:
+        files = []
+        for path in self._directory.glob("*.db"):
+            try:
+                if path.stat().st_size >= _HEADER_BYTES:
+                    files.append(os.fspath(path))
+            except FileNotFoundError:
+                # A dead process's live gauges, removed since the listing: not counted.
+                continue
+        merged: Iterable[Metric] = self.merge(files, accumulate=True)  # type: ignore[no-untyped-call]
+        return merged
 
 
 @contextlib.contextmanager

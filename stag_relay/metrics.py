@@ -20,7 +20,6 @@ from prometheus_client import (
 )
 from prometheus_client.core import CounterMetricFamily, InfoMetricFamily, Metric
 from prometheus_client.exposition import choose_encoder
-from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
 from stag_relay import __version__, metricfiles
@@ -125,7 +124,7 @@ class RelayMetrics:
         self._files = multiprocess_dir
         if multiprocess_dir is not None:
             self._exposed = CollectorRegistry()
-            MultiProcessCollector(self._exposed, path=str(multiprocess_dir))  # type: ignore[no-untyped-call]
+            self._exposed.register(metricfiles.FileCollector(multiprocess_dir))
             self._exposed.register(_LocalCollector(self))
         self.packets = Counter(
             "relay_packets",

@@ -42,7 +42,6 @@ import attrs
 import structlog
 import trio
 from prometheus_client import CollectorRegistry, multiprocess
-from prometheus_client.multiprocess import MultiProcessCollector
 
 from stag_relay import metricfiles
 from stag_relay.config import Config
@@ -113,6 +112,8 @@ class _Slot:
     reload_pending: bool = False
     # When the worker last proved its event loop runs (READY or WATCHDOG, monotonic).
     last_heard: float = 0.0
+    # When the current process said STOPPING=1 (monotonic): it drains, then exits.
+    stopping_since: float | None = None
     # How the slot ended, once it has: 0 when it stopped cleanly.
     exit_status: int | None = None
     backoff: RestartBackoff = attrs.Factory(RestartBackoff)
@@ -238,7 +239,7 @@ class Supervisor:
         """The whole relay's counts for systemd's STATUS line, from the workers' metric
         files (they keep counting across a worker's restart)."""
         registry = CollectorRegistry()
-        MultiProcessCollector(registry, path=str(self.directory))  # type: ignore[no-untyped-call]
+        registry.register(metricfiles.FileCollector(self.directory))
         total: dict[str, float] = {}
         for family in registry.collect():
             for sample in family.samples:
@@ -298,6 +299,7 @@ class Supervisor:
         )
         slot.ready = trio.Event()
         slot.reload_pending = False
+        slot.stopping_since = None
         slot.started_at = time.monotonic()
         # A process group of its own: a Ctrl-C in a terminal reaches the supervisor
         # alone, which forwards it once (twice would make a worker exit at once).
@@ -338,20 +340,31 @@ class Supervisor:
 
     async def _kill_if_hung(self, slot: _Slot, process: trio.Process) -> None:
         """Kill the worker once it has been silent for ``server.worker_timeout`` after
-        its READY (start-up, with a large spool to adopt, may take longer)."""
+        its READY (start-up, with a large spool to adopt, may take longer); once it
+        said STOPPING, once it has stopped for longer than its drain may take."""
         timeout = self.config.server.worker_timeout
         await slot.ready.wait()
         while True:
-            silent = time.monotonic() - slot.last_heard
-            if silent > timeout:
+            now = time.monotonic()
+            if slot.stopping_since is not None:
+                # Its keep-alives end with its drain, before it has stopped its mesh
+                # processes and closed its spool: silence is no sign of a hang now. The
+                # bound is the one a stop ordered by the supervisor has.
+                deadline = slot.stopping_since + self.config.server.shutdown_timeout + _EXIT_GRACE
+            else:
+                deadline = slot.last_heard + timeout
+            if now > deadline:
                 break
-            await trio.sleep(timeout - silent + 0.01)
-        log.error(
-            "worker stopped answering; killing it",
-            worker=slot.index,
-            pid=process.pid,
-            silent_seconds=round(silent, 1),
-        )
+            await trio.sleep(deadline - now + 0.01)
+        if slot.stopping_since is not None:
+            log.error("worker did not exit in time; killing it", worker=slot.index, pid=process.pid)
+        else:
+            log.error(
+                "worker stopped answering; killing it",
+                worker=slot.index,
+                pid=process.pid,
+                silent_seconds=round(now - slot.last_heard, 1),
+            )
         process.kill()
 
     async def _listen(self, slot: _Slot, inbox: trio.socket.SocketType) -> None:
@@ -365,6 +378,8 @@ class Supervisor:
             )
             if "WATCHDOG" in fields or "READY" in fields:
                 slot.last_heard = time.monotonic()
+            if fields.get("STOPPING") == "1" and slot.stopping_since is None:
+                slot.stopping_since = time.monotonic()
             if fields.get("READY") == "1":
                 slot.ready.set()
                 slot.readies += 1

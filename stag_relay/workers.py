@@ -11,7 +11,8 @@ worker learns its place from the environment the supervisor gives it:
 The rules the workers keep, so that operators see one relay:
 
 - each worker writes its state to ``worker-<index>.json`` there, every
-  ``STATE_INTERVAL`` and at once when it starts to drain; any worker answers
+  ``STATE_INTERVAL`` and at once when it starts to drain (so that it is never more
+  than ``STATE_MAX_AGE`` old); any worker answers
   ``/status`` and ``/health`` from all of them (the supervisor writes
   ``supervisor.json`` and removes a dead worker's file);
 - each worker has its own spool file, ``<spool_path>.<index>``; at start it adopts
@@ -29,6 +30,7 @@ import os
 import re
 import shutil
 import socket
+import threading
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Final
@@ -39,9 +41,11 @@ import trio
 WORKER_ENV: Final = "STAG_RELAY_WORKER"
 DIRECTORY_ENV: Final = "STAG_RELAY_WORKER_DIR"
 SUPERVISOR_ENV: Final = "STAG_RELAY_SUPERVISOR_PID"
-# How stale another worker's figures in /status may be: one small file write a
-# second per worker costs nothing, and /status is read by people and dashboards.
-STATE_INTERVAL: Final = 1.0
+# How old another worker's figures in /status may be (the README promises a second).
+STATE_MAX_AGE: Final = 1.0
+# How often each worker writes them: twice per STATE_MAX_AGE, so that a write delayed
+# by a busy event loop or a slow thread start still lands within it. A small file.
+STATE_INTERVAL: Final = STATE_MAX_AGE / 2
 # The kernel's default somaxconn; what trio.open_tcp_listeners uses too.
 _BACKLOG: Final = 4096
 _WORKER_RE: Final = re.compile(r"([0-9]+)/([0-9]+)")
@@ -139,7 +143,9 @@ def worker_batch_size(max_size: int, role: WorkerRole | None) -> int:
 def publish_state(directory: Path, name: str, state: Mapping[str, Any]) -> None:
     """Write ``state`` as ``<directory>/<name>`` so readers never see half a file."""
     target = directory / name
-    temporary = directory / f".{name}.{os.getpid()}"
+    # Per thread as well as per process: two writers sharing the temporary file would
+    # move each other's half-written file into place.
+    temporary = directory / f".{name}.{os.getpid()}.{threading.get_ident()}"
     temporary.write_bytes(json.dumps(state).encode())
     os.replace(temporary, target)
 

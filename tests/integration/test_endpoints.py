@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 
 import trio
-import trio.lowlevel
 from prometheus_client.parser import text_string_to_metric_families
 
 from stag_relay.app import Relay
+from tests.support.clients import stream_poses
 from tests.support.relays import http_get
 from tests.support.stag_server import StagServer
+from tests.support.waiting import wait_until
 
 
 async def get(port: int, path: str) -> tuple[int, dict[str, str], bytes]:
@@ -160,16 +161,22 @@ async def test_incomplete_head_is_closed_after_handshake_timeout(
 
 
 async def test_health_turns_503_while_draining(relay: Relay, stag: StagServer) -> None:
-    stream = await trio.open_tcp_stream("127.0.0.1", relay.ports[0])
-    async with stream:
-        await stream.send_all(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
-        first = await stream.receive_some(65536)
-        assert status_line(first) == "HTTP/1.1 200 OK"
-        # STAG holds the one request, so draining lasts until we let it go.
-        relay.shut_down()
-        while not relay.draining:
-            await trio.lowlevel.checkpoint()
-        await stream.send_all(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
-        second = await stream.receive_some(65536)
-        assert status_line(second) == "HTTP/1.1 503 Service Unavailable"
-        assert json.loads(second.split(b"\r\n\r\n", 1)[1]) == {"status": "draining"}
+    # STAG holds the one request, so draining lasts until we let it go (without one,
+    # the relay would finish its shutdown, and close this connection, at once).
+    stag.pause()
+    try:
+        await trio.to_thread.run_sync(stream_poses, relay.ports[0], "held", 1)
+        await trio.to_thread.run_sync(stag.wait_for_in_flight, 1)
+        stream = await trio.open_tcp_stream("127.0.0.1", relay.ports[0])
+        async with stream:
+            await stream.send_all(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+            first = await stream.receive_some(65536)
+            assert status_line(first) == "HTTP/1.1 200 OK"
+            relay.shut_down()
+            await wait_until(lambda: relay.draining)
+            await stream.send_all(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+            second = await stream.receive_some(65536)
+            assert status_line(second) == "HTTP/1.1 503 Service Unavailable"
+            assert json.loads(second.split(b"\r\n\r\n", 1)[1]) == {"status": "draining"}
+    finally:
+        stag.resume()

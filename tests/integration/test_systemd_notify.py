@@ -7,6 +7,7 @@ import shutil
 import signal
 import socket
 import tempfile
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -30,8 +31,15 @@ def notify_socket() -> Iterator[socket.socket]:
 
 
 def next_with(sock: socket.socket, field: str, seen: list[dict[str, str]]) -> dict[str, str]:
-    """Read datagrams until one carries ``field``; every one read is kept in ``seen``."""
+    """Read datagrams until one carries ``field``; every one read is kept in ``seen``.
+
+    Within DEFAULT_WAIT in all: the watchdog's datagrams keep coming, so the socket's
+    timeout alone would never end the wait for a field that does not come.
+    """
+    deadline = time.monotonic() + DEFAULT_WAIT
     while True:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no {field} within {DEFAULT_WAIT} s; received: {seen}")
         text = sock.recv(4096).decode()
         message = dict(line.split("=", 1) for line in text.splitlines())
         seen.append(message)

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from typing import TypeVar
 
 import trio
 
 # Far beyond anything a passing test needs; short enough that a failing one reports.
 DEFAULT_TIMEOUT = 60.0
+
+T = TypeVar("T")
 
 
 async def wait_until(predicate: Callable[[], object], *, limit: float = DEFAULT_TIMEOUT) -> None:
@@ -23,10 +26,15 @@ async def wait_until(predicate: Callable[[], object], *, limit: float = DEFAULT_
             await trio.sleep(0.01)
 
 
-def poll_until(predicate: Callable[[], object], *, limit: float = DEFAULT_TIMEOUT) -> None:
-    """``wait_until`` for plain (thread) code: state owned by another process."""
+def poll_until(predicate: Callable[[], T], *, limit: float = DEFAULT_TIMEOUT) -> T:
+    """``wait_until`` for plain (thread) code: state owned by another process.
+
+    Returns what ``predicate`` returned the time it was true, for a test that goes on
+    with the very figures that satisfied it (a second read could differ).
+    """
     deadline = time.monotonic() + limit
-    while not predicate():
+    while not (value := predicate()):
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not met within {limit} s: {predicate}")
         time.sleep(0.01)
+    return value

@@ -46,23 +46,32 @@ def metric(port: int, name: str, labels: dict[str, str] | None = None) -> float:
     raise AssertionError(f"{name}{labels or ''} not in /metrics")
 
 
-def connections_are(port: int, count: int) -> bool:
-    return bool(status(port)["connections"]["active"] == count)
+def connections_by_worker(port: int, count: int) -> list[int] | None:
+    """Each of the two workers' connections from /status once they add up to ``count``,
+    else None. A worker's own figures are current, the other's up to a second old: only
+    figures that account for every connection say which worker holds which."""
+    listed = [w["connections"] for w in status(port)["workers"]]
+    return listed if len(listed) == 2 and sum(listed) == count else None
+
+
+def pose_packets_ok(port: int) -> int:
+    return int(status(port)["packets"]["pose"]["ok"])
 
 
 def open_on_both_workers(port: int, stack: ExitStack, prefix: str) -> list[ClientConnection]:
     """Open connections, each sending one packet (frame 1 of session prefix-n), until
-    both workers hold some. (Each worker publishes its figures once a second: poll.)"""
+    both workers hold some; returned once every packet is read, so each worker holds
+    an event (STAG refusing, a drain then has something to wait for)."""
+    before = pose_packets_ok(port)
     opened: list[ClientConnection] = []
     while len(opened) < 200:
         ws = stack.enter_context(connect_relay(port))
         opened.append(ws)
         ws.send(pose_packet(f"{prefix}-{len(opened)}", 1))
-        poll_until(partial(connections_are, port, len(opened)))
-        # A worker that has not published its state yet is not listed: count them.
-        listed = status(port)["workers"]
-        if len(listed) == 2 and all(w["connections"] for w in listed):
+        if all(poll_until(partial(connections_by_worker, port, len(opened)))):
+            poll_until(lambda: pose_packets_ok(port) == before + len(opened))
             return opened
+    # The kernel hashes each connection to a worker: 2**-199 by chance.
     raise AssertionError("200 connections, all on one worker")
 
 

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import fcntl
+import struct
 from pathlib import Path
 from typing import Any
 
+import pytest
 from prometheus_client.mmap_dict import MmapedDict, mmap_key
 from prometheus_client.multiprocess import MultiProcessCollector
 
@@ -87,3 +89,24 @@ def test_a_scrape_keeps_folding_out_while_it_reads(tmp_path: Path) -> None:
     # One process alone has no directory and nothing to lock.
     with metricfiles.reading(None):
         pass
+
+
+def collected(directory: Path) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in metricfiles.FileCollector(directory).collect()
+        for sample in family.samples
+    }
+
+
+def test_a_scrape_skips_the_file_of_a_process_that_is_creating_it(tmp_path: Path) -> None:
+    write(tmp_path, "counter_101.db", {("relay_packets", "relay_packets_total", "ok"): 5.0})
+    # What a starting process has for a moment: its file created, not yet sized.
+    (tmp_path / "counter_102.db").touch()
+    # prometheus-client's collector fails the whole scrape on it...
+    with pytest.raises(struct.error):
+        totals(tmp_path)
+    # ...ours reads every file that holds values, and the empty one once it is sized.
+    assert collected(tmp_path) == {("relay_packets_total", (("status", "ok"),)): 5.0}
+    write(tmp_path, "counter_102.db", {("relay_packets", "relay_packets_total", "ok"): 2.0})
+    assert collected(tmp_path) == {("relay_packets_total", (("status", "ok"),)): 7.0}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +77,33 @@ def test_states_are_published_whole_and_read_in_index_order(tmp_path: Path) -> N
     (tmp_path / state_file(2)).write_bytes(b"{half a fi")  # a writer died mid-write
     touch(tmp_path, "supervisor.json", "counter_1.db")
     assert read_states(tmp_path) == [{"index": 0, "pid": 10}, {"index": 1, "pid": 11}]
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_threads_of_one_process_writing_a_state_at_once_each_land_whole(
+    tmp_path: Path,
+) -> None:
+    # A worker's periodic write and its drain's write run in threads, and may overlap.
+    failures: list[BaseException] = []
+
+    def write(writer: int) -> None:
+        try:
+            for n in range(200):
+                publish_state(tmp_path, state_file(0), {"index": 0, "pid": writer, "n": n})
+        except BaseException as exc:  # the thread's error, for the test to report
+            failures.append(exc)
+
+    publish_state(tmp_path, state_file(0), {"index": 0, "pid": -1, "n": -1})
+    writers = [threading.Thread(target=write, args=(w,)) for w in range(4)]
+    for thread in writers:
+        thread.start()
+    while any(thread.is_alive() for thread in writers):
+        # Never half a file: every read parses (read_states would skip it silently).
+        json.loads((tmp_path / state_file(0)).read_bytes())
+    for thread in writers:
+        thread.join()
+    assert failures == []
+    assert json.loads((tmp_path / state_file(0)).read_bytes())["n"] == 199
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
