@@ -56,7 +56,7 @@ def configure_logging(
         # would freeze a configuration that tests reconfigure.
         cache_logger_on_first_use=False,
     )
-    # Libraries we use (httpx, trio-websocket) log through the standard library.
+    # Libraries we use (trio-parallel, prometheus-client) log through the standard library.
     logging.basicConfig(level=logging.WARNING, stream=out, force=True)
 
 
