@@ -56,7 +56,8 @@ def configure_logging(
         # would freeze a configuration that tests reconfigure.
         cache_logger_on_first_use=False,
     )
-    # Libraries we use (trio-parallel, prometheus-client) log through the standard library.
+    # Libraries we use (trio itself: accept errors, instrument failures) log through
+    # the standard library.
     logging.basicConfig(level=logging.WARNING, stream=out, force=True)
 
 
