@@ -234,8 +234,8 @@ class StagSender:
             answer.status, attempt=attempt, retry_after=answer.retry_after, now=time.time()
         )
         self._metrics.stag_requests.labels(_OUTCOMES[decision.verdict]).inc()
-        self._last_status = answer.status
         if decision.verdict is Verdict.RETRY:
+            self._last_status = answer.status
             self._failed(f"HTTP {answer.status}")
         elif decision.verdict is Verdict.MISCONFIGURED:
             self._misconfigured(answer, started)
@@ -266,11 +266,13 @@ class StagSender:
         return answer.status, preview
 
     def _answered(self, status: int, sent: float) -> None:
+        if self._misconfigured_since is not None and sent < self._misconfigured_at:
+            # Sent before the first refusal, answered after it: says nothing about
+            # whether the configuration has been fixed since (nor, in /status, is it
+            # the answer that counts).
+            return
+        self._last_status = status
         if self._misconfigured_since is not None:
-            if sent < self._misconfigured_at:
-                # Sent before the first refusal, answered after it: says nothing about
-                # whether the configuration has been fixed since.
-                return
             # One line for the end of the episode; it also says STAG is reachable.
             logger.info(
                 "STAG accepts the relay's requests again: configuration error cleared",
@@ -315,9 +317,10 @@ class StagSender:
         status = answer.status
         self._consecutive_failures += 1
         self._last_failure = time.time()
+        if self._misconfigured_since is None and sent < self._configured_at:
+            return
+        self._last_status = status
         if self._misconfigured_since is None:
-            if sent < self._configured_at:
-                return
             self._misconfigured_since = self._last_failure
             self._misconfigured_at = trio.current_time()
         self._reachable = False

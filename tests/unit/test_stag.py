@@ -797,7 +797,8 @@ async def test_an_answer_to_a_request_sent_before_the_episode_does_not_end_it(
             await wait_until(lambda: sender.state() == "misconfigured", "the 404")
             misconfigured_seen.set()
             await first_delivered.wait()
-            assert sender.state() == "misconfigured"
+            # /status shows the answer that counts: the refusal, not that late 200.
+            assert (sender.state(), sender.status()["last_status"]) == ("misconfigured", 404)
             await send.aclose()
     assert sender.state() == "reachable"
     assert state_lines(logs) == [(CONFIG_LOG, "error"), (CLEARED_LOG, "info")]
