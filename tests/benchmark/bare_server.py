@@ -21,7 +21,7 @@ from typing import Final
 import trio
 import trio_websocket
 
-# The relay's values (stag_relay/gate.py), copied rather than imported: the
+# The relay's values (stag_relay/pipeline/gate.py), copied rather than imported: the
 # ceiling must stay bare trio-websocket even if the relay's gate changes.
 RECEIVE_BYTES: Final = 64 * 1024
 MESSAGE_QUEUE_SIZE: Final = 4

@@ -40,7 +40,7 @@ load generator, the stand-in, this script) to the other CPUs (``--no-pin`` to
 turn it off; the mesh workload is never pinned, since the mesh pipeline may use
 worker processes); the stand-in and the load generator are separate processes;
 the load generator encodes its frames itself (2-4 us a packet, see
-stag_relay/loadgen.py) and the stand-in only parses batches.
+stag_relay/tools/loadgen.py) and the stand-in only parses batches.
 
 Results go to a JSON file (``--output``, default bench-results.json) and a table.
 """
@@ -263,7 +263,7 @@ class Pinning:
 def start_sink(pin: Pinning, *options: str) -> tuple[Child, str]:
     sink = Child(
         "sink",
-        [PYTHON, "-m", "stag_relay.sink", "--port", "0", "--quiet", *options],
+        [PYTHON, "-m", "stag_relay.tools.sink", "--port", "0", "--quiet", *options],
         cpus=pin.others,
     )
     url = sink.wait_for(
@@ -309,7 +309,7 @@ class Loadgen:
         argv = [
             PYTHON,
             "-m",
-            "stag_relay.loadgen",
+            "stag_relay.tools.loadgen",
             f"ws://127.0.0.1:{port}/ws/streamkit",
             "--progress",
             "jsonl",

@@ -1,4 +1,4 @@
-"""CPU per request of the STAG client (stag_relay.ingest) against httpx, in isolation.
+"""CPU per request of the STAG client (stag_relay.pipeline.httpclient) against httpx, in isolation.
 
 Posts the same batches of pose events to the STAG stand-in (tests/support/stag_server.py,
 in a child process, so its CPU is not counted) and reports the client process's CPU
@@ -22,8 +22,8 @@ from pathlib import Path
 
 import trio
 
-from stag_relay.events import Anchor, Batch, Event, to_wire
-from stag_relay.ingest import IngestClient
+from stag_relay.pipeline.httpclient import IngestClient
+from stag_relay.protocol.events import Anchor, Batch, Event, to_wire
 
 ROOT = Path(__file__).resolve().parents[2]
 _SERVER = """

@@ -37,9 +37,9 @@ import numpy.typing as npt
 import trio
 from prometheus_client import CollectorRegistry
 
-from stag_relay.mesh import MeshSettings
-from stag_relay.meshwork import MeshMetrics, open_mesh_pipeline
-from stag_relay.packets import MeshData
+from stag_relay.pipeline.meshpool import MeshMetrics, open_mesh_pipeline
+from stag_relay.protocol.mesh import MeshSettings
+from stag_relay.protocol.packets import MeshData
 
 ROWS = 100  # quads along the growing edge: 200 triangles per strip
 START_STRIPS = 100  # 20,000 triangles

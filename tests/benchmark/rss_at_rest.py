@@ -59,7 +59,7 @@ def main() -> None:
     if args.poses or args.meshes:
         from websockets.sync.client import connect
 
-        from stag_relay.loadgen import mesh_scan
+        from stag_relay.tools.loadgen import mesh_scan
 
         scan = mesh_scan(2000)
 

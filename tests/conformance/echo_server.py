@@ -3,8 +3,8 @@
 The suite judges a server by what it echoes, so this one sends every message back,
 text as text and binary as binary. Everything the suite exercises is the relay's
 production code: the front door (``front.FrontDoor``: h11, the upgrade checks,
-``wsframes.handshake_problem``, the replay of bytes sent before the 101), the 101
-(``wsframes.switching_protocols``), the frame reader (``wsframes.FrameReader``: masking,
+``websocket.handshake_problem``, the replay of bytes sent before the 101), the 101
+(``websocket.switching_protocols``), the frame reader (``websocket.FrameReader``: masking,
 fragments, control frames, UTF-8, close frames, violations) and the encoders. What
 the gate does around them is done here the gate's way: a ping is answered with a pong
 of its payload, the peer's close frame with a close frame of its code, a violation
@@ -33,15 +33,15 @@ from typing import Final
 
 import trio
 
-from stag_relay import wsframes
-from stag_relay.front import FrontDoor, HttpRequest, ReplayStream
-from stag_relay.wsframes import Binary, Close, FrameReader, Ping, Pong, Violation
+from stag_relay.pipeline.front import FrontDoor, HttpRequest, ReplayStream
+from stag_relay.protocol import websocket
+from stag_relay.protocol.websocket import Binary, Close, FrameReader, Ping, Pong, Violation
 
 PATH: Final = "/echo"
 # The suite's largest messages (cases 9.1.6 and 9.2.6) are 16 MiB; the relay's own
 # limit (websocket.max_message_size, 8 MiB by default) is a policy, not the protocol.
 MAX_MESSAGE_SIZE: Final = 16 * 1024 * 1024
-# The gate's read size and close wait (stag_relay/gate.py), copied rather than
+# The gate's read size and close wait (stag_relay/pipeline/gate.py), copied rather than
 # imported so this stays independent of the gate's internals.
 RECEIVE_BYTES: Final = 64 * 1024
 SEND_TIMEOUT: Final = 10.0
@@ -53,7 +53,7 @@ async def echo(stream: trio.abc.Stream, request: HttpRequest) -> None:
     prefix = b""
     if isinstance(stream, ReplayStream):
         prefix, stream = stream.detach()
-    await stream.send_all(wsframes.switching_protocols(request.header("sec-websocket-key") or ""))
+    await stream.send_all(websocket.switching_protocols(request.header("sec-websocket-key") or ""))
     frames = FrameReader(MAX_MESSAGE_SIZE, mark_binary=True)
     data: bytes | bytearray = prefix
     while True:
@@ -61,11 +61,11 @@ async def echo(stream: trio.abc.Stream, request: HttpRequest) -> None:
         out: list[bytes] = []
         for item in frames.receive(data):
             if type(item) is bytes:
-                out.append(wsframes.text_frame(item))
+                out.append(websocket.text_frame(item))
             elif type(item) is Binary:
-                out.append(wsframes.encode_frame(wsframes.OP_BINARY, item.payload))
+                out.append(websocket.encode_frame(websocket.OP_BINARY, item.payload))
             elif type(item) is Ping:
-                out.append(wsframes.pong_frame(item.payload))
+                out.append(websocket.pong_frame(item.payload))
             elif type(item) is Pong:
                 continue
             else:
@@ -82,9 +82,9 @@ async def echo(stream: trio.abc.Stream, request: HttpRequest) -> None:
     # Like the gate: answer the peer's close with its code, or fail the connection
     # with the violation's code and reason.
     if isinstance(ending, Close):
-        await stream.send_all(wsframes.close_frame(ending.code))
+        await stream.send_all(websocket.close_frame(ending.code))
     else:
-        await stream.send_all(wsframes.close_frame(ending.code, ending.reason))
+        await stream.send_all(websocket.close_frame(ending.code, ending.reason))
     if isinstance(stream, trio.abc.HalfCloseableStream):
         await stream.send_eof()
     if isinstance(ending, Violation):

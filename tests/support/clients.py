@@ -1,8 +1,8 @@
 """StreamKit clients for the tests, built on the `websockets` library.
 
 Deliberately another implementation than the relay's own frame reader
-(stag_relay/wsframes.py), so that the two ends do not share their bugs. The sync client runs in a
-thread (``trio.to_thread.run_sync``) so trio tests can drive it.
+(stag_relay/protocol/websocket.py), so that the two ends do not share their bugs. The
+sync client runs in a thread (``trio.to_thread.run_sync``) so trio tests can drive it.
 """
 
 from __future__ import annotations

@@ -17,8 +17,8 @@ import trio.testing
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, CloseConnection, Event, Ping, Request, TextMessage
 
-from stag_relay.front import FrontDoor
-from stag_relay.gate import Gate
+from stag_relay.pipeline.front import FrontDoor
+from stag_relay.pipeline.gate import Gate
 
 WEBSOCKET_PATH = "/ws/streamkit"
 

@@ -14,7 +14,7 @@ from typing import IO, Any
 
 import attrs
 
-from stag_relay.config import Config
+from stag_relay.service.config import Config
 
 # websocket.max_packets_per_second for test relays: beyond any rate a test reaches.
 UNLIMITED_RATE = 10**9

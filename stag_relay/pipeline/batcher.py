@@ -1,0 +1,127 @@
+"""The batcher: the Trio task that feeds the event queue to a ``BatchPolicy`` and hands
+the batches it cuts to delivery."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Protocol
+
+import trio
+
+from stag_relay.protocol.batching import BatchPolicy
+from stag_relay.protocol.events import Batch, Event
+from stag_relay.service.metrics import RelayMetrics
+
+
+class _Depth(Protocol):
+    @property
+    def current_buffer_used(self) -> int: ...
+
+
+class EventSource(Protocol):
+    """Where the batcher takes events from: the gate's event queue
+    (``stag_relay.pipeline.eventqueue``), or a ``trio.MemoryReceiveChannel[Event]``."""
+
+    def receive_nowait(self) -> Event: ...
+
+    async def receive(self) -> Event: ...
+
+    def statistics(self) -> _Depth: ...
+
+
+class Batcher:
+    """The Trio task around a ``BatchPolicy``: events in, batches out.
+
+    ``clock`` must agree with trio's clock: the deadline the policy computes from it
+    is waited for with ``trio.move_on_at``.
+    """
+
+    def __init__(
+        self,
+        policy: BatchPolicy,
+        metrics: RelayMetrics,
+        *,
+        clock: Callable[[], float] = trio.current_time,
+    ) -> None:
+        self._policy = policy
+        self._metrics = metrics
+        self._clock = clock
+        # A cut batch the sender has not taken yet (it is busy: backpressure).
+        self._outgoing = 0
+
+    def held_events(self) -> int:
+        """Events taken from the channel and not yet handed to the sender.
+
+        The open batch plus a cut batch waiting for the sender; the app counts these
+        as dropped if it must cancel ``run`` before they get out.
+        """
+        return self._policy.pending + self._outgoing
+
+    async def run(
+        self,
+        events: EventSource,
+        batches: trio.MemorySendChannel[Batch],
+    ) -> None:
+        """Batch ``events`` into ``batches`` until ``events`` is closed, then flush and
+        close ``batches``."""
+        policy = self._policy
+        async with batches:
+            while True:
+                # Drain what is already waiting without a checkpoint or a cancel scope per
+                # event: under load the batch fills from the buffer in one go.
+                try:
+                    event = events.receive_nowait()
+                except trio.WouldBlock:
+                    # The one moment the depth is known without asking the channel.
+                    self._metrics.channel_events.set(0)
+                    try:
+                        waited = await self._wait_for_event(events)
+                    except trio.EndOfChannel:
+                        break
+                    if waited is None:
+                        # The scope fired at the policy's deadline: the open batch is due.
+                        await self._send(events, batches, policy.flush())
+                        continue
+                    event = waited
+                except trio.EndOfChannel:
+                    break
+                batch = policy.add(event, self._clock())
+                if batch is not None:
+                    await self._send(events, batches, batch)
+            await self._send(events, batches, policy.flush())
+
+    async def _wait_for_event(self, events: EventSource) -> Event | None:
+        """The next event, or ``None`` if the open batch's deadline comes first."""
+        deadline = self._policy.deadline
+        if deadline is None:
+            return await events.receive()
+        with trio.move_on_at(deadline):
+            return await events.receive()
+        return None
+
+    async def _send(
+        self,
+        events: EventSource,
+        batches: trio.MemorySendChannel[Batch],
+        batch: Batch | None,
+    ) -> None:
+        if batch is None:
+            return
+        # Once per batch, not per event: cheap enough to keep the gauge near the truth.
+        self._metrics.channel_events.set(events.statistics().current_buffer_used)
+        self._outgoing = len(batch)
+        # If this is cancelled the batch was not sent (trio guarantees it), so it stays
+        # counted in held_events().
+        await batches.send(batch)
+        self._outgoing = 0
+
+
+async def run_batcher(
+    events: EventSource,
+    batches: trio.MemorySendChannel[Batch],
+    policy: BatchPolicy,
+    metrics: RelayMetrics,
+    clock: Callable[[], float] = trio.current_time,
+) -> None:
+    """Run a ``Batcher`` over ``policy``; use ``Batcher`` directly to see what it holds."""
+    await Batcher(policy, metrics, clock=clock).run(events, batches)

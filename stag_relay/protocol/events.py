@@ -1,0 +1,185 @@
+"""Spatial events, the batches that carry them to STAG, and their wire encoding.
+
+Pure: no I/O, no trio. An event is built once on its connection task and never
+changes; a batch is an immutable tuple of events with an id that stays the same
+across every retry of it, so STAG can deduplicate on ``Idempotency-Key``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Protocol
+
+import attrs
+import orjson
+
+EventType = Literal["pose", "mesh"]
+
+
+@attrs.frozen(slots=True)
+class Anchor:
+    """A pose anchor: where the device was, in the client's world frame."""
+
+    id: str
+    x: float
+    y: float
+    z: float
+    rotation: tuple[float, float, float, float]
+    timestamp: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "pose": {"x": self.x, "y": self.y, "z": self.z, "rotation": list(self.rotation)},
+            "timestamp": self.timestamp,
+        }
+
+
+@attrs.frozen(slots=True)
+class MeshUpdate:
+    """One anchor's mesh as sent to STAG: full (``is_delta`` false) or a delta.
+
+    Full: ``vertices_delta`` and ``faces_delta`` are the client's base64 buffers,
+    untouched; after it STAG's mesh is the decoded client mesh. Delta: STAG's
+    mesh for the event ``base_event_id``, without the triangles at the indices in
+    ``removed_faces`` (base64 little-endian uint32, ascending), followed by the
+    triangles of ``added`` (base64 lossless Draco); see
+    ``stag_relay.protocol.geometry.apply_mesh_diff``. ``vertex_count`` and ``face_count``
+    describe the client's new mesh (0 until the mesh pipeline has decoded it).
+    """
+
+    anchor_id: str
+    is_delta: bool
+    vertices_delta: str = ""
+    faces_delta: str = ""
+    vertex_count: int = 0
+    face_count: int = 0
+    base_event_id: str | None = None
+    removed_faces: str = ""
+    added: str = ""
+
+    @property
+    def payload_chars(self) -> int:
+        """Characters of mesh data this update sends (for relay_mesh_bytes_out_total)."""
+        if self.is_delta:
+            return len(self.removed_faces) + len(self.added)
+        return len(self.vertices_delta) + len(self.faces_delta)
+
+    def to_json(self) -> dict[str, Any]:
+        if self.is_delta:
+            return {
+                "anchor_id": self.anchor_id,
+                "is_delta": True,
+                "base_event_id": self.base_event_id,
+                "removed_faces": self.removed_faces,
+                "added": self.added,
+                "vertex_count": self.vertex_count,
+                "face_count": self.face_count,
+            }
+        return {
+            "anchor_id": self.anchor_id,
+            "is_delta": False,
+            "vertices_delta": self.vertices_delta,
+            "faces_delta": self.faces_delta,
+            "vertex_count": self.vertex_count,
+            "face_count": self.face_count,
+        }
+
+
+@attrs.frozen(slots=True)
+class Event:
+    """One spatial event: what one accepted packet becomes.
+
+    ``event_id`` is deterministic in (session_id, type, frame_number), so a resent
+    packet, or the same packet through another relay, yields the same id.
+    """
+
+    event_id: str
+    session_id: str
+    frame_number: int
+    timestamp: int
+    received_at: int
+    type: EventType
+    anchors: tuple[Anchor, ...] = ()
+    meshes: tuple[MeshUpdate, ...] = ()
+    # The connection to acknowledge once the event is durable; None when it did not
+    # ask for acknowledgements. Not part of the event's value or its JSON.
+    origin: Origin | None = attrs.field(default=None, eq=False, repr=False)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "event_id": self.event_id,
+            "session_id": self.session_id,
+            "frame_number": self.frame_number,
+            "timestamp": self.timestamp,
+            "received_at": self.received_at,
+            "type": self.type,
+            "anchors": [a.to_json() for a in self.anchors],
+            "meshes": [m.to_json() for m in self.meshes],
+        }
+
+
+@attrs.frozen(slots=True)
+class Batch:
+    """Events delivered to STAG in one request. Never empty."""
+
+    batch_id: str
+    events: tuple[Event, ...]
+
+    def __len__(self) -> int:
+        return len(self.events)
+
+
+class Origin(Protocol):
+    """Where events came from: told when they are durable, or that they never will be."""
+
+    def acknowledge(self, session_id: str, frame_numbers: list[int]) -> None: ...
+
+    def forget(self, count: int) -> None: ...
+
+
+@attrs.frozen(slots=True)
+class WireBatch:
+    """A batch as it travels to STAG and rests in the spool: its events already JSON.
+
+    Encoded once when the batch is cut; every retry, and a resend after a restart,
+    sends the same bytes (with the same ``batch_id``) and only the envelope's
+    ``timestamp`` changes.
+    """
+
+    batch_id: str
+    count: int
+    # The events as one JSON array.
+    events: bytes
+
+    def body(self, relay_id: str, now_ms: int) -> bytes:
+        """The JSON body of ``POST {stag.url}{stag.ingest_path}``."""
+        head = orjson.dumps(
+            {
+                "batch_id": self.batch_id,
+                "relay_id": relay_id,
+                "timestamp": now_ms,
+                "count": self.count,
+            }
+        )
+        return head[:-1] + b',"events":' + self.events + b"}"
+
+    def split(self) -> tuple[WireBatch, WireBatch]:
+        """Halve a batch STAG found too large (413).
+
+        The halves get ids derived from the parent's, so retrying a split batch
+        after a restart still produces the same idempotency keys.
+        """
+        if self.count < 2:
+            raise ValueError("a batch of one event cannot be split")
+        events = orjson.loads(self.events)
+        middle = len(events) // 2
+        return (
+            WireBatch(f"{self.batch_id}.0", middle, orjson.dumps(events[:middle])),
+            WireBatch(f"{self.batch_id}.1", len(events) - middle, orjson.dumps(events[middle:])),
+        )
+
+
+def to_wire(batch: Batch) -> WireBatch:
+    return WireBatch(
+        batch.batch_id, len(batch.events), orjson.dumps([e.to_json() for e in batch.events])
+    )

@@ -1,0 +1,128 @@
+"""What the relay owes one client, waiting for the connection's writer: pure, no trio.
+
+Nothing here can overflow, so nothing here can be a reason to close a client that
+reads. Error replies wait up to a bound; one that finds no room, or comes over the
+reply rate, is counted and the next reply sent says how many were suppressed (if no
+reply follows, a summary says it once the rate allows). Acknowledgements merge into
+one pending ack whose frame numbers accumulate, and pongs keep the latest MAX_PONGS
+(RFC 6455 5.5.3 allows answering only the most recent ping), so what waits for a slow
+reader is bounded by what it is owed, not by how often we had something to say. The close
+frame goes last, after the replies and acknowledgements queued before it.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Any, Final
+
+import attrs
+import orjson
+
+from stag_relay.protocol import websocket
+from stag_relay.protocol.limits import TokenBucket, reply_budget
+
+# Error replies waiting for the writer. A reply a client has not taken while this
+# many wait behind it is suppressed (and counted), never a reason to close.
+MAX_REPLIES: Final = 64
+# Pongs waiting: every ping of a burst is answered (as the Autobahn suite checks),
+# and a client pinging faster than it reads gets answers to its latest ones.
+MAX_PONGS: Final = 16
+
+
+@attrs.define
+class Outbox:
+    max_replies: int = MAX_REPLIES
+    budget: TokenBucket = attrs.Factory(reply_budget)
+    # Error replies not sent since the last one that was: the next one reports them.
+    suppressed: int = 0
+    replies: deque[dict[str, Any]] = attrs.Factory(deque)
+    # The pending acknowledgement: its session and the frame numbers it will carry.
+    ack_session: str | None = None
+    ack_frames: list[int] = attrs.Factory(list)
+    pongs: deque[bytes] = attrs.Factory(lambda: deque(maxlen=MAX_PONGS))
+    # The close frame, once queued: nothing is queued after it.
+    close: bytes | None = None
+    # The close frame has been taken by the writer: the outbox is done.
+    done: bool = False
+
+    @property
+    def closing(self) -> bool:
+        return self.close is not None
+
+    def error(self, now: float, code: str, message: str, frame_number: int | None = None) -> bool:
+        """Queue an error reply; False if it was suppressed (counted, reported later).
+        After the close frame a reply is moot: not queued, not suppressed."""
+        if self.closing:
+            return True
+        if len(self.replies) >= self.max_replies or not self.budget.take(now):
+            self.suppressed += 1
+            return False
+        reply: dict[str, Any] = {"type": "error", "code": code, "message": message}
+        if frame_number is not None:
+            reply["frame_number"] = frame_number
+        self.replies.append(reply)
+        return True
+
+    def ack(self, session_id: str, frame_numbers: list[int]) -> None:
+        """Add to the pending acknowledgement."""
+        if self.done:
+            return
+        self.ack_session = session_id
+        self.ack_frames.extend(frame_numbers)
+
+    def ping(self, payload: bytes) -> None:
+        """The client pinged: answer it (the oldest unanswered pong goes past MAX_PONGS)."""
+        if not self.closing:
+            self.pongs.append(payload)
+
+    def queue_close(self, frame: bytes) -> bool:
+        """Queue the close frame; False if one is queued already."""
+        if self.closing:
+            return False
+        self.close = frame
+        return True
+
+    def summary_due(self, now: float) -> float | None:
+        """When a summary of suppressed replies is due, if nothing else will carry it."""
+        if not self.suppressed or self.replies or self.closing:
+            return None
+        return self.budget.ready_at(now)
+
+    def pop(self, now: float) -> bytes | None:
+        """The next frame to write, or None if there is nothing to write now."""
+        if self.done:
+            return None
+        if self.pongs:
+            return websocket.pong_frame(self.pongs.popleft())
+        if self.replies:
+            reply = self.replies.popleft()
+            return self._with_suppressed(reply)
+        if self.ack_frames and self.ack_session is not None:
+            message = {
+                "type": "ack",
+                "session_id": self.ack_session,
+                "frame_numbers": self.ack_frames,
+            }
+            self.ack_frames = []
+            return websocket.text_frame(orjson.dumps(message))
+        if self.close is not None:
+            self.done = True
+            return self.close
+        if self.suppressed and self.budget.take(now):
+            # Nothing followed the suppressed replies: say how many there were.
+            count = self.suppressed
+            return self._with_suppressed(
+                {
+                    "type": "error",
+                    "code": "replies_suppressed",
+                    "message": f"{count} error replies were not sent: more than "
+                    "the relay answers per second, or more than were waiting for you",
+                }
+            )
+        return None
+
+    def _with_suppressed(self, reply: dict[str, Any]) -> bytes:
+        suppressed, self.suppressed = self.suppressed, 0
+        if suppressed:
+            reply["suppressed"] = suppressed
+        return websocket.text_frame(orjson.dumps(reply))

@@ -1,0 +1,202 @@
+"""The event queue between the connections and the batcher (stag_relay.pipeline.eventqueue)."""
+
+from __future__ import annotations
+
+import pytest
+import trio
+import trio.testing
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from stag_relay.pipeline.batcher import run_batcher
+from stag_relay.pipeline.eventqueue import EventReceiver, open_event_queue
+from stag_relay.protocol.events import Batch, Event
+from stag_relay.service.metrics import RelayMetrics
+from tests.support.batches import make_policy
+
+
+def event(sender: int, n: int) -> Event:
+    return Event(
+        event_id=f"{sender}-{n}",
+        session_id=f"s{sender}",
+        frame_number=n,
+        timestamp=1,
+        received_at=1,
+        type="pose",
+    )
+
+
+def drain(receiver: EventReceiver) -> list[Event]:
+    out = []
+    while True:
+        try:
+            out.append(receiver.receive_nowait())
+        except (trio.WouldBlock, trio.EndOfChannel):
+            return out
+
+
+def test_capacity_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="capacity"):
+        open_event_queue(0)
+
+
+def test_put_nowait_takes_what_fits_from_the_front() -> None:
+    send, receive = open_event_queue(3)
+    events = [event(0, n) for n in range(5)]
+    send.put_nowait(events)
+    assert [e.frame_number for e in events] == [3, 4]
+    assert receive.statistics().current_buffer_used == 3
+    assert [e.frame_number for e in drain(receive)] == [0, 1, 2]
+
+
+async def test_a_put_waits_for_room_and_the_bound_is_never_exceeded() -> None:
+    send, receive = open_event_queue(5)
+    events = [event(0, n) for n in range(50)]
+    got: list[Event] = []
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(send.put, events)
+        await trio.testing.wait_all_tasks_blocked()
+        while len(got) < 50:
+            assert receive.statistics().current_buffer_used <= 5
+            got.append(await receive.receive())
+            await trio.testing.wait_all_tasks_blocked()
+    assert [e.frame_number for e in got] == list(range(50))
+    assert events == []
+
+
+async def test_senders_are_served_in_turn_and_keep_their_place() -> None:
+    send, receive = open_event_queue(2)
+    send.put_nowait([event(9, 0), event(9, 1)])  # full
+    lists = {s: [event(s, n) for n in range(4)] for s in (1, 2, 3)}
+    async with trio.open_nursery() as nursery:
+        for s in (1, 2, 3):
+            nursery.start_soon(send.put, lists[s])
+            await trio.testing.wait_all_tasks_blocked()
+        assert receive.statistics().tasks_waiting_send == 3
+        # A newcomer does not jump the line, even when room appears.
+        late = [event(4, 0)]
+        order = []
+        for _ in range(12):
+            order.append(await receive.receive())
+            await trio.testing.wait_all_tasks_blocked()
+            send.put_nowait(late)
+            assert late, "put_nowait took room a waiting sender was owed"
+    order.extend(drain(receive))
+    send.put_nowait(late)
+    order.extend(drain(receive))
+    # Each sender in line finishes before the next one starts, and the newcomer
+    # comes after all of them.
+    assert [e.event_id for e in order] == [
+        "9-0",
+        "9-1",
+        *(f"{s}-{n}" for s in (1, 2, 3) for n in range(4)),
+        "4-0",
+    ]
+
+
+async def test_a_cancelled_put_leaves_what_did_not_go_in() -> None:
+    send, receive = open_event_queue(3)
+    events = [event(0, n) for n in range(10)]
+    with trio.move_on_after(1) as scope:
+        await send.put(events)
+    assert scope.cancelled_caught
+    assert [e.frame_number for e in events] == list(range(3, 10))
+    assert [e.frame_number for e in drain(receive)] == [0, 1, 2]
+    assert receive.statistics().tasks_waiting_send == 0
+
+
+async def test_close_ends_the_receiver_after_what_is_queued() -> None:
+    send, receive = open_event_queue(3)
+    send.put_nowait([event(0, 1)])
+    async with trio.open_nursery() as nursery:
+        result: list[object] = []
+
+        async def waiting_sender() -> None:
+            try:
+                await send.put([event(0, n) for n in range(2, 10)])
+            except trio.ClosedResourceError:
+                result.append("closed")
+
+        nursery.start_soon(waiting_sender)
+        await trio.testing.wait_all_tasks_blocked()
+        await send.aclose()
+    assert result == ["closed"]
+    assert [e.frame_number for e in drain(receive)] == [1, 2, 3]
+    with pytest.raises(trio.EndOfChannel):
+        receive.receive_nowait()
+    with pytest.raises(trio.EndOfChannel):
+        await receive.receive()
+    with pytest.raises(trio.ClosedResourceError):
+        send.put_nowait([event(0, 99)])
+
+
+async def test_a_waiting_receiver_wakes_for_a_put_and_for_close() -> None:
+    send, receive = open_event_queue(3)
+    async with trio.open_nursery() as nursery:
+        got: list[object] = []
+
+        async def receiver() -> None:
+            got.append((await receive.receive()).frame_number)
+            try:
+                await receive.receive()
+            except trio.EndOfChannel:
+                got.append("end")
+
+        nursery.start_soon(receiver)
+        await trio.testing.wait_all_tasks_blocked()
+        send.send_nowait(event(0, 7))
+        await trio.testing.wait_all_tasks_blocked()
+        send.close()
+    assert got == [7, "end"]
+
+
+def test_send_nowait_would_block_when_full() -> None:
+    send, _receive = open_event_queue(1)
+    send.send_nowait(event(0, 1))
+    with pytest.raises(trio.WouldBlock):
+        send.send_nowait(event(0, 2))
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    st.integers(1, 8),
+    st.lists(st.lists(st.integers(1, 30), min_size=1, max_size=5), min_size=1, max_size=5),
+    st.integers(1, 7),
+)
+def test_the_batcher_gets_every_event_in_each_senders_order(
+    capacity: int, reads: list[list[int]], batch_size: int
+) -> None:
+    """Several connections, each putting reads of many events; nothing lost, each
+    connection's events in order, the queue never over its bound."""
+
+    async def main() -> None:
+        send, receive = open_event_queue(capacity)
+        batches_send, batches_recv = trio.open_memory_channel[Batch](0)
+        total = sum(sum(sizes) for sizes in reads)
+        seen: list[Event] = []
+
+        async def connection(sender: int, sizes: list[int]) -> None:
+            n = 0
+            for size in sizes:
+                events = [event(sender, n + i) for i in range(size)]
+                n += size
+                send.put_nowait(events)
+                if events:
+                    await send.put(events)
+                assert receive.statistics().current_buffer_used <= capacity
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(
+                run_batcher, receive, batches_send, make_policy(batch_size, 0.01), RelayMetrics()
+            )
+            async with trio.open_nursery() as connections:
+                for sender, sizes in enumerate(reads):
+                    connections.start_soon(connection, sender, sizes)
+                while len(seen) < total:
+                    seen.extend((await batches_recv.receive()).events)
+            send.close()
+        for sender, sizes in enumerate(reads):
+            frames = [e.frame_number for e in seen if e.session_id == f"s{sender}"]
+            assert frames == list(range(sum(sizes)))
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
