@@ -3,8 +3,8 @@
     nox -s bench                        # or: python tests/benchmark/bench.py
     python tests/benchmark/bench.py --repeats 5 --only flood,paced --output results.json
 
-Not part of the test suite (pytest collects ``test_*.py`` under tests/unit and
-tests/integration only). Each workload is repeated (``--repeats``, at least 3 for
+Not part of the test suite (pytest collects ``test_*.py`` only from the testpaths
+in pyproject.toml). Each workload is repeated (``--repeats``, at least 3 for
 the figures in docs/performance.md) and the medians are reported, because this
 machine is small and shared; every relay figure is set beside the bare
 trio-websocket server's (tests/benchmark/bare_server.py) measured with the same
@@ -71,7 +71,7 @@ ROOT: Final = Path(__file__).resolve().parents[2]
 PYTHON: Final = sys.executable
 BARE_SERVER: Final = str(Path(__file__).with_name("bare_server.py"))
 
-# The issue's workloads.
+# The workloads the targets were set for.
 FLOOD_CONNECTIONS: Final = 20
 FLOOD_PACKETS: Final = 5000
 PACED_CONNECTIONS: Final = 200
@@ -85,7 +85,7 @@ BATCH_MAX_SIZE: Final = 100
 # down; the flood measures the pipeline, so the limit is lifted far above what it sends.
 FLOOD_PACKET_RATE_LIMIT: Final = "10000000"
 PACED_BATCH_TIMEOUT: Final = "50ms"
-# The issue's targets.
+# The targets.
 TARGET_FLOOD_RATIO: Final = 0.8
 TARGET_P99_MS: Final = 20.0
 TARGET_CPU_RATIO: Final = 1.5
@@ -99,6 +99,11 @@ TARGET_SPOOL_COST: Final = 0.25
 # Relay settings for the mesh workload, beyond the batch settings (the mesh
 # pipeline's keys, e.g. RELAY_MESH_WORKERS, once it has them).
 MESH_RELAY_ENV: dict[str, str] = {}
+# ``--baseline DIR``: another checkout whose relay runs beside this one in every repeat
+# of flood, paced and idle, with the same load generator and stand-in (this tree's).
+BASELINE: Path | None = None
+# Within this share of the baseline counts as "the same" (a refactoring's budget).
+TARGET_BASELINE_SHARE: Final = 0.05
 # How long after "all connected" the idle servers settle before RSS is read.
 IDLE_SETTLE: Final = 2.0
 # Generous: a loaded 2-core machine can be ten times slower than a quiet one.
@@ -125,13 +130,14 @@ class Child:
         *,
         env: dict[str, str] | None = None,
         cpus: set[int] | None = None,
+        cwd: Path = ROOT,
     ) -> None:
         self.name = name
         full_env = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
         full_env.update(env or {})
         self.proc = subprocess.Popen(
             argv,
-            cwd=ROOT,
+            cwd=cwd,
             env=full_env,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
@@ -274,7 +280,11 @@ def start_sink(pin: Pinning, *options: str) -> tuple[Child, str]:
     return sink, url
 
 
-def start_relay(stag_url: str, cpus: set[int] | None, **settings: str) -> tuple[Child, int]:
+def start_relay(
+    stag_url: str, cpus: set[int] | None, *, baseline: bool = False, **settings: str
+) -> tuple[Child, int]:
+    """This tree's relay, or with ``baseline`` the one in BASELINE: ``python -m`` puts the
+    working directory first on sys.path, so the relay runs from the checkout it starts in."""
     env = {
         "RELAY_SERVER_HOST": "127.0.0.1",
         "RELAY_SERVER_PORT": "0",
@@ -284,7 +294,8 @@ def start_relay(stag_url: str, cpus: set[int] | None, **settings: str) -> tuple[
         "RELAY_CONFIG": os.devnull,
         **settings,
     }
-    relay = Child("relay", [PYTHON, "-m", "stag_relay"], env=env, cpus=cpus)
+    source = BASELINE if baseline and BASELINE is not None else ROOT
+    relay = Child("relay", [PYTHON, "-m", "stag_relay"], env=env, cpus=cpus, cwd=source)
 
     def listening(line: str) -> int | None:
         with contextlib.suppress(ValueError):
@@ -355,12 +366,14 @@ def wait_for_events(sink_url: str, expected: int, timeout: float = TIMEOUT) -> d
 
 @contextlib.contextmanager
 def relay_with_sink(
-    pin: Pinning, *, pin_relay: bool = True, **settings: str
+    pin: Pinning, *, pin_relay: bool = True, baseline: bool = False, **settings: str
 ) -> Iterator[tuple[Child, int, Child, str]]:
     sink, sink_url = start_sink(pin)
     relay: Child | None = None
     try:
-        relay, port = start_relay(sink_url, pin.server if pin_relay else None, **settings)
+        relay, port = start_relay(
+            sink_url, pin.server if pin_relay else None, baseline=baseline, **settings
+        )
         yield relay, port, sink, sink_url
         code = relay.stop()
         if code != 0:
@@ -436,6 +449,12 @@ def flood(pin: Pinning) -> dict[str, Any]:
             pin, options, RELAY_DELIVERY_SPOOL_PATH=str(Path(spool_dir) / "spool.sqlite3")
         )
     result["relay_spool"] = spooled
+    if BASELINE is not None:
+        result["baseline"], _ = _relay_flood(pin, options, baseline=True)
+        result["vs_baseline"] = _versus(
+            result["relay"], result["baseline"], "events_per_second", "cpu_us_per_event"
+        )
+        result["nothing_lost"] = result["nothing_lost"] and result["baseline"]["lost"] == 0
     result["spool_cost"] = (
         round(1 - spooled["events_per_second"] / memory_rate, 3) if memory_rate else None
     )
@@ -443,8 +462,16 @@ def flood(pin: Pinning) -> dict[str, Any]:
     return result
 
 
+def _versus(relay: dict[str, Any], baseline: dict[str, Any], *figures: str) -> dict[str, Any]:
+    """This tree's figures over the baseline's, figure by figure."""
+    return {
+        figure: round(relay[figure] / baseline[figure], 3) if baseline.get(figure) else None
+        for figure in figures
+    }
+
+
 def _relay_flood(
-    pin: Pinning, options: tuple[str, ...], **env: str
+    pin: Pinning, options: tuple[str, ...], *, baseline: bool = False, **env: str
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """The flood through a relay (``env`` on top of its settings): figures and /status."""
     settings = {
@@ -452,7 +479,12 @@ def _relay_flood(
         "RELAY_WEBSOCKET_MAX_PACKETS_PER_SECOND": FLOOD_PACKET_RATE_LIMIT,
         **env,
     }
-    with relay_with_sink(pin, pin_relay=True, **settings) as (relay, port, _, sink_url):
+    with relay_with_sink(pin, pin_relay=True, baseline=baseline, **settings) as (
+        relay,
+        port,
+        _,
+        sink_url,
+    ):
         cpu0 = relay.cpu_seconds()
         summary = Loadgen(port, pin, *options).done()
         stats = wait_for_events(sink_url, summary["sent"])
@@ -500,17 +532,30 @@ def paced(pin: Pinning) -> dict[str, Any]:
     relay_per_event = result["relay"]["cpu_us_per_event"] / 1e6
     result["cpu_ratio"] = round(relay_per_event / bare_per_message, 3)
     result["nothing_lost"] = result["relay"]["lost"] == 0 and result["relay"]["error_replies"] == 0
+    if BASELINE is not None:
+        result["baseline"] = _relay_paced(pin, options, baseline=True)
+        result["vs_baseline"] = _versus(
+            result["relay"], result["baseline"], "cpu_us_per_event", "latency_p99_ms"
+        )
+        result["nothing_lost"] = result["nothing_lost"] and result["baseline"]["lost"] == 0
     return result
 
 
-def _relay_paced(pin: Pinning, options: list[str], **env: str) -> dict[str, Any]:
+def _relay_paced(
+    pin: Pinning, options: list[str], *, baseline: bool = False, **env: str
+) -> dict[str, Any]:
     """The paced load through a relay (``env`` on top of its settings)."""
     settings = {
         "RELAY_BATCH_MAX_SIZE": str(BATCH_MAX_SIZE),
         "RELAY_BATCH_TIMEOUT": PACED_BATCH_TIMEOUT,
         **env,
     }
-    with relay_with_sink(pin, pin_relay=True, **settings) as (relay, port, _, sink_url):
+    with relay_with_sink(pin, pin_relay=True, baseline=baseline, **settings) as (
+        relay,
+        port,
+        _,
+        sink_url,
+    ):
         loadgen = Loadgen(port, pin, *options)
         loadgen.connected()
         cpu0 = relay.cpu_seconds()
@@ -592,6 +637,9 @@ def idle(pin: Pinning, connections: int) -> dict[str, Any]:
     result["ratio"] = round(
         result["relay"]["rss_per_connection_kib"] / result["bare"]["rss_per_connection_kib"], 3
     )
+    if BASELINE is not None:
+        with relay_with_sink(pin, baseline=True) as (relay, port, _, _):
+            result["baseline"] = measure(relay, port, f"http://127.0.0.1:{port}/status")
     return result
 
 
@@ -728,6 +776,10 @@ MEDIANS: Final[dict[str, list[tuple[str, ...]]]] = {
         ("relay", "lost"),
         ("relay_spool", "events_per_second"),
         ("spool_cost",),
+        ("baseline", "events_per_second"),
+        ("baseline", "cpu_us_per_event"),
+        ("vs_baseline", "events_per_second"),
+        ("vs_baseline", "cpu_us_per_event"),
     ],
     "paced": [
         ("relay", "latency_p50_ms"),
@@ -737,6 +789,10 @@ MEDIANS: Final[dict[str, list[tuple[str, ...]]]] = {
         ("relay", "cpu_us_per_event"),
         ("cpu_ratio",),
         ("relay", "lost"),
+        ("baseline", "latency_p99_ms"),
+        ("baseline", "cpu_us_per_event"),
+        ("vs_baseline", "cpu_us_per_event"),
+        ("vs_baseline", "latency_p99_ms"),
     ],
     "backpressure": [
         ("rss_idle_mib",),
@@ -747,6 +803,7 @@ MEDIANS: Final[dict[str, list[tuple[str, ...]]]] = {
         ("bare", "rss_per_connection_kib"),
         ("relay", "rss_per_connection_kib"),
         ("ratio",),
+        ("baseline", "rss_per_connection_kib"),
     ],
     "workers": [
         *(
@@ -816,6 +873,20 @@ def targets(workloads: dict[str, Any]) -> list[dict[str, Any]]:
             f"<= {TARGET_CPU_RATIO}",
             None if cpu is None else cpu <= TARGET_CPU_RATIO,
         )
+    share = TARGET_BASELINE_SHARE
+    for workload, figure, better in (
+        ("flood", "events_per_second", "higher"),
+        ("flood", "cpu_us_per_event", "lower"),
+        ("paced", "cpu_us_per_event", "lower"),
+    ):
+        if workload not in workloads:
+            continue
+        versus = workloads[workload]["median"].get(f"vs_baseline.{figure}")
+        if versus is None:
+            continue
+        goal = f">= {1 - share:g}" if better == "higher" else f"<= {1 + share:g}"
+        met = versus >= 1 - share if better == "higher" else versus <= 1 + share
+        add(f"{workload} {figure}: this tree / baseline", versus, goal, met)
     if "mesh" in workloads and "median" in workloads["mesh"]:
         m = workloads["mesh"]["median"]
         ratio = m["pose_p99_ratio"]
@@ -893,12 +964,30 @@ def machine() -> dict[str, Any]:
     }
 
 
+def _checkout(path: Path) -> dict[str, Any]:
+    commit = None
+    with contextlib.suppress(OSError, subprocess.CalledProcessError):
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=path,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    return {"path": str(path), "commit": commit}
+
+
 def print_report(results: dict[str, Any]) -> None:
     workloads = results["workloads"]
     lines = [
         f"stag-relay benchmark, {results['date']}, {results['machine']['cpu_model']}, "
         f"{results['machine']['nproc']} CPUs, Python {results['machine']['python']}",
         f"medians of {results['repeats']} repeats; pinning: {results['pinning']}",
+        *(
+            [f"baseline: {results['baseline']['path']} at {results['baseline']['commit']}"]
+            if results.get("baseline")
+            else []
+        ),
         "",
     ]
     for name, data in workloads.items():
@@ -971,6 +1060,12 @@ def _main() -> int:
         f"({BACKPRESSURE_SECONDS:g}; not in the default --only, it takes minutes)",
     )
     parser.add_argument("--no-pin", action="store_true", help="do not pin processes to CPUs")
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        help="a checkout of another commit (e.g. a git worktree) whose relay runs beside this "
+        "tree's in every repeat of flood, paced and idle",
+    )
     parser.add_argument("--output", default="bench-results.json", help="JSON results file")
     args = parser.parse_args()
 
@@ -982,6 +1077,11 @@ def _main() -> int:
             resource.RLIMIT_NOFILE,
             (hard if hard == resource.RLIM_INFINITY else min(need, hard), hard),
         )
+    global BASELINE
+    if args.baseline is not None:
+        if not (args.baseline / "stag_relay" / "__main__.py").is_file():
+            parser.error(f"--baseline {args.baseline}: no stag_relay/__main__.py there")
+        BASELINE = args.baseline.resolve()
     pin = Pinning(not args.no_pin)
     if pin.others:
         os.sched_setaffinity(0, pin.others)
@@ -992,6 +1092,7 @@ def _main() -> int:
         "machine": machine(),
         "repeats": args.repeats,
         "pinning": pin.describe(),
+        "baseline": None if BASELINE is None else _checkout(BASELINE),
         "workloads": {},
     }
     runners: dict[str, Callable[[], dict[str, Any]]] = {
