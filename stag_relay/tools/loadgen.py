@@ -4,8 +4,15 @@
 a rate per connection (``--rate``, staggered so that the connections do not all
 send in the same instant) or as fast as the relay takes them (``--rate 0``), for a
 count (``--count``) or a duration (``--duration``); ``--mesh-triangles`` adds
-Draco meshes beside the poses. It counts what the relay answers: error replies,
+meshes beside the poses. It counts what the relay answers: error replies,
 acknowledgements (``?ack=1``), and connections the relay closed.
+
+Two dialects: ``streamkit`` (the default) sends the relay's own packets (text JSON
+with frame numbers, Draco meshes) to ``/ws/streamkit``; ``sdk`` sends what the
+StreamKit iOS SDK sends to ``/api/v1/ws?session_id=<UUID>``: binary frames holding a
+``WSMessage`` whose ``data`` is the base64 of the inner JSON (``anchor_update`` with
+an Apple reference-date timestamp, ``mesh_update`` with the SDK's gzip-compressed
+vertex buffer), ``Authorization: Bearer`` for the key, and no acknowledgements.
 
 It is built to cost the relay's machine as little as possible, since it usually
 shares it: asyncio transports (a write is one ``send`` call), the WebSocket
@@ -22,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import contextlib
 import json
 import math
@@ -31,6 +39,8 @@ import ssl
 import struct
 import sys
 import time
+import uuid
+import zlib
 from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any, Final, TextIO
@@ -52,6 +62,14 @@ except ImportError:  # pragma: no cover - a build without the extension
     from websockets.utils import apply_mask
 
 DEFAULT_URL: Final = "ws://127.0.0.1:8081/ws/streamkit"
+DIALECTS: Final = ("streamkit", "sdk")
+# Where the SDK connects: it replaces whatever path its server URL had with this one.
+SDK_PATH: Final = "/api/v1/ws"
+# The SDK's pose timestamps count seconds from 2001-01-01T00:00:00Z (Foundation's
+# reference date), not from 1970.
+APPLE_EPOCH_OFFSET: Final = 978_307_200.0
+# The one anchor the SDK streams poses for: the camera.
+SDK_CAMERA_ANCHOR: Final = "camera"
 # A typical AR pose rate (ARKit and ARCore deliver camera frames at 60 Hz).
 DEFAULT_RATE: Final = 60.0
 DEFAULT_DURATION: Final = 10.0
@@ -67,6 +85,7 @@ _ERROR_SAMPLES: Final = 5
 # make us buffer.
 _MAX_INCOMING: Final = 1024 * 1024
 _OPCODE_TEXT: Final = 0x1
+_OPCODE_BINARY: Final = 0x2
 _USER_AGENT: Final = f"stag-relay-loadgen/{__version__}"
 
 
@@ -109,6 +128,56 @@ def mesh_template(session_id: str, anchor_id: str, vertices: str) -> bytes:
     )
 
 
+def sdk_message(kind: str, session_id: str, inner: dict[str, Any], now_ms: int) -> bytes:
+    """A ``WSMessage`` as the SDK's ``JSONEncoder`` writes it: camelCase keys and
+    ``data`` the base64 of the inner JSON (Swift encodes ``Data`` so)."""
+    data = base64.b64encode(orjson.dumps(inner)).decode("ascii")
+    return orjson.dumps({"type": kind, "sessionId": session_id, "data": data, "timestamp": now_ms})
+
+
+def sdk_anchor_update(session_id: str, frame: int, now: float) -> bytes:
+    """The SDK's ``anchor_update`` for the camera pose. ARKit frame times differ from
+    frame to frame; ``frame`` microseconds are added so that a flood's poses, many per
+    millisecond, stay distinct (the relay tells resends apart by the timestamp)."""
+    inner = {
+        "id": SDK_CAMERA_ANCHOR,
+        "pose": {
+            "position": [0.5, 1.5, -2.0],
+            "rotation": [0.0, 0.0, 0.0, 1.0],
+            "timestamp": now - APPLE_EPOCH_OFFSET + frame * 1e-6,
+        },
+    }
+    return sdk_message("anchor_update", session_id, inner, int(now * 1000))
+
+
+def sdk_mesh_buffer(points: Any, faces: Any) -> bytes:
+    """The SDK's full-mesh vertex buffer: ``u32 vertexCount, u32 indexCount``, the
+    vertices as float32 x, y, z and the indices as u32, little-endian, compressed with
+    DEFLATE in a gzip container (what the SDK's ``Data.gzipped`` writes)."""
+    import numpy as np
+
+    vertices = np.ascontiguousarray(points, dtype="<f4").reshape(-1, 3)
+    indices = np.ascontiguousarray(faces, dtype="<u4").reshape(-1)
+    raw = struct.pack("<II", len(vertices), len(indices)) + vertices.tobytes() + indices.tobytes()
+    packer = zlib.compressobj(5, zlib.DEFLATED, 31)
+    return packer.compress(raw) + packer.flush()
+
+
+def sdk_mesh_update(
+    session_id: str, mesh_id: str, anchor_id: str, vertices: str, now: float
+) -> bytes:
+    """The SDK's ``mesh_update`` of a full mesh (``vertices``: base64 of its buffer)."""
+    inner = {
+        "id": mesh_id,
+        "anchorId": anchor_id,
+        "vertices": vertices,
+        "faces": "",
+        "compressionLevel": 5,
+        "isDelta": False,
+    }
+    return sdk_message("mesh_update", session_id, inner, int(now * 1000))
+
+
 # Growth of the scanned surface between two mesh updates of one anchor: what an
 # AR scan does (a few percent per update), so that a relay sending diffs has
 # mostly unchanged triangles to recognise.
@@ -117,13 +186,14 @@ _MESH_FIRST_SHARE: Final = 0.73
 _MESH_STEP_SHARE: Final = 0.03
 
 
-def mesh_scan(triangles: int, *, seed: int = 7) -> list[str]:
-    """Base64 Draco buffers of one anchor's mesh growing over ``MESH_GROWTH_STEPS``
-    updates to about ``triangles`` triangles.
+def mesh_scan(triangles: int, *, seed: int = 7, dialect: str = "streamkit") -> list[str]:
+    """Base64 buffers of one anchor's mesh growing over ``MESH_GROWTH_STEPS`` updates
+    to about ``triangles`` triangles: Draco for ``streamkit``, the SDK's gzip buffer
+    for ``sdk``.
 
     A height field on a jittered grid (coordinates not on a regular lattice); each
     update adds rows of triangles and keeps the earlier ones exactly (they decode to
-    the same coordinates). Encoded with DracoPy's defaults, as a client would.
+    the same coordinates). Draco-encoded with DracoPy's defaults, as a client would.
     """
     import base64
 
@@ -155,7 +225,10 @@ def mesh_scan(triangles: int, *, seed: int = 7) -> list[str]:
         # Every point, whether the faces use it yet or not: Draco quantises positions
         # on a grid over their bounding box, so a box that grew would move every
         # coordinate a little and no triangle would match the previous update's.
-        buffer = DracoPy.encode(points.reshape(-1, 3), faces.astype(np.uint32))
+        if dialect == "sdk":
+            buffer = sdk_mesh_buffer(points.reshape(-1, 3), faces)
+        else:
+            buffer = DracoPy.encode(points.reshape(-1, 3), faces.astype(np.uint32))
         scans.append(base64.b64encode(buffer).decode("ascii"))
     return scans
 
@@ -172,6 +245,7 @@ class LoadSettings:
     """
 
     url: str = DEFAULT_URL
+    dialect: str = "streamkit"
     connections: int = 10
     rate: float = DEFAULT_RATE
     count: int | None = None
@@ -204,6 +278,12 @@ class LoadSettings:
             raise ValueError("mesh rate must be > 0")
         if urlsplit(self.url).scheme not in ("ws", "wss"):
             raise ValueError(f"not a ws:// or wss:// URL: {self.url!r}")
+        if self.dialect not in DIALECTS:
+            raise ValueError(f"dialect must be one of {', '.join(DIALECTS)}, got {self.dialect!r}")
+        if self.dialect == "sdk" and self.ack:
+            raise ValueError(
+                "the SDK dialect has no acknowledgements: use --ack with --dialect streamkit"
+            )
 
 
 @attrs.frozen
@@ -320,8 +400,11 @@ class _Connection(asyncio.Protocol):
         self.transport = transport
         request = self.ws.connect()
         request.headers["User-Agent"] = _USER_AGENT
-        if self.gen.settings.api_key:
-            request.headers["X-API-Key"] = self.gen.settings.api_key
+        settings = self.gen.settings
+        if settings.api_key and settings.dialect == "sdk":
+            request.headers["Authorization"] = f"Bearer {settings.api_key}"
+        elif settings.api_key:
+            request.headers["X-API-Key"] = settings.api_key
         self.ws.send_request(request)
         self._flush()
 
@@ -336,7 +419,7 @@ class _Connection(asyncio.Protocol):
                     self.opened.set_result(None)
             elif not isinstance(event, Frame):
                 continue
-            elif event.opcode is Opcode.TEXT:
+            elif event.opcode is Opcode.TEXT or event.opcode is Opcode.BINARY:
                 self.gen.on_reply(bytes(event.data), self)
             elif event.opcode is Opcode.CLOSE and not self.closing:
                 code = ws.close_rcvd.code if ws.close_rcvd is not None else 1005
@@ -430,13 +513,22 @@ class LoadGenerator:
 
     def __init__(self, settings: LoadSettings, *, mesh_scans: Sequence[str] | None = None) -> None:
         self.settings = settings
-        prefix = settings.session_prefix or f"loadgen-{random.getrandbits(32):08x}"
-        self.session_ids = [f"{prefix}-{i}" for i in range(settings.connections)]
+        self._sdk = settings.dialect == "sdk"
+        if self._sdk and not settings.session_prefix:
+            # What the SDK uses: a fresh upper-case UUID per streaming session.
+            self.session_ids = [str(uuid.uuid4()).upper() for _ in range(settings.connections)]
+        else:
+            prefix = settings.session_prefix or f"loadgen-{random.getrandbits(32):08x}"
+            self.session_ids = [f"{prefix}-{i}" for i in range(settings.connections)]
         self._templates = [pose_template(s) for s in self.session_ids]
         self._mesh_scans: Sequence[str] = (
             mesh_scans
             if mesh_scans is not None
-            else (mesh_scan(settings.mesh_triangles) if settings.mesh_triangles else ())
+            else (
+                mesh_scan(settings.mesh_triangles, dialect=settings.dialect)
+                if settings.mesh_triangles
+                else ()
+            )
         )
         self._conns: list[_Connection] = []
         self._random = random.Random()
@@ -465,13 +557,17 @@ class LoadGenerator:
     # callbacks from connections
 
     def on_reply(self, data: bytes, conn: _Connection | None = None) -> None:
-        """Count one text frame from the relay (on ``conn``, when known)."""
+        """Count one frame from the relay (on ``conn``, when known)."""
         try:
             reply = orjson.loads(data)
         except orjson.JSONDecodeError:
             self._other += 1
             return
         kind = reply.get("type") if isinstance(reply, dict) else None
+        if self._sdk and kind == "error":
+            # The SDK dialect's error: ``data`` is the base64 of {"code", "message"}.
+            with contextlib.suppress(ValueError, TypeError):
+                reply = {**reply, **orjson.loads(base64.b64decode(reply.get("data", "")))}
         answered = 0
         if kind == "error":
             self._errors += 1
@@ -588,6 +684,16 @@ class LoadGenerator:
         query = "&".join(q for q in (parts.query, "ack=1" if settings.ack else "") if q)
         url = urlunsplit((parts.scheme, parts.netloc, parts.path or "/", query, ""))
         uri = parse_uri(url)
+
+        def uri_of(index: int) -> Any:
+            if not self._sdk:
+                return uri
+            # Like the SDK: its own path, and the session in the query.
+            session = self.session_ids[index]
+            return parse_uri(
+                urlunsplit((parts.scheme, parts.netloc, SDK_PATH, f"session_id={session}", ""))
+            )
+
         context: ssl.SSLContext | None = None
         if uri.secure:
             context = ssl.create_default_context()
@@ -599,7 +705,9 @@ class LoadGenerator:
 
         async def open_one(index: int) -> None:
             async with gate:
-                conn = _Connection(self, ClientProtocol(uri, max_size=_MAX_INCOMING), index)
+                conn = _Connection(
+                    self, ClientProtocol(uri_of(index), max_size=_MAX_INCOMING), index
+                )
                 try:
                     async with asyncio.timeout(settings.connect_timeout):
                         await loop.create_connection(
@@ -630,11 +738,19 @@ class LoadGenerator:
         return math.inf if duration is None else start + duration
 
     def _pose_frames(self, conn: _Connection, k: int) -> bytes:
-        template = self._templates[conn.index]
-        now_ms = time.time_ns() // 1_000_000
         randbytes = self._random.randbytes
         frames = []
         frame = conn.frame
+        if self._sdk:
+            session, now = self.session_ids[conn.index], time.time()
+            for _ in range(k):
+                frame += 1
+                message = sdk_anchor_update(session, frame, now)
+                frames.append(encode_frame(message, randbytes(4), _OPCODE_BINARY))
+            conn.frame = frame
+            return b"".join(frames)
+        template = self._templates[conn.index]
+        now_ms = time.time_ns() // 1_000_000
         for _ in range(k):
             frame += 1
             frames.append(encode_frame(template % (frame, now_ms), randbytes(4)))
@@ -713,10 +829,18 @@ class LoadGenerator:
             if not conn.closed and not self._pose_done(conn):
                 anchor = f"anchor-{conn.index}-{update // len(scans)}"
                 vertices = scans[update % len(scans)]
-                template = mesh_template(self.session_ids[conn.index], anchor, vertices)
+                session = self.session_ids[conn.index]
                 conn.frame += 1
-                payload = template % (conn.frame, time.time_ns() // 1_000_000)
-                data = encode_frame(payload, self._random.randbytes(4))
+                if self._sdk:
+                    # The SDK gives every update a fresh mesh id (isDelta false: full).
+                    mesh_id = str(uuid.uuid4()).upper()
+                    payload = sdk_mesh_update(session, mesh_id, anchor, vertices, time.time())
+                    opcode = _OPCODE_BINARY
+                else:
+                    template = mesh_template(session, anchor, vertices)
+                    payload = template % (conn.frame, time.time_ns() // 1_000_000)
+                    opcode = _OPCODE_TEXT
+                data = encode_frame(payload, self._random.randbytes(4), opcode)
                 conn.write(data)
                 conn.sent += 1
                 self._mesh_sent += 1
@@ -760,6 +884,14 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         help=f"the relay's WebSocket URL (default {DEFAULT_URL})",
     )
     parser.add_argument(
+        "--dialect",
+        choices=DIALECTS,
+        default="streamkit",
+        help="streamkit: the relay's packets on /ws/streamkit (default); sdk: what the "
+        f"StreamKit iOS SDK sends, on {SDK_PATH}?session_id=<UUID> (the URL's path is "
+        "replaced, as the SDK does)",
+    )
+    parser.add_argument(
         "-c", "--connections", type=int, default=10, help="WebSocket connections (default 10)"
     )
     parser.add_argument(
@@ -778,7 +910,11 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         help=f"stop after this long (100ms, 10s, 5m); default {DEFAULT_DURATION:g}s when "
         "--count is not given",
     )
-    parser.add_argument("--api-key", help="sent as the X-API-Key header of every handshake")
+    parser.add_argument(
+        "--api-key",
+        help="sent as the X-API-Key header of every handshake (Authorization: Bearer with "
+        "--dialect sdk)",
+    )
     parser.add_argument(
         "--ack",
         action="store_true",
@@ -836,6 +972,7 @@ def settings_from_args(args: argparse.Namespace) -> LoadSettings:
         duration = DEFAULT_DURATION
     return LoadSettings(
         url=args.url,
+        dialect=args.dialect,
         connections=args.connections,
         rate=args.rate,
         count=args.count,

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import base64
 import itertools
+import json
+import struct
+import zlib
 
 import DracoPy
 import numpy as np
@@ -15,6 +18,7 @@ from websockets.streams import StreamReader
 
 from stag_relay.protocol.packets import parse_packet
 from stag_relay.tools.loadgen import (
+    APPLE_EPOCH_OFFSET,
     MESH_GROWTH_STEPS,
     LoadGenerator,
     LoadSettings,
@@ -22,6 +26,8 @@ from stag_relay.tools.loadgen import (
     mesh_scan,
     mesh_template,
     pose_template,
+    sdk_anchor_update,
+    sdk_mesh_update,
 )
 
 
@@ -119,6 +125,8 @@ def test_a_mesh_scan_grows_and_keeps_what_it_scanned_before() -> None:
         {"count": -1},
         {"url": "http://127.0.0.1:8081/ws/streamkit"},
         {"mesh_triangles": 100, "mesh_rate": 0.0},
+        {"dialect": "go"},
+        {"dialect": "sdk", "ack": True},
     ],
 )
 def test_settings_refuse_what_cannot_run(changes: dict[str, object]) -> None:
@@ -144,3 +152,56 @@ def test_a_run_without_a_prefix_gets_session_ids_of_its_own() -> None:
     assert not set(first.session_ids) & set(second.session_ids)
     named = LoadGenerator(LoadSettings(connections=2, count=1, session_prefix="run"))
     assert named.session_ids == ["run-0", "run-1"]
+
+
+# -- the SDK dialect: what tabularxr/streamkit's StreamingClient sends ------------------
+
+
+def test_sdk_anchor_updates_are_ws_messages_with_base64_inner_json() -> None:
+    now = 1_765_000_000.25
+    message = json.loads(sdk_anchor_update("9F1C2B7E-4D3A-4E8B-9C61-2A5B7D0E3F14", 3, now))
+    assert set(message) == {"type", "sessionId", "data", "timestamp"}
+    assert message["type"] == "anchor_update"
+    assert message["timestamp"] == int(now * 1000)
+    inner = json.loads(base64.b64decode(message["data"]))
+    assert set(inner) == {"id", "pose"}
+    assert len(inner["pose"]["position"]) == 3
+    assert len(inner["pose"]["rotation"]) == 4
+    # Seconds since 2001-01-01 (Foundation's reference date), apart per frame.
+    unix = inner["pose"]["timestamp"] + APPLE_EPOCH_OFFSET
+    assert unix == pytest.approx(now + 3e-6, abs=1e-6)
+    later = json.loads(base64.b64decode(json.loads(sdk_anchor_update("s", 4, now))["data"]))
+    assert later["pose"]["timestamp"] > inner["pose"]["timestamp"]
+
+
+def test_sdk_meshes_are_gzip_buffers_of_counts_vertices_and_indices() -> None:
+    scan = mesh_scan(200, dialect="sdk")
+    assert len(scan) == MESH_GROWTH_STEPS
+    raw = zlib.decompress(base64.b64decode(scan[-1]), 31)  # 31: a gzip container
+    vertex_count, index_count = struct.unpack_from("<II", raw)
+    assert index_count % 3 == 0 and index_count // 3 >= 180
+    assert len(raw) == 8 + vertex_count * 12 + index_count * 4
+    indices = np.frombuffer(raw, "<u4", offset=8 + vertex_count * 12)
+    assert indices.max() < vertex_count
+    message = json.loads(sdk_mesh_update("s", "M-1", "anchor-0-0", scan[0], 1_765_000_000.0))
+    assert message["type"] == "mesh_update"
+    inner = json.loads(base64.b64decode(message["data"]))
+    assert inner == {
+        "id": "M-1",
+        "anchorId": "anchor-0-0",
+        "vertices": scan[0],
+        "faces": "",
+        "compressionLevel": 5,
+        "isDelta": False,
+    }
+
+
+def test_sdk_runs_use_upper_case_uuid_sessions_and_count_base64_errors() -> None:
+    gen = LoadGenerator(LoadSettings(connections=2, count=1, dialect="sdk"))
+    for session in gen.session_ids:
+        assert session == session.upper() and len(session) == 36
+    data = base64.b64encode(b'{"code":"invalid_packet","message":"$.pose: bad"}').decode()
+    gen.on_reply(json.dumps({"type": "error", "sessionId": "s", "data": data}).encode())
+    gen.on_reply(b'{"type":"pong","sessionId":"s","timestamp":1}')
+    assert (gen._errors, gen._other) == (1, 1)
+    assert gen._error_samples == ["$.pose: bad"]
