@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import http
 import traceback
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Collection, Mapping
 from typing import Final
 
 import h11
@@ -122,7 +122,8 @@ def peer_name(stream: trio.abc.Stream) -> str:
 
 
 class FrontDoor:
-    """Answers plain HTTP on ``endpoints`` and hands WebSocket upgrades on.
+    """Answers plain HTTP on ``endpoints`` and hands WebSocket upgrades of
+    ``websocket_paths`` (one per client dialect) to ``serve_websocket``.
 
     ``admit`` may refuse an upgrade with a response (draining, limits, auth)
     before any WebSocket byte is sent; ``serve_websocket`` then owns the stream.
@@ -132,7 +133,7 @@ class FrontDoor:
         self,
         *,
         endpoints: Mapping[str, Endpoint],
-        websocket_path: str,
+        websocket_paths: Collection[str],
         admit: Admit,
         serve_websocket: ServeWebSocket,
         handshake_timeout: float,
@@ -141,7 +142,7 @@ class FrontDoor:
     ) -> None:
         self._on_error = on_error
         self._endpoints = endpoints
-        self._websocket_path = websocket_path
+        self._websocket_paths = frozenset(websocket_paths)
         self._admit = admit
         self._serve_websocket = serve_websocket
         self._handshake_timeout = handshake_timeout
@@ -177,7 +178,7 @@ class FrontDoor:
                     request = await self._read_request(stream, conn, peer)
                     if request is None:
                         return
-                    if request.path == self._websocket_path and request.is_websocket_upgrade:
+                    if request.path in self._websocket_paths and request.is_websocket_upgrade:
                         refusal = self._admit(request)
                         if request.method != "GET":
                             refusal = error_response(405, "use GET", (("allow", "GET"),))
@@ -243,7 +244,7 @@ class FrontDoor:
         return keep_alive and conn.our_state is h11.DONE and conn.their_state is h11.DONE
 
     def _route(self, request: HttpRequest) -> HttpResponse:
-        if request.path == self._websocket_path:
+        if request.path in self._websocket_paths:
             return error_response(
                 426, "this endpoint speaks WebSocket only", (("upgrade", "websocket"),)
             )

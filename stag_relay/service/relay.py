@@ -135,7 +135,7 @@ class Relay:
                 "/status": self.access.protect(self._status),
                 "/metrics": self.access.protect(self._metrics),
             },
-            websocket_path=WEBSOCKET_PATH,
+            websocket_paths={WEBSOCKET_PATH},
             admit=self._admit,
             serve_websocket=self._serve_websocket,
             handshake_timeout=config.server.handshake_timeout,

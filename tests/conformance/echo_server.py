@@ -100,7 +100,7 @@ async def echo(stream: trio.abc.Stream, request: HttpRequest) -> None:
 def front_door() -> FrontDoor:
     return FrontDoor(
         endpoints={},
-        websocket_path=PATH,
+        websocket_paths={PATH},
         admit=lambda request: None,
         serve_websocket=echo,
         handshake_timeout=HANDSHAKE_TIMEOUT,

@@ -27,7 +27,7 @@ async def test_an_error_on_one_connection_is_reported_and_the_stream_closed() ->
     failures: list[tuple[str, Exception]] = []
     door = FrontDoor(
         endpoints={"/boom": failing_endpoint},
-        websocket_path="/ws/streamkit",
+        websocket_paths={"/ws/streamkit"},
         admit=lambda request: None,
         serve_websocket=refuse_upgrades,
         handshake_timeout=10.0,

@@ -86,7 +86,7 @@ def open_front(
     server_end, client_end = pair()
     front = FrontDoor(
         endpoints={},
-        websocket_path=WEBSOCKET_PATH,
+        websocket_paths={WEBSOCKET_PATH},
         admit=lambda request: None,
         serve_websocket=gate.serve,
         handshake_timeout=gate.config.server.handshake_timeout,
