@@ -22,7 +22,7 @@ from stag_relay.protocol.http import HttpRequest, HttpResponse, error_response
 from stag_relay.protocol.websocket import handshake_problem
 
 # A request head larger than this is an attack or a bug, not a client (431).
-MAX_HEAD_BYTES: Final = 16 * 1024
+MAX_REQUEST_HEAD_BYTES: Final = 16 * 1024
 # Plenty for a request head in one read; the socket gives us what it has.
 _RECEIVE_BYTES: Final = 16 * 1024
 # A plain request body (nobody should send one) is read and discarded up to this.
@@ -136,7 +136,7 @@ class FrontDoor:
         admit: Admit,
         serve_websocket: ServeWebSocket,
         handshake_timeout: float,
-        max_head_bytes: int = MAX_HEAD_BYTES,
+        max_head_bytes: int = MAX_REQUEST_HEAD_BYTES,
         on_error: OnError | None = None,
     ) -> None:
         self._on_error = on_error
