@@ -114,14 +114,3 @@ class Batcher:
         # counted in held_events().
         await batches.send(batch)
         self._outgoing = 0
-
-
-async def run_batcher(
-    events: EventSource,
-    batches: trio.MemorySendChannel[Batch],
-    policy: BatchPolicy,
-    metrics: RelayMetrics,
-    clock: Callable[[], float] = trio.current_time,
-) -> None:
-    """Run a ``Batcher`` over ``policy``; use ``Batcher`` directly to see what it holds."""
-    await Batcher(policy, metrics, clock=clock).run(events, batches)

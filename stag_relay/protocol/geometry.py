@@ -491,12 +491,6 @@ class MeshStore:
         held = self._held.get((session_id, anchor_id))
         return None if held is None else held.keys
 
-    def invalidate(self, session_id: str, anchor_id: str) -> None:
-        """Forget an anchor's base: its next update goes out full."""
-        held = self._held.pop((session_id, anchor_id), None)
-        if held is not None:
-            self.nbytes -= held.nbytes
-
     def update(self, job: MeshJob) -> MeshOutcome:
         """Decode ``job``'s mesh, choose full or delta, and hold the result as the new base."""
         settings = self.settings

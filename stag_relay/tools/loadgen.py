@@ -73,7 +73,7 @@ _USER_AGENT: Final = f"stag-relay-loadgen/{__version__}"
 # --- what goes on the wire -------------------------------------------------------
 
 
-def encode_frame(payload: bytes, mask: bytes, opcode: int = _OPCODE_TEXT) -> bytes:
+def encode_masked_frame(payload: bytes, mask: bytes, opcode: int = _OPCODE_TEXT) -> bytes:
     """One final, masked client frame (RFC 6455 section 5.2) carrying ``payload``."""
     n = len(payload)
     first = 0x80 | opcode
@@ -293,7 +293,7 @@ class Progress:
 
 class _Connection(asyncio.Protocol):
     """One WebSocket: the handshake and what arrives through ``websockets``' sans-I/O
-    protocol; data frames are written by the generator with ``encode_frame``."""
+    protocol; data frames are written by the generator with ``encode_masked_frame``."""
 
     def __init__(self, gen: LoadGenerator, protocol: ClientProtocol, index: int) -> None:
         self.gen = gen
@@ -637,7 +637,7 @@ class LoadGenerator:
         frame = conn.frame
         for _ in range(k):
             frame += 1
-            frames.append(encode_frame(template % (frame, now_ms), randbytes(4)))
+            frames.append(encode_masked_frame(template % (frame, now_ms), randbytes(4)))
         conn.frame = frame
         return b"".join(frames)
 
@@ -716,7 +716,7 @@ class LoadGenerator:
                 template = mesh_template(self.session_ids[conn.index], anchor, vertices)
                 conn.frame += 1
                 payload = template % (conn.frame, time.time_ns() // 1_000_000)
-                data = encode_frame(payload, self._random.randbytes(4))
+                data = encode_masked_frame(payload, self._random.randbytes(4))
                 conn.write(data)
                 conn.sent += 1
                 self._mesh_sent += 1

@@ -600,12 +600,3 @@ def test_a_mesh_larger_than_the_budget_is_not_held() -> None:
     assert (outcome.is_delta, outcome.held, outcome.evicted) == (False, False, ())
     assert len(store) == 0
     assert not store.update(job("e2", "e1", vertices)).is_delta
-
-
-def test_invalidate_forgets_the_base() -> None:
-    vertices, _ = encode(*grid_patch(10))
-    store = MeshStore(MeshSettings())
-    store.update(job("e1", None, vertices))
-    store.invalidate("s", "a")
-    assert store.nbytes == 0
-    assert not store.update(job("e2", "e1", vertices)).is_delta
