@@ -1,7 +1,7 @@
 """The front door: one port, plain HTTP endpoints and the WebSocket upgrade.
 
 Every connection starts here: h11 reads the request head; an upgrade on the
-WebSocket path whose handshake headers are sound (``wsframes.handshake_problem``)
+WebSocket path whose handshake headers are sound (``websocket.handshake_problem``)
 and that ``admit`` lets in is handed to the gate, which answers the 101 and speaks
 WebSocket from there; everything else is answered here through h11.
 """
@@ -182,7 +182,7 @@ class FrontDoor:
                         if request.method != "GET":
                             refusal = error_response(405, "use GET", (("allow", "GET"),))
                         elif refusal is None:
-                            # No checkpoint from admit to the hand-off (see app._serve_websocket).
+                            # No checkpoint from admit to the hand-off (see Relay._serve_websocket).
                             problem = handshake_problem(
                                 request.header("sec-websocket-version"),
                                 request.header("sec-websocket-key"),

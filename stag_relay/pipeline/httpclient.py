@@ -6,7 +6,7 @@ request is one ``h11`` exchange on a connection taken from a list of idle ones, 
 a new one. The sender runs at most ``stag.max_in_flight`` requests at once, so that
 many connections stay open and each is reused until the server closes it.
 
-What it keeps from the httpx client it replaces, so operators see the same relay:
+What it does as httpx (a general client) would, so the relay behaves as operators expect:
 
 - TLS verified against ``SSL_CERT_FILE`` or ``SSL_CERT_DIR`` when set, else
   certifi's CA bundle; ALPN ``http/1.1``; no ``close_notify`` needed (HTTPS practice).
@@ -19,9 +19,9 @@ What it keeps from the httpx client it replaces, so operators see the same relay
 - An idle connection the server has closed, or that has been idle longer than
   ``KEEPALIVE_EXPIRY``, is not reused.
 - Every failure without an answer is a :class:`TransportError`, named like httpx's
-  (``ConnectError``, ``ReadTimeout``, ...) so the log reads as before.
+  (``ConnectError``, ``ReadTimeout``, ...), names operators know from other clients' logs.
 
-Not kept: proxies from ``HTTP_PROXY``/``HTTPS_PROXY``/``ALL_PROXY``. The relay talks
+Not honoured: proxies from ``HTTP_PROXY``/``HTTPS_PROXY``/``ALL_PROXY``. The relay talks
 to STAG directly; :func:`ignored_proxy` names a variable that httpx would have used,
 for a warning.
 """
@@ -159,7 +159,7 @@ class Destination:
 
 
 def default_tls() -> ssl.SSLContext:
-    """The client TLS context httpx builds by default, so https:// verifies as it did."""
+    """The client TLS context httpx builds by default, so https:// verifies as it does there."""
     if os.environ.get("SSL_CERT_FILE"):
         context = ssl.create_default_context(cafile=os.environ["SSL_CERT_FILE"])
     elif os.environ.get("SSL_CERT_DIR"):

@@ -1,11 +1,11 @@
 """The mesh pipeline: decode and diff mesh packets in worker processes, off the Trio thread.
 
-Decoding a 40,000-triangle Draco mesh takes milliseconds and diffing it about
-ten more; pose packets must not wait behind that, and upstream Draco has open
-fuzzer-found crashes while clients are not trusted. So every mesh is decoded
-and diffed in a trio-parallel worker process, and a worker that dies (or runs
-past ``JOB_TIMEOUT``) costs that packet an error reply and a metric, never the
-relay.
+Decoding and diffing a large Draco mesh takes milliseconds; pose packets must
+not wait behind that, and upstream Draco has open fuzzer-found crashes while
+clients are not trusted. So every mesh is decoded and diffed in a trio-parallel
+worker process (entry points in :mod:`stag_relay.pipeline.meshworker`), and a
+worker that dies (or runs past ``JOB_TIMEOUT``) costs that packet an error reply
+and a metric, never the relay.
 
 The worker processes start with the first mesh packet, all of them at once, not
 with the relay: a relay that only ever sees poses runs no worker, and never loads
@@ -17,13 +17,11 @@ the update's text (or an error) comes out. The mesh each anchor's deltas are
 computed against stays in the worker that computes them: the anchors are
 sharded over ``mesh.workers`` single-worker contexts by a hash of (session,
 anchor), and each worker keeps its shard's :class:`~stag_relay.protocol.geometry.MeshStore`
-with its share of ``mesh.max_state_bytes``. Measured on the 2-core development
-machine, a trio-parallel round trip costs 0.1 ms empty, 0.9 ms with 340 KB of
-base64 in, and 5.9 ms when a 40,000-triangle base (1.44 MB of keys) also goes in
-and the new one comes back: shipping the base would cost about as much as the
-decode and diff themselves, and the pickling half of it on the Trio thread. A
-worker lost to a crash takes its shard's bases with it; those anchors simply go
-full on their next update.
+with its share of ``mesh.max_state_bytes``. Shipping a base to a worker with
+each job would cost about as much as the decode and diff themselves, and the
+pickling half of it on the Trio thread (docs/performance.md). A worker lost to
+a crash takes its shard's bases with it; those anchors simply go full on their
+next update.
 
 Ordering: each shard runs one job at a time, in the order :meth:`process` was
 called (``trio.Lock`` is fair and is the first thing :meth:`process` awaits),
@@ -65,7 +63,7 @@ JOB_TIMEOUT: Final = 10.0
 # they are killed rather than hold up the relay's shutdown.
 GRACE_PERIOD: Final = 5.0
 
-log = structlog.get_logger("stag_relay.meshwork")
+log = structlog.get_logger("stag_relay.meshpool")
 
 AnchorKey = tuple[str, str]
 

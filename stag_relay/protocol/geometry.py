@@ -46,7 +46,7 @@ Float32Array = npt.NDArray[np.float32]
 UInt32Array = npt.NDArray[np.uint32]
 IndexArray = npt.NDArray[np.intp]
 
-# The threshold: a delta goes out only when smaller than this share of
+# A delta goes out only when smaller than this share of
 # the full encoding; a bigger one saves too little to be worth a chain STAG follows.
 DELTA_RATIO: Final = 0.7
 # Held bytes charged per anchor beyond its keys: the dict entry, the key strings,

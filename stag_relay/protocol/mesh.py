@@ -15,7 +15,7 @@ import attrs
 VERTICES_PATH: Final = "$.data.mesh.vertices"
 FACES_PATH: Final = "$.data.mesh.faces"
 
-# The defaults. A million vertices is a building-scale scan; more from
+# A million vertices is a building-scale scan; more from
 # one anchor is a client bug or an attack, and bounds what a worker allocates.
 DEFAULT_MAX_VERTICES: Final = 1_000_000
 DEFAULT_MAX_FACES: Final = 2_000_000

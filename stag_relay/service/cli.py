@@ -246,9 +246,9 @@ def settle_garbage_collector() -> None:
     """After start-up: move what start-up made (modules, configuration, ~100k objects)
     out of the collector's reach and collect the young generation less often.
 
-    Measured in the paced benchmark: the relay's full collections, each a pause of
-    14-37 ms straight into the latency, made its p99; with the collector off the p99
-    fell from 38 to 13 ms. Cycles still get collected, only less often.
+    The relay's full collections pause it for tens of milliseconds, straight into
+    the latency of the packets waiting meanwhile: in the paced benchmark they made
+    its p99 (docs/performance.md). Cycles still get collected, only less often.
     """
     gc.collect()
     gc.freeze()

@@ -10,11 +10,9 @@ acknowledgements (``?ack=1``), and connections the relay closed.
 It is built to cost the relay's machine as little as possible, since it usually
 shares it: asyncio transports (a write is one ``send`` call), the WebSocket
 handshake and everything received go through the ``websockets`` library's
-sans-I/O protocol, and outgoing data frames are encoded here. Measured on the
-2-core development machine, per pose packet sent: this client 2-4 us, the
-``websockets`` asyncio client 7 us (6.4 us of it its frame serialisation), the
-trio-websocket client 24 us; a bare trio-websocket server spends about 18 us
-receiving one. The frames are standard (masked with a fresh random key, one
+sans-I/O protocol, and outgoing data frames are encoded here: a fraction of what
+the ``websockets`` asyncio client or trio-websocket spend per packet
+(docs/performance.md). The frames are standard (masked with a fresh random key, one
 message per frame, no extensions).
 """
 
