@@ -52,7 +52,7 @@ class Batcher:
     def held_events(self) -> int:
         """Events taken from the channel and not yet handed to the sender.
 
-        The open batch plus a cut batch waiting for the sender; the app counts these
+        The open batch plus a cut batch waiting for the sender; the relay counts these
         as dropped if it must cancel ``run`` before they get out.
         """
         return self._policy.pending + self._outgoing
