@@ -1,4 +1,8 @@
-"""stag-relay: StreamKit packets in over WebSocket, batched spatial events out to STAG."""
+"""stag-relay: StreamKit packets in over WebSocket, batched spatial events out to STAG.
+
+Layers (docs/architecture.md): ``protocol`` is pure; ``pipeline`` runs it in Trio tasks;
+``service`` configures and wires them into the daemon; ``tools`` serve developers only.
+"""
 
 __version__ = "0.1.0"
 

@@ -52,7 +52,7 @@ class Batcher:
     def held_events(self) -> int:
         """Events taken from the channel and not yet handed to the sender.
 
-        The open batch plus a cut batch waiting for the sender; the app counts these
+        The open batch plus a cut batch waiting for the sender; the relay counts these
         as dropped if it must cancel ``run`` before they get out.
         """
         return self._policy.pending + self._outgoing
@@ -114,14 +114,3 @@ class Batcher:
         # counted in held_events().
         await batches.send(batch)
         self._outgoing = 0
-
-
-async def run_batcher(
-    events: EventSource,
-    batches: trio.MemorySendChannel[Batch],
-    policy: BatchPolicy,
-    metrics: RelayMetrics,
-    clock: Callable[[], float] = trio.current_time,
-) -> None:
-    """Run a ``Batcher`` over ``policy``; use ``Batcher`` directly to see what it holds."""
-    await Batcher(policy, metrics, clock=clock).run(events, batches)

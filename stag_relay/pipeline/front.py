@@ -1,7 +1,7 @@
 """The front door: one port, plain HTTP endpoints and the WebSocket upgrade.
 
 Every connection starts here: h11 reads the request head; an upgrade on the
-WebSocket path whose handshake headers are sound (``wsframes.handshake_problem``)
+WebSocket path whose handshake headers are sound (``websocket.handshake_problem``)
 and that ``admit`` lets in is handed to the gate, which answers the 101 and speaks
 WebSocket from there; everything else is answered here through h11.
 """
@@ -22,7 +22,7 @@ from stag_relay.protocol.http import HttpRequest, HttpResponse, error_response
 from stag_relay.protocol.websocket import handshake_problem
 
 # A request head larger than this is an attack or a bug, not a client (431).
-MAX_HEAD_BYTES: Final = 16 * 1024
+MAX_REQUEST_HEAD_BYTES: Final = 16 * 1024
 # Plenty for a request head in one read; the socket gives us what it has.
 _RECEIVE_BYTES: Final = 16 * 1024
 # A plain request body (nobody should send one) is read and discarded up to this.
@@ -137,7 +137,7 @@ class FrontDoor:
         admit: Admit,
         serve_websocket: ServeWebSocket,
         handshake_timeout: float,
-        max_head_bytes: int = MAX_HEAD_BYTES,
+        max_head_bytes: int = MAX_REQUEST_HEAD_BYTES,
         on_error: OnError | None = None,
     ) -> None:
         self._on_error = on_error
@@ -183,7 +183,7 @@ class FrontDoor:
                         if request.method != "GET":
                             refusal = error_response(405, "use GET", (("allow", "GET"),))
                         elif refusal is None:
-                            # No checkpoint from admit to the hand-off (see app._serve_websocket).
+                            # No checkpoint from admit to the hand-off (see Relay._serve_websocket).
                             problem = handshake_problem(
                                 request.header("sec-websocket-version"),
                                 request.header("sec-websocket-key"),

@@ -6,7 +6,7 @@ request is one ``h11`` exchange on a connection taken from a list of idle ones, 
 a new one. The sender runs at most ``stag.max_in_flight`` requests at once, so that
 many connections stay open and each is reused until the server closes it.
 
-What it keeps from the httpx client it replaces, so operators see the same relay:
+What it does as httpx (a general client) would, so the relay behaves as operators expect:
 
 - TLS verified against ``SSL_CERT_FILE`` or ``SSL_CERT_DIR`` when set, else
   certifi's CA bundle; ALPN ``http/1.1``; no ``close_notify`` needed (HTTPS practice).
@@ -19,9 +19,9 @@ What it keeps from the httpx client it replaces, so operators see the same relay
 - An idle connection the server has closed, or that has been idle longer than
   ``KEEPALIVE_EXPIRY``, is not reused.
 - Every failure without an answer is a :class:`TransportError`, named like httpx's
-  (``ConnectError``, ``ReadTimeout``, ...) so the log reads as before.
+  (``ConnectError``, ``ReadTimeout``, ...), names operators know from other clients' logs.
 
-Not kept: proxies from ``HTTP_PROXY``/``HTTPS_PROXY``/``ALL_PROXY``. The relay talks
+Not honoured: proxies from ``HTTP_PROXY``/``HTTPS_PROXY``/``ALL_PROXY``. The relay talks
 to STAG directly; :func:`ignored_proxy` names a variable that httpx would have used,
 for a warning.
 """
@@ -53,7 +53,7 @@ MAX_ANSWER_BYTES: Final = 64 * 1024
 # An answer's head (status line and headers) still incomplete past this many bytes is
 # a protocol error (h11's default); a complete head in one read may be up to a read's
 # size. Real heads are a few hundred bytes.
-MAX_HEAD_BYTES: Final = 16 * 1024
+MAX_ANSWER_HEAD_BYTES: Final = 16 * 1024
 # A connection idle this long is closed rather than reused: servers drop idle
 # connections after their own keep-alive timeout (5 s in Node.js, 60-75 s in nginx),
 # and a request sent just as they do fails for nothing. httpx's default.
@@ -104,7 +104,7 @@ class LocalProtocolError(TransportError):
 
 
 @attrs.frozen
-class Answer:
+class StagAnswer:
     """The server's answer to a POST: status, ``Retry-After``, the start of the body."""
 
     status: int
@@ -120,7 +120,7 @@ class Answer:
 
 
 @attrs.frozen
-class Origin:
+class Destination:
     """Where the POSTs go, from a URL: what to connect to and what to send."""
 
     scheme: str
@@ -135,7 +135,7 @@ class Origin:
     authorization: bytes | None
 
     @classmethod
-    def from_url(cls, url: str) -> Origin:
+    def from_url(cls, url: str) -> Destination:
         """Parse ``http://`` or ``https://`` ``[user[:password]@]host[:port][/path][?query]``."""
         parts = urlsplit(url)
         scheme = parts.scheme.lower()
@@ -159,7 +159,7 @@ class Origin:
 
 
 def default_tls() -> ssl.SSLContext:
-    """The client TLS context httpx builds by default, so https:// verifies as it did."""
+    """The client TLS context httpx builds by default, so https:// verifies as it does there."""
     if os.environ.get("SSL_CERT_FILE"):
         context = ssl.create_default_context(cafile=os.environ["SSL_CERT_FILE"])
     elif os.environ.get("SSL_CERT_DIR"):
@@ -231,14 +231,14 @@ class IngestClient:
 
         ``tls`` is used for an https:// URL; ``None``: :func:`default_tls`.
         """
-        self.origin = Origin.from_url(url)
+        self.destination = Destination.from_url(url)
         self._timeout = timeout
         self._tls: ssl.SSLContext | None = None
-        if self.origin.scheme == "https":
+        if self.destination.scheme == "https":
             self._tls = tls if tls is not None else default_tls()
-        fixed = [(b"host", self.origin.authority)]
-        if self.origin.authorization is not None:
-            fixed.append((b"authorization", self.origin.authorization))
+        fixed = [(b"host", self.destination.authority)]
+        if self.destination.authorization is not None:
+            fixed.append((b"authorization", self.destination.authorization))
         fixed.extend((name.encode(), value.encode()) for name, value in headers)
         self._headers = fixed
         # Most recently used last: reusing it first keeps the others to expire alone.
@@ -265,7 +265,7 @@ class IngestClient:
         """Connections kept open for the next requests."""
         return len(self._idle)
 
-    async def post(self, body: bytes, *, headers: Sequence[tuple[str, str]] = ()) -> Answer:
+    async def post(self, body: bytes, *, headers: Sequence[tuple[str, str]] = ()) -> StagAnswer:
         """POST ``body`` with the fixed headers and ``headers``; STAG's answer.
 
         Raises :class:`TransportError` when no complete answer came.
@@ -312,18 +312,20 @@ class IngestClient:
         return None
 
     async def _connect(self, scope: trio.CancelScope, step: _Step) -> _Connection:
-        origin = self.origin
+        destination = self.destination
         step.timeout = ConnectTimeout
         scope.deadline = trio.current_time() + self._timeout
         try:
-            tcp = await trio.open_tcp_stream(origin.host, origin.port)
+            tcp = await trio.open_tcp_stream(destination.host, destination.port)
         except OSError as exc:
             raise ConnectError(str(exc) or type(exc).__name__) from exc
         poller = select.poll()
         poller.register(tcp.socket.fileno(), select.POLLIN)
         stream: trio.abc.Stream = tcp
         if self._tls is not None:
-            tls = trio.SSLStream(tcp, self._tls, server_hostname=origin.host, https_compatible=True)
+            tls = trio.SSLStream(
+                tcp, self._tls, server_hostname=destination.host, https_compatible=True
+            )
             # The handshake is a step of its own, as in httpx.
             scope.deadline = trio.current_time() + self._timeout
             try:
@@ -335,7 +337,7 @@ class IngestClient:
                 await trio.aclose_forcefully(tcp)
                 raise
             stream = tls
-        http = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEAD_BYTES)
+        http = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_ANSWER_HEAD_BYTES)
         return _Connection(stream, poller, http)
 
     async def _exchange(
@@ -345,13 +347,15 @@ class IngestClient:
         headers: Sequence[tuple[str, str]],
         scope: trio.CancelScope,
         step: _Step,
-    ) -> tuple[Answer, bool]:
+    ) -> tuple[StagAnswer, bool]:
         """Write the request and read the answer; the answer, and whether to reuse."""
         http = connection.http
         fields = [*self._headers, *((k.encode(), v.encode()) for k, v in headers)]
         fields.append((b"content-length", b"%d" % len(body)))
         try:
-            head = http.send(h11.Request(method=b"POST", target=self.origin.target, headers=fields))
+            head = http.send(
+                h11.Request(method=b"POST", target=self.destination.target, headers=fields)
+            )
             # h11 hands a Data's bytes back as they are, and EndOfMessage adds none
             # with a Content-Length: written together below, head and body are one
             # system call for the cost of copying a few dozen KiB.
@@ -380,7 +384,7 @@ class IngestClient:
 
     async def _read_answer(
         self, connection: _Connection, scope: trio.CancelScope
-    ) -> tuple[Answer, bool]:
+    ) -> tuple[StagAnswer, bool]:
         http = connection.http
         stream = connection.stream
         timeout = self._timeout
@@ -416,9 +420,9 @@ class IngestClient:
                 kept += min(len(event.data), room)
                 if len(event.data) > room:
                     # More than we keep: close instead of reading the rest.
-                    return Answer(status, retry_after, b"".join(chunks), charset), False
+                    return StagAnswer(status, retry_after, b"".join(chunks), charset), False
             elif isinstance(event, h11.EndOfMessage):
-                answer = Answer(status, retry_after, b"".join(chunks), charset)
+                answer = StagAnswer(status, retry_after, b"".join(chunks), charset)
                 reusable = http.our_state is h11.DONE and http.their_state is h11.DONE
                 return answer, reusable
             elif isinstance(event, h11.ConnectionClosed):

@@ -1,11 +1,11 @@
 """The mesh pipeline: decode and diff mesh packets in worker processes, off the Trio thread.
 
-Decoding a 40,000-triangle Draco mesh takes milliseconds and diffing it about
-ten more; pose packets must not wait behind that, and upstream Draco has open
-fuzzer-found crashes while clients are not trusted. So every mesh is decoded
-and diffed in a trio-parallel worker process, and a worker that dies (or runs
-past ``JOB_TIMEOUT``) costs that packet an error reply and a metric, never the
-relay.
+Decoding and diffing a large Draco mesh takes milliseconds; pose packets must
+not wait behind that, and upstream Draco has open fuzzer-found crashes while
+clients are not trusted. So every mesh is decoded and diffed in a trio-parallel
+worker process (entry points in :mod:`stag_relay.pipeline.meshworker`), and a
+worker that dies (or runs past ``JOB_TIMEOUT``) costs that packet an error reply
+and a metric, never the relay.
 
 The worker processes start with the first mesh packet, all of them at once, not
 with the relay: a relay that only ever sees poses runs no worker, and never loads
@@ -17,13 +17,11 @@ the update's text (or an error) comes out. The mesh each anchor's deltas are
 computed against stays in the worker that computes them: the anchors are
 sharded over ``mesh.workers`` single-worker contexts by a hash of (session,
 anchor), and each worker keeps its shard's :class:`~stag_relay.protocol.geometry.MeshStore`
-with its share of ``mesh.max_state_bytes``. Measured on the 2-core development
-machine, a trio-parallel round trip costs 0.1 ms empty, 0.9 ms with 340 KB of
-base64 in, and 5.9 ms when a 40,000-triangle base (1.44 MB of keys) also goes in
-and the new one comes back: shipping the base would cost about as much as the
-decode and diff themselves, and the pickling half of it on the Trio thread. A
-worker lost to a crash takes its shard's bases with it; those anchors simply go
-full on their next update.
+with its share of ``mesh.max_state_bytes``. Shipping a base to a worker with
+each job would cost about as much as the decode and diff themselves, and the
+pickling half of it on the Trio thread (docs/performance.md). A worker lost to
+a crash takes its shard's bases with it; those anchors simply go full on their
+next update.
 
 Ordering: each shard runs one job at a time, in the order :meth:`process` was
 called (``trio.Lock`` is fair and is the first thing :meth:`process` awaits),
@@ -41,7 +39,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Final
 
@@ -50,16 +48,9 @@ import structlog
 import trio
 import trio_parallel  # type: ignore[import-untyped]
 
-from stag_relay.protocol.events import Event, MeshUpdate
-from stag_relay.protocol.mesh import (
-    MeshError,
-    MeshJob,
-    MeshSettings,
-    MeshVerdict,
-    init_worker,
-    run_job,
-    worker_pid,
-)
+from stag_relay.pipeline.meshworker import init_worker, run_job, worker_pid
+from stag_relay.protocol.events import MeshUpdate
+from stag_relay.protocol.mesh import MeshError, MeshJob, MeshOutcome, MeshSettings
 from stag_relay.protocol.packets import MeshData
 from stag_relay.service.metrics import MeshMetrics
 
@@ -72,15 +63,13 @@ JOB_TIMEOUT: Final = 10.0
 # they are killed rather than hold up the relay's shutdown.
 GRACE_PERIOD: Final = 5.0
 
-log = structlog.get_logger("stag_relay.meshwork")
+log = structlog.get_logger("stag_relay.meshpool")
 
 AnchorKey = tuple[str, str]
-# (session_id, anchor_id, event_id): one mesh update, as the sender reports its fate.
-MeshRef = tuple[str, str, str]
 
 
 @attrs.define(slots=True, eq=False)
-class _Held:
+class _HeldBase:
     """The relay's record of a base a worker holds: its event, and whether STAG has it."""
 
     event_id: str
@@ -96,7 +85,7 @@ class _Shard:
         # run_sync would otherwise share the process-wide default limiter.
         self.limiter = trio.CapacityLimiter(1)
         # Mirrors which bases the worker holds (it reports evictions).
-        self.held: dict[AnchorKey, _Held] = {}
+        self.held: dict[AnchorKey, _HeldBase] = {}
         self.state_bytes = 0
 
 
@@ -108,7 +97,7 @@ class MeshPipeline:
         shards: list[_Shard],
         metrics: MeshMetrics,
         job_timeout: float,
-        work: Callable[[MeshJob], MeshVerdict],
+        work: Callable[[MeshJob], MeshOutcome],
     ) -> None:
         self._shards = shards
         self._metrics = metrics
@@ -139,29 +128,29 @@ class MeshPipeline:
             held = shard.held.get(key)
             base = held.event_id if held is not None and held.delivered else None
             job = MeshJob(session_id, mesh.anchor_id, event_id, base, mesh.vertices, mesh.faces)
-            verdict = await self._run(shard, job)
-            shard.state_bytes = verdict.state_bytes
+            outcome = await self._run(shard, job)
+            shard.state_bytes = outcome.state_bytes
             self._metrics.state_bytes.set(sum(s.state_bytes for s in self._shards))
-            self._metrics.decode_seconds.observe(verdict.decode_seconds)
-            for evicted in verdict.evicted:
+            self._metrics.decode_seconds.observe(outcome.decode_seconds)
+            for evicted in outcome.evicted:
                 shard.held.pop(evicted, None)
-            if not verdict.held:
+            if not outcome.held:
                 shard.held.pop(key, None)
-            if verdict.error is not None:
+            if outcome.error is not None:
                 # Invalid data leaves the base as it was (held); a job that ran out
                 # of memory midway lost it (not held).
-                raise MeshError(verdict.error)
-            if verdict.held:
-                shard.held[key] = _Held(event_id)
-        if verdict.is_delta:
+                raise MeshError(outcome.error)
+            if outcome.held:
+                shard.held[key] = _HeldBase(event_id)
+        if outcome.is_delta:
             update = MeshUpdate(
                 mesh.anchor_id,
                 True,
-                vertex_count=verdict.vertex_count,
-                face_count=verdict.face_count,
+                vertex_count=outcome.vertex_count,
+                face_count=outcome.face_count,
                 base_event_id=base,
-                removed_faces=verdict.removed_faces,
-                added=verdict.added,
+                removed_faces=outcome.removed_faces,
+                added=outcome.added,
             )
         else:
             update = MeshUpdate(
@@ -169,8 +158,8 @@ class MeshPipeline:
                 False,
                 mesh.vertices,
                 mesh.faces,
-                vertex_count=verdict.vertex_count,
-                face_count=verdict.face_count,
+                vertex_count=outcome.vertex_count,
+                face_count=outcome.face_count,
             )
         self._metrics.updates.labels("delta" if update.is_delta else "full").inc()
         self._metrics.bytes_out.inc(update.payload_chars)
@@ -179,8 +168,9 @@ class MeshPipeline:
     def delivered(self, session_id: str, anchor_id: str, event_id: str) -> None:
         """STAG accepted the mesh of ``event_id``: it may now be the base of deltas.
 
-        Call it for every mesh of every batch STAG answers 2xx (see
-        :func:`mesh_refs`); never for a batch that was refused or dropped.
+        Call it for every mesh of every batch STAG answers 2xx (delivery keeps
+        :func:`stag_relay.pipeline.delivery.mesh_refs` of each batch for this);
+        never for a batch that was refused or dropped.
         """
         key = (session_id, anchor_id)
         held = self._shard(key).held.get(key)
@@ -216,13 +206,13 @@ class MeshPipeline:
     def _shard(self, key: AnchorKey) -> _Shard:
         return self._shards[hash(key) % len(self._shards)]
 
-    async def _run(self, shard: _Shard, job: MeshJob) -> MeshVerdict:
+    async def _run(self, shard: _Shard, job: MeshJob) -> MeshOutcome:
         try:
             with trio.move_on_after(self._job_timeout):
-                verdict: MeshVerdict = await shard.context.run_sync(
+                outcome: MeshOutcome = await shard.context.run_sync(
                     self._work, job, kill_on_cancel=True, limiter=shard.limiter
                 )
-                return verdict
+                return outcome
         except trio_parallel.BrokenWorkerError:
             self._lose(shard, "crash")
             log.warning("mesh worker died decoding a packet", anchor_id=job.anchor_id)
@@ -250,15 +240,6 @@ class MeshPipeline:
             self._metrics.worker_failures.labels(reason).inc()
 
 
-def mesh_refs(events: Iterable[Event]) -> list[MeshRef]:
-    """(session_id, anchor_id, event_id) of each mesh in ``events``.
-
-    Taken when a batch is cut, so that its fate can be reported to
-    :meth:`MeshPipeline.delivered` once the batch itself is only JSON.
-    """
-    return [(e.session_id, m.anchor_id, e.event_id) for e in events for m in e.meshes]
-
-
 @asynccontextmanager
 async def open_mesh_pipeline(
     settings: MeshSettings,
@@ -266,13 +247,13 @@ async def open_mesh_pipeline(
     workers: int,
     metrics: MeshMetrics,
     job_timeout: float = JOB_TIMEOUT,
-    work: Callable[[MeshJob], MeshVerdict] = run_job,
+    work: Callable[[MeshJob], MeshOutcome] = run_job,
 ) -> AsyncIterator[MeshPipeline]:
     """Yield the pipeline of ``workers`` worker processes; they start with the first mesh.
 
     On exit, after the caller has finished with the pipeline, the workers (if any
     were started) are stopped. ``work`` is the job function run in the workers: a module-level
-    function (workers import it by name), :func:`stag_relay.protocol.mesh.run_job` or, in
+    function (workers import it by name), :func:`stag_relay.pipeline.meshworker.run_job` or, in
     tests, a wrapper around it.
     """
     if workers < 1:

@@ -23,7 +23,7 @@ import attrs
 import structlog
 import trio
 
-from stag_relay.pipeline.httpclient import Answer, IngestClient, TransportError, ignored_proxy
+from stag_relay.pipeline.httpclient import IngestClient, StagAnswer, TransportError, ignored_proxy
 from stag_relay.protocol.events import WireBatch
 from stag_relay.protocol.retry import (
     MISCONFIGURED_STATUSES,
@@ -216,7 +216,7 @@ class StagSender:
 
     async def _attempt(
         self, client: IngestClient, batch: WireBatch, attempt: int
-    ) -> tuple[Decision, Answer | None]:
+    ) -> tuple[Decision, StagAnswer | None]:
         """One request; its decision, with the answer when there was one."""
         body = batch.body(self._relay_id, int(time.time() * 1000))
         started = trio.current_time()
@@ -255,7 +255,7 @@ class StagSender:
         self._last_success = time.time()
         self._held -= size
 
-    def _rejected(self, batch: WireBatch, answer: Answer, message: str) -> tuple[int, str]:
+    def _rejected(self, batch: WireBatch, answer: StagAnswer, message: str) -> tuple[int, str]:
         size = batch.count
         self._metrics.events_dropped.labels("rejected").inc(size)
         self._held -= size
@@ -305,7 +305,7 @@ class StagSender:
             )
         self._reachable = False
 
-    def _misconfigured(self, answer: Answer, sent: float) -> None:
+    def _misconfigured(self, answer: StagAnswer, sent: float) -> None:
         """STAG answered that the URL or the credentials are wrong: retried like an
         outage, but someone must act, so it is an error, logged once per episode (and
         once more for each other such status in it, as its fix differs).

@@ -199,8 +199,8 @@ class Spool:
         db.execute("PRAGMA synchronous = NORMAL")
         # A checkpoint (writing the WAL back, with an fsync) every 8192 pages (32 MiB),
         # not SQLite's 1000: at tens of thousands of events a second the default
-        # checkpointed several times a second. Measured: the spool's throughput cost
-        # 0.258 -> 0.232 of the memory-only flood. The WAL file stays near 32 MiB.
+        # checkpointed several times a second, a cost the flood benchmark shows
+        # (docs/performance.md). The WAL file stays near 32 MiB.
         db.execute(f"PRAGMA wal_autocheckpoint = {CHECKPOINT_PAGES_MAX}")
         # Deleting a row must not rewrite every freed page (the default on some builds):
         # on a full disk the WAL has no room for that, and deletions must still commit.

@@ -1,6 +1,6 @@
 """Who may connect: API keys and browser origins, as plain policy.
 
-Pure: no I/O, no trio. The app reads the keys (configuration, keys file) and
+Pure: no I/O, no trio. ``pipeline/access.py`` reads the keys (configuration, keys file) and
 asks this module whether a request head may pass; the front door turns a
 :class:`Refusal` into an HTTP answer before any WebSocket byte is sent.
 

@@ -1,7 +1,7 @@
 """Mesh geometry: decode client Draco buffers, diff triangle sets exactly, hold what STAG has.
 
-Pure: no trio, no I/O. It runs in the mesh worker processes (``mesh.run_job``,
-driven by ``meshwork``), and is the only module of the relay that imports numpy
+Pure: no trio, no I/O. It runs in the mesh worker processes
+(:mod:`stag_relay.pipeline.meshworker`), and is the only module of the relay that imports numpy
 and DracoPy: the relay process itself never loads it.
 
 A mesh's value is its list of triangles, three float32 positions each, in the
@@ -38,15 +38,15 @@ from stag_relay.protocol.mesh import (
     VERTICES_PATH,
     MeshError,
     MeshJob,
+    MeshOutcome,
     MeshSettings,
-    MeshVerdict,
 )
 
 Float32Array = npt.NDArray[np.float32]
 UInt32Array = npt.NDArray[np.uint32]
 IndexArray = npt.NDArray[np.intp]
 
-# The issue's threshold: a delta goes out only when smaller than this share of
+# A delta goes out only when smaller than this share of
 # the full encoding; a bigger one saves too little to be worth a chain STAG follows.
 DELTA_RATIO: Final = 0.7
 # Held bytes charged per anchor beyond its keys: the dict entry, the key strings,
@@ -460,7 +460,7 @@ def apply_mesh_diff(
 
 
 @attrs.define(slots=True, eq=False)
-class _Held:
+class _HeldMesh:
     event_id: str
     keys: UInt32Array  # canonical, in STAG's order
     deltas: int  # deltas sent since the last full mesh
@@ -478,7 +478,7 @@ class MeshStore:
         self.settings = settings
         self.max_bytes = settings.max_state_bytes if max_bytes is None else max_bytes
         self.nbytes = 0
-        self._held: OrderedDict[tuple[str, str], _Held] = OrderedDict()
+        self._held: OrderedDict[tuple[str, str], _HeldMesh] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._held)
@@ -491,13 +491,7 @@ class MeshStore:
         held = self._held.get((session_id, anchor_id))
         return None if held is None else held.keys
 
-    def invalidate(self, session_id: str, anchor_id: str) -> None:
-        """Forget an anchor's base: its next update goes out full."""
-        held = self._held.pop((session_id, anchor_id), None)
-        if held is not None:
-            self.nbytes -= held.nbytes
-
-    def update(self, job: MeshJob) -> MeshVerdict:
+    def update(self, job: MeshJob) -> MeshOutcome:
         """Decode ``job``'s mesh, choose full or delta, and hold the result as the new base."""
         settings = self.settings
         started = time.perf_counter()
@@ -524,15 +518,15 @@ class MeshStore:
             return self._replace(job, mesh, base, decode_seconds)
         except MemoryError:
             # The base is gone already: the next update of this anchor goes full.
-            return MeshVerdict(
+            return MeshOutcome(
                 error="$.data.mesh: too large to process",
                 decode_seconds=decode_seconds,
                 state_bytes=self.nbytes,
             )
 
-    def _invalid(self, job: MeshJob, message: str, decode_seconds: float) -> MeshVerdict:
+    def _invalid(self, job: MeshJob, message: str, decode_seconds: float) -> MeshOutcome:
         """An invalid mesh changes nothing: the anchor keeps its base."""
-        return MeshVerdict(
+        return MeshOutcome(
             error=message,
             decode_seconds=decode_seconds,
             held=(job.session_id, job.anchor_id) in self._held,
@@ -540,8 +534,8 @@ class MeshStore:
         )
 
     def _replace(
-        self, job: MeshJob, mesh: DecodedMesh, base: _Held | None, decode_seconds: float
-    ) -> MeshVerdict:
+        self, job: MeshJob, mesh: DecodedMesh, base: _HeldMesh | None, decode_seconds: float
+    ) -> MeshOutcome:
         settings = self.settings
         key = (job.session_id, job.anchor_id)
         keys = canonical_keys(mesh.triangles)
@@ -555,17 +549,19 @@ class MeshStore:
             full_size = len(job.vertices) + len(job.faces)
             delta = _plan_delta(base.keys, mesh, keys, DELTA_RATIO * full_size)
         if delta is None:
-            held = _Held(job.event_id, keys, 0, keys.nbytes + STATE_OVERHEAD)
+            held = _HeldMesh(job.event_id, keys, 0, keys.nbytes + STATE_OVERHEAD)
             verdict_delta = False
             removed_text = added_text = ""
         else:
             assert base is not None  # a delta is only planned against a base
             removed, added, removed_text, added_text = delta
             new_keys = np.concatenate([np.delete(base.keys, removed, axis=0), keys[added]])
-            held = _Held(job.event_id, new_keys, base.deltas + 1, new_keys.nbytes + STATE_OVERHEAD)
+            held = _HeldMesh(
+                job.event_id, new_keys, base.deltas + 1, new_keys.nbytes + STATE_OVERHEAD
+            )
             verdict_delta = True
         evicted = self._hold(key, held)
-        return MeshVerdict(
+        return MeshOutcome(
             is_delta=verdict_delta,
             removed_faces=removed_text,
             added=added_text,
@@ -577,7 +573,7 @@ class MeshStore:
             state_bytes=self.nbytes,
         )
 
-    def _hold(self, key: tuple[str, str], held: _Held) -> tuple[tuple[str, str], ...]:
+    def _hold(self, key: tuple[str, str], held: _HeldMesh) -> tuple[tuple[str, str], ...]:
         if held.nbytes > self.max_bytes:
             # Bigger than the whole budget: its next update goes full, nothing else is lost.
             return ()

@@ -32,7 +32,7 @@ class Verdict(enum.Enum):
     SPLIT = "split"
 
 
-# Statuses the issue names as transient: STAG (or a proxy before it) is overloaded,
+# Transient statuses: STAG (or a proxy before it) is overloaded,
 # restarting, or timed out, and the same request may succeed later.
 RETRY_STATUSES: Final = frozenset({408, 429, 500, 502, 503, 504})
 # Answers that blame the request's address or credentials, not the batch: the same batch

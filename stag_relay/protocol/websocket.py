@@ -7,15 +7,12 @@ into every complete message and control frame they hold, in one loop; the
 the request head with h11 already).
 
 Why not a library: the gate reads tens of thousands of small messages a second,
-and the reader was most of the cost of a message. Measured on the 2-core
-development machine (CPython 3.11), per masked 176-byte text message (a pose
-packet) fed in 64 KiB reads: wsproto 9.2-9.6 us (what trio-websocket runs:
-pure-Python unmasking, an object per frame and per message; trio-websocket's
-reader task and message channel came on top, 16-17 us per message in all in the
-relay's profile); ``websockets``' sans-I/O ``ServerProtocol`` 2.8-2.9 us; this
-reader 0.6-0.8 us with ``websockets``' C unmasking, 1.7 us with the Python
-unmasking of :func:`apply_mask` (the relay does not import ``websockets``, a
-dependency of the developer tools only).
+and the reader is most of the cost of a message. wsproto (pure-Python unmasking,
+an object per frame and per message) costs several times more per message, and
+``websockets``' sans-I/O protocol about twice as much even with its C unmasking,
+which the relay would have to import from a library it does not otherwise use
+(``websockets`` is a dependency of the developer tools only). The figures are in
+docs/performance.md.
 
 What it enforces, each with the close code the connection must get
 (:class:`Violation`): client frames masked (1002), no reserved bits as no
@@ -68,10 +65,9 @@ _MASK_BYTES: Final = 4
 def apply_mask(data: bytes | bytearray | memoryview, mask: bytes | bytearray | memoryview) -> bytes:
     """``data`` XOR the 4-byte ``mask`` repeated (RFC 6455 5.3): masking and unmasking.
 
-    One XOR of two big integers: the loops run in C, at about 4 ns a byte on the
-    development machine (1.4 us for a 176-byte pose packet, 1.5 ms for a 340 KB
-    mesh), against 0.1 ns for ``websockets``' C extension, which would cost the
-    relay the import of a client library it does not otherwise use.
+    One XOR of two big integers: the loops run in C. ``websockets``' C extension
+    is faster still (docs/performance.md) but would cost the relay the import of
+    a client library it does not otherwise use.
     """
     size = len(data)
     key = (bytes(mask) * (size // _MASK_BYTES + 1))[:size]

@@ -1,1 +1,1 @@
-"""service"""
+"""The running daemon: configuration, wiring, processes, metrics and logs around the pipeline."""

@@ -24,7 +24,13 @@ from stag_relay import __version__
 from stag_relay.service.config import Config, ConfigError, available_cpus, dump_config, load_config
 from stag_relay.service.logs import configure_logging
 from stag_relay.service.relay import Relay, default_relay_id
-from stag_relay.service.supervisor import Reload, Supervisor
+from stag_relay.service.supervisor import (
+    EXIT_FAILURE,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    Reload,
+    Supervisor,
+)
 from stag_relay.service.systemd import Notifier
 from stag_relay.service.workers import (
     WorkerRole,
@@ -33,11 +39,9 @@ from stag_relay.service.workers import (
     leave_orphaned,
 )
 
-EXIT_OK = 0
-EXIT_FAILURE = 1
-EXIT_CONFIG = 2
-# 128 + SIGINT: what a shell reports for a process stopped by Ctrl-C.
-EXIT_INTERRUPTED = 130
+# EXIT_OK, EXIT_FAILURE and EXIT_INTERRUPTED are the supervisor's: one process exit
+# status whichever mode runs. Bad configuration: restarting will not fix it.
+EXIT_CONFIG: Final = 2
 
 log = structlog.get_logger("stag_relay")
 
@@ -246,9 +250,9 @@ def settle_garbage_collector() -> None:
     """After start-up: move what start-up made (modules, configuration, ~100k objects)
     out of the collector's reach and collect the young generation less often.
 
-    Measured in the paced benchmark: the relay's full collections, each a pause of
-    14-37 ms straight into the latency, made its p99; with the collector off the p99
-    fell from 38 to 13 ms. Cycles still get collected, only less often.
+    The relay's full collections pause it for tens of milliseconds, straight into
+    the latency of the packets waiting meanwhile: in the paced benchmark they made
+    its p99 (docs/performance.md). Cycles still get collected, only less often.
     """
     gc.collect()
     gc.freeze()

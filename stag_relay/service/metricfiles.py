@@ -4,10 +4,10 @@ folded into one archive file per kind.
 Every worker process writes its metric values to files named for its pid in the
 shared directory, and every scrape reads all of them. A dead worker's live gauges
 leave with it (``mark_process_dead``), but its counters and histograms must stay in
-the totals, so its files stayed too: a relay restarting a crashing worker for a day
-would make each scrape read thousands of files. The supervisor now adds a dead
-worker's values into ``counter_archive.db`` / ``histogram_archive.db`` and removes
-its files.
+the totals. Keeping its files would do that, but a relay restarting a crashing worker
+for a day would make each scrape read thousands of them; so the supervisor adds a
+dead worker's values into ``counter_archive.db`` / ``histogram_archive.db`` and
+removes its files.
 
 The rule that keeps the totals right: a scrape holds a shared lock on ``LOCK_FILE``
 while it reads the files, and folding holds it exclusively, so no scrape sees a dead

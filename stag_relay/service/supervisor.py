@@ -57,6 +57,7 @@ from stag_relay.service.workers import (
 
 EXIT_OK: Final = 0
 EXIT_FAILURE: Final = 1
+# 128 + SIGINT: what a shell reports for a process stopped by Ctrl-C.
 EXIT_INTERRUPTED: Final = 130
 # After the workers were told to stop: their own shutdown_timeout, plus time to stop
 # their mesh worker processes and exit. Past it they are killed and the exit is 1.

@@ -1,7 +1,7 @@
 """TLS for the listener: ``server.tls_cert`` and ``server.tls_key`` serve wss:// and https://.
 
 No trio here: the configuration loader builds the context once to report a bad
-certificate or key as a configuration error, and the app builds it again to wrap
+certificate or key as a configuration error, and the relay builds it again to wrap
 its listeners in ``trio.SSLListener``, and loads the files into it again on SIGHUP
 (certificates are renewed more often than relays restart).
 """

@@ -17,11 +17,9 @@ vertex buffer), ``Authorization: Bearer`` for the key, and no acknowledgements.
 It is built to cost the relay's machine as little as possible, since it usually
 shares it: asyncio transports (a write is one ``send`` call), the WebSocket
 handshake and everything received go through the ``websockets`` library's
-sans-I/O protocol, and outgoing data frames are encoded here. Measured on the
-2-core development machine, per pose packet sent: this client 2-4 us, the
-``websockets`` asyncio client 7 us (6.4 us of it its frame serialisation), the
-trio-websocket client 24 us; a bare trio-websocket server spends about 18 us
-receiving one. The frames are standard (masked with a fresh random key, one
+sans-I/O protocol, and outgoing data frames are encoded here: a fraction of what
+the ``websockets`` asyncio client or trio-websocket spend per packet
+(docs/performance.md). The frames are standard (masked with a fresh random key, one
 message per frame, no extensions).
 """
 
@@ -92,7 +90,7 @@ _USER_AGENT: Final = f"stag-relay-loadgen/{__version__}"
 # --- what goes on the wire -------------------------------------------------------
 
 
-def encode_frame(payload: bytes, mask: bytes, opcode: int = _OPCODE_TEXT) -> bytes:
+def encode_masked_frame(payload: bytes, mask: bytes, opcode: int = _OPCODE_TEXT) -> bytes:
     """One final, masked client frame (RFC 6455 section 5.2) carrying ``payload``."""
     n = len(payload)
     first = 0x80 | opcode
@@ -373,7 +371,7 @@ class Progress:
 
 class _Connection(asyncio.Protocol):
     """One WebSocket: the handshake and what arrives through ``websockets``' sans-I/O
-    protocol; data frames are written by the generator with ``encode_frame``."""
+    protocol; data frames are written by the generator with ``encode_masked_frame``."""
 
     def __init__(self, gen: LoadGenerator, protocol: ClientProtocol, index: int) -> None:
         self.gen = gen
@@ -746,14 +744,14 @@ class LoadGenerator:
             for _ in range(k):
                 frame += 1
                 message = sdk_anchor_update(session, frame, now)
-                frames.append(encode_frame(message, randbytes(4), _OPCODE_BINARY))
+                frames.append(encode_masked_frame(message, randbytes(4), _OPCODE_BINARY))
             conn.frame = frame
             return b"".join(frames)
         template = self._templates[conn.index]
         now_ms = time.time_ns() // 1_000_000
         for _ in range(k):
             frame += 1
-            frames.append(encode_frame(template % (frame, now_ms), randbytes(4)))
+            frames.append(encode_masked_frame(template % (frame, now_ms), randbytes(4)))
         conn.frame = frame
         return b"".join(frames)
 
@@ -840,7 +838,7 @@ class LoadGenerator:
                     template = mesh_template(session, anchor, vertices)
                     payload = template % (conn.frame, time.time_ns() // 1_000_000)
                     opcode = _OPCODE_TEXT
-                data = encode_frame(payload, self._random.randbytes(4), opcode)
+                data = encode_masked_frame(payload, self._random.randbytes(4), opcode)
                 conn.write(data)
                 conn.sent += 1
                 self._mesh_sent += 1

@@ -1,11 +1,11 @@
 """The Autobahn TestSuite against the relay's WebSocket code (``nox -s conformance``).
 
-Starts the echo endpoint (echo_server.py: the front door, wsframes) on 127.0.0.1,
+Starts the echo endpoint (echo_server.py: the front door, protocol/websocket.py) on 127.0.0.1,
 runs kosoku (PyPI: it drives the suite's own case files) against it for sections
 1-10, reads kosoku's JSON report and fails unless every case is OK, NON-STRICT or
 INFORMATIONAL, for its messages and for its closing handshake alike (kosoku's own
 idea of a pass), and unless every section came back. Sections 12 and 13 test
-permessage-deflate, which the relay declines by design (wsframes.switching_protocols).
+permessage-deflate, which the relay declines by design (websocket.switching_protocols).
 
     python tests/conformance/run.py [--report-dir DIR] [--parallelism N]
 """

@@ -10,7 +10,7 @@ import trio.testing
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from stag_relay.pipeline.batcher import Batcher, run_batcher
+from stag_relay.pipeline.batcher import Batcher
 from stag_relay.protocol.batching import BatchPolicy
 from stag_relay.protocol.events import Batch, Event
 from stag_relay.service.metrics import RelayMetrics
@@ -24,7 +24,7 @@ async def test_batcher_cuts_on_size(autojump_clock: trio.testing.MockClock) -> N
     events_send, events_recv = trio.open_memory_channel[Event](100)
     batches_send, batches_recv = trio.open_memory_channel[Batch](0)
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(run_batcher, events_recv, batches_send, make_policy(3, 0.1), metrics)
+        nursery.start_soon(Batcher(make_policy(3, 0.1), metrics).run, events_recv, batches_send)
         for n in range(7):
             events_send.send_nowait(event(n))
         start = trio.current_time()
@@ -52,7 +52,7 @@ async def test_batcher_deadline_counts_from_first_event(
             cuts.append((trio.current_time(), ids(batch)))
 
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(run_batcher, events_recv, batches_send, make_policy(10, 0.1), metrics)
+        nursery.start_soon(Batcher(make_policy(10, 0.1), metrics).run, events_recv, batches_send)
         nursery.start_soon(collect)
         start = trio.current_time()
         # An event every 60 ms: a batch cannot keep itself open by receiving more.
@@ -71,7 +71,7 @@ async def test_batcher_flushes_on_close_then_closes_batches(
     events_send, events_recv = trio.open_memory_channel[Event](100)
     batches_send, batches_recv = trio.open_memory_channel[Batch](0)
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(run_batcher, events_recv, batches_send, make_policy(5, 10.0), metrics)
+        nursery.start_soon(Batcher(make_policy(5, 10.0), metrics).run, events_recv, batches_send)
         start = trio.current_time()
         for n in range(2):
             events_send.send_nowait(event(n))
@@ -88,7 +88,7 @@ async def test_batcher_never_sends_an_empty_batch(autojump_clock: trio.testing.M
     events_send, events_recv = trio.open_memory_channel[Event](100)
     batches_send, batches_recv = trio.open_memory_channel[Batch](0)
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(run_batcher, events_recv, batches_send, make_policy(3, 0.1), metrics)
+        nursery.start_soon(Batcher(make_policy(3, 0.1), metrics).run, events_recv, batches_send)
         # Idle well past many timeouts, then close with nothing open.
         await trio.sleep(5)
         for n in range(3):
@@ -135,7 +135,7 @@ async def test_batcher_reports_channel_depth_when_cutting(
     events_send, events_recv = trio.open_memory_channel[Event](100)
     batches_send, batches_recv = trio.open_memory_channel[Batch](0)
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(run_batcher, events_recv, batches_send, make_policy(2, 0.1), metrics)
+        nursery.start_soon(Batcher(make_policy(2, 0.1), metrics).run, events_recv, batches_send)
         for n in range(6):
             events_send.send_nowait(event(n))
         await trio.testing.wait_all_tasks_blocked()
@@ -174,7 +174,7 @@ def test_batcher_properties(max_size: int, timeout: float, bursts: list[tuple[fl
                 cuts.append((trio.current_time(), ids(batch)))
 
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(run_batcher, events_recv, batches_send, policy, RelayMetrics())
+            nursery.start_soon(Batcher(policy, RelayMetrics()).run, events_recv, batches_send)
             nursery.start_soon(collect)
             n = 0
             for pause, size in bursts:

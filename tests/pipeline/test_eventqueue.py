@@ -8,7 +8,7 @@ import trio.testing
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from stag_relay.pipeline.batcher import run_batcher
+from stag_relay.pipeline.batcher import Batcher
 from stag_relay.pipeline.eventqueue import EventReceiver, open_event_queue
 from stag_relay.protocol.events import Batch, Event
 from stag_relay.service.metrics import RelayMetrics
@@ -186,9 +186,8 @@ def test_the_batcher_gets_every_event_in_each_senders_order(
                 assert receive.statistics().current_buffer_used <= capacity
 
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(
-                run_batcher, receive, batches_send, make_policy(batch_size, 0.01), RelayMetrics()
-            )
+            batcher = Batcher(make_policy(batch_size, 0.01), RelayMetrics())
+            nursery.start_soon(batcher.run, receive, batches_send)
             async with trio.open_nursery() as connections:
                 for sender, sizes in enumerate(reads):
                     connections.start_soon(connection, sender, sizes)

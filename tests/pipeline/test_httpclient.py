@@ -22,13 +22,13 @@ import trustme
 from stag_relay.pipeline.httpclient import (
     KEEPALIVE_EXPIRY,
     MAX_ANSWER_BYTES,
-    Answer,
     ConnectError,
     ConnectTimeout,
+    Destination,
     IngestClient,
-    Origin,
     ReadTimeout,
     RemoteProtocolError,
+    StagAnswer,
     TransportError,
     WriteError,
     WriteTimeout,
@@ -47,7 +47,7 @@ def client(server: RawServer, *, path: str = "/ingest", **kwargs: object) -> Ing
     return IngestClient(server.url + path, headers=HEADERS, timeout=TIMEOUT, **kwargs)  # type: ignore[arg-type]
 
 
-async def post(ingest: IngestClient, n: int = 0, body: bytes = b"[]") -> Answer:
+async def post(ingest: IngestClient, n: int = 0, body: bytes = b"[]") -> StagAnswer:
     return await ingest.post(body, headers=(("idempotency-key", f"batch-{n}"),))
 
 
@@ -59,7 +59,7 @@ async def test_requests_share_one_kept_alive_connection(nursery: trio.Nursery) -
     async with client(server) as ingest:
         for n in range(3):
             answer = await post(ingest, n, b'{"n":%d}' % n)
-            assert answer == Answer(200, None, b'{"status":"ok"}', None)
+            assert answer == StagAnswer(200, None, b'{"status":"ok"}', None)
         assert ingest.idle_connections() == 1
     assert server.connections == 1
     assert [r.body for r in server.requests] == [b'{"n":0}', b'{"n":1}', b'{"n":2}']
@@ -489,17 +489,17 @@ def basic(credentials: bytes) -> bytes:
         ("http://token@stag/i", ("stag", 80), b"/i", b"stag", basic(b"token:")),
     ],
 )  # fmt: skip
-def test_origin_from_url(
+def test_endpoint_from_url(
     url: str,
     connect_to: tuple[str, int],
     target: bytes,
     host_header: bytes,
     authorization: bytes | None,
 ) -> None:
-    origin = Origin.from_url(url)
-    assert (origin.host, origin.port) == connect_to
-    assert origin.scheme == url.split(":")[0].lower()
-    assert (origin.target, origin.authority, origin.authorization) == (
+    destination = Destination.from_url(url)
+    assert (destination.host, destination.port) == connect_to
+    assert destination.scheme == url.split(":")[0].lower()
+    assert (destination.target, destination.authority, destination.authorization) == (
         target,
         host_header,
         authorization,
@@ -507,9 +507,9 @@ def test_origin_from_url(
 
 
 @pytest.mark.parametrize("url", ["ftp://stag/", "http:///ingest", "stag:8080"])
-def test_origin_refuses_other_urls(url: str) -> None:
+def test_endpoint_refuses_other_urls(url: str) -> None:
     with pytest.raises(ValueError, match="http"):
-        Origin.from_url(url)
+        Destination.from_url(url)
 
 
 async def test_credentials_in_the_url_are_sent_as_basic(nursery: trio.Nursery) -> None:

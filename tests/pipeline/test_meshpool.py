@@ -22,15 +22,16 @@ import pytest
 import trio
 from prometheus_client import CollectorRegistry
 
-from stag_relay.pipeline.meshpool import MeshMetrics, MeshPipeline, mesh_refs, open_mesh_pipeline
+from stag_relay.pipeline.meshpool import MeshMetrics, MeshPipeline, open_mesh_pipeline
+from stag_relay.pipeline.meshworker import run_job
 from stag_relay.protocol.events import Event, MeshUpdate
 from stag_relay.protocol.geometry import apply_mesh_diff, decode_mesh, triangles_equal
-from stag_relay.protocol.mesh import MeshError, MeshJob, MeshSettings, MeshVerdict, run_job
+from stag_relay.protocol.mesh import MeshError, MeshJob, MeshOutcome, MeshSettings
 from stag_relay.protocol.packets import MeshData
 from tests.support.procfs import HAVE_PROC, children, cmdline
 
 
-def crash_or_hang(job: MeshJob) -> MeshVerdict:
+def crash_or_hang(job: MeshJob) -> MeshOutcome:
     """The job function for the failure tests; runs in the worker process.
 
     It is passed to open_mesh_pipeline by those tests only: the relay's own job
@@ -68,8 +69,8 @@ def event(event_id: str, update: MeshUpdate, session_id: str = "s") -> Event:
 
 def deliver(mesh_pipeline: MeshPipeline, delivered: Event) -> None:
     """What the sender does when STAG accepts a batch holding ``delivered``."""
-    for ref in mesh_refs([delivered]):
-        mesh_pipeline.delivered(*ref)
+    for mesh in delivered.meshes:
+        mesh_pipeline.delivered(delivered.session_id, mesh.anchor_id, delivered.event_id)
 
 
 def sample(registry: CollectorRegistry, name: str, **labels: str) -> float:

@@ -1,7 +1,7 @@
 """Mesh geometry: decoding and its checks, triangle equality, exact diffs, the held state.
 
 Every buffer here is real Draco from DracoPy. Decoding of fuzzed (bit-flipped)
-buffers is tested through worker processes in test_meshwork.py: some of them
+buffers is tested through worker processes in tests/pipeline/test_meshpool.py: some of them
 make Draco allocate without bound, which must not happen in the test process.
 """
 
@@ -32,7 +32,7 @@ from stag_relay.protocol.geometry import (
     encode_removed,
     triangles_equal,
 )
-from stag_relay.protocol.mesh import MeshError, MeshJob, MeshSettings, MeshVerdict
+from stag_relay.protocol.mesh import MeshError, MeshJob, MeshOutcome, MeshSettings
 
 Points = npt.NDArray[np.float32]
 Faces = npt.NDArray[np.uint32]
@@ -72,31 +72,31 @@ def random_points(rng: np.random.Generator, n: int) -> Points:
     return (rng.normal(size=(n, 3)) * 2.5).astype(np.float32)
 
 
-def full_json(vertices: str, faces: str, verdict: MeshVerdict) -> dict[str, Any]:
+def full_json(vertices: str, faces: str, outcome: MeshOutcome) -> dict[str, Any]:
     update = MeshUpdate(
         "a",
         False,
         vertices,
         faces,
-        vertex_count=verdict.vertex_count,
-        face_count=verdict.face_count,
+        vertex_count=outcome.vertex_count,
+        face_count=outcome.face_count,
     )
     return update.to_json()
 
 
 def update_json(
-    vertices: str, faces: str, verdict: MeshVerdict, base: str | None
+    vertices: str, faces: str, outcome: MeshOutcome, base: str | None
 ) -> dict[str, Any]:
-    if not verdict.is_delta:
-        return full_json(vertices, faces, verdict)
+    if not outcome.is_delta:
+        return full_json(vertices, faces, outcome)
     return MeshUpdate(
         "a",
         True,
-        vertex_count=verdict.vertex_count,
-        face_count=verdict.face_count,
+        vertex_count=outcome.vertex_count,
+        face_count=outcome.face_count,
         base_event_id=base,
-        removed_faces=verdict.removed_faces,
-        added=verdict.added,
+        removed_faces=outcome.removed_faces,
+        added=outcome.added,
     ).to_json()
 
 
@@ -492,23 +492,23 @@ def test_applying_every_diff_rebuilds_every_mesh(
         points, faces = next_mesh(step, points, faces, rng)
         vertices, face_buffer = encode(points, faces, encodings[i])
         base = f"e{i - 1}" if i else None
-        verdict = store.update(job(f"e{i}", base, vertices, face_buffer))
-        assert verdict.error is None
+        outcome = store.update(job(f"e{i}", base, vertices, face_buffer))
+        assert outcome.error is None
         expected = decode_mesh(vertices, face_buffer)
-        stag = apply_mesh_diff(stag, update_json(vertices, face_buffer, verdict, base))
+        stag = apply_mesh_diff(stag, update_json(vertices, face_buffer, outcome, base))
         assert triangles_equal(stag, expected.triangles)
-        assert verdict.face_count == expected.face_count
-        assert verdict.vertex_count == expected.vertex_count
+        assert outcome.face_count == expected.face_count
+        assert outcome.vertex_count == expected.vertex_count
         # The relay's base is STAG's mesh, in STAG's order, for the next delta's indices.
         held = store.held_keys("s", "a")
         assert held is not None
         assert np.array_equal(held, canonical_keys(stag))
         if (
-            verdict.is_delta
+            outcome.is_delta
             and previous is not None
             and triangles_equal(previous.triangles, expected.triangles)
         ):
-            assert (verdict.removed_faces, verdict.added) == ("", "")
+            assert (outcome.removed_faces, outcome.added) == ("", "")
         previous = expected
 
 
@@ -518,12 +518,12 @@ def test_a_growing_scan_goes_out_as_small_deltas() -> None:
     sizes = []
     for i, cols in enumerate(range(20, 30)):
         vertices, faces = encode(*grid_patch(cols), "lossless")
-        verdict = store.update(job(f"e{i}", f"e{i - 1}" if i else None, vertices, faces))
-        assert verdict.is_delta == (i > 0)
-        stag = apply_mesh_diff(stag, update_json(vertices, faces, verdict, f"e{i - 1}"))
+        outcome = store.update(job(f"e{i}", f"e{i - 1}" if i else None, vertices, faces))
+        assert outcome.is_delta == (i > 0)
+        stag = apply_mesh_diff(stag, update_json(vertices, faces, outcome, f"e{i - 1}"))
         assert triangles_equal(stag, decode_mesh(vertices).triangles)
         if i:
-            sizes.append((len(verdict.removed_faces) + len(verdict.added)) / len(vertices))
+            sizes.append((len(outcome.removed_faces) + len(outcome.added)) / len(vertices))
     assert max(sizes) < 0.3
 
 
@@ -544,8 +544,8 @@ def test_resending_the_same_mesh_is_an_empty_delta() -> None:
     store = MeshStore(MeshSettings())
     vertices, _ = encode(*grid_patch(10), "lossless")
     store.update(job("e1", None, vertices))
-    verdict = store.update(job("e2", "e1", vertices))
-    assert (verdict.is_delta, verdict.removed_faces, verdict.added) == (True, "", "")
+    outcome = store.update(job("e2", "e1", vertices))
+    assert (outcome.is_delta, outcome.removed_faces, outcome.added) == (True, "", "")
 
 
 def test_a_delta_not_smaller_than_seven_tenths_of_full_goes_full() -> None:
@@ -553,9 +553,9 @@ def test_a_delta_not_smaller_than_seven_tenths_of_full_goes_full() -> None:
     v1, _ = encode(*grid_patch(10, seed=1))
     v2, _ = encode(*grid_patch(10, seed=2))  # every vertex moved
     store.update(job("e1", None, v1))
-    verdict = store.update(job("e2", "e1", v2))
-    assert not verdict.is_delta
-    assert verdict.held
+    outcome = store.update(job("e2", "e1", v2))
+    assert not outcome.is_delta
+    assert outcome.held
 
 
 def test_a_full_mesh_every_keyframe_interval_updates() -> None:
@@ -563,8 +563,8 @@ def test_a_full_mesh_every_keyframe_interval_updates() -> None:
     kinds = []
     for i in range(8):
         vertices, _ = encode(*grid_patch(10 + i))
-        verdict = store.update(job(f"e{i}", f"e{i - 1}" if i else None, vertices))
-        kinds.append("delta" if verdict.is_delta else "full")
+        outcome = store.update(job(f"e{i}", f"e{i - 1}" if i else None, vertices))
+        kinds.append("delta" if outcome.is_delta else "full")
     assert kinds == ["full", "delta", "delta", "full", "delta", "delta", "full", "delta"]
 
 
@@ -586,9 +586,9 @@ def test_least_recently_updated_anchor_is_evicted_first() -> None:
     assert store.update(job("a1", None, vertices, anchor="a")).evicted == ()
     assert store.update(job("b1", None, vertices, anchor="b")).evicted == ()
     assert store.update(job("a2", "a1", vertices, anchor="a")).is_delta  # a is now the newest
-    verdict = store.update(job("c1", None, vertices, anchor="c"))
-    assert verdict.evicted == (("s", "b"),)
-    assert verdict.state_bytes == store.nbytes == 2 * one_anchor
+    outcome = store.update(job("c1", None, vertices, anchor="c"))
+    assert outcome.evicted == (("s", "b"),)
+    assert outcome.state_bytes == store.nbytes == 2 * one_anchor
     assert ("s", "b") not in store
     assert not store.update(job("b2", "b1", vertices, anchor="b")).is_delta  # evicted: full
 
@@ -596,16 +596,7 @@ def test_least_recently_updated_anchor_is_evicted_first() -> None:
 def test_a_mesh_larger_than_the_budget_is_not_held() -> None:
     vertices, _ = encode(*grid_patch(10))
     store = MeshStore(MeshSettings(), max_bytes=STATE_OVERHEAD)
-    verdict = store.update(job("e1", None, vertices))
-    assert (verdict.is_delta, verdict.held, verdict.evicted) == (False, False, ())
+    outcome = store.update(job("e1", None, vertices))
+    assert (outcome.is_delta, outcome.held, outcome.evicted) == (False, False, ())
     assert len(store) == 0
-    assert not store.update(job("e2", "e1", vertices)).is_delta
-
-
-def test_invalidate_forgets_the_base() -> None:
-    vertices, _ = encode(*grid_patch(10))
-    store = MeshStore(MeshSettings())
-    store.update(job("e1", None, vertices))
-    store.invalidate("s", "a")
-    assert store.nbytes == 0
     assert not store.update(job("e2", "e1", vertices)).is_delta

@@ -185,8 +185,8 @@ def test_mesh_event() -> None:
     )
 
 
-def test_issue_example_end_to_end() -> None:
-    """The issue's inbound example, through parsing and transform, gives its outbound shape."""
+def test_readme_example_end_to_end() -> None:
+    """The README's inbound pose example, parsed and transformed, gives its outbound shape."""
     sessions = attached("session-123")
     raw = orjson.dumps(
         {

@@ -97,6 +97,7 @@ def test_a_pose_only_relay_loads_no_tool_and_no_geometry_and_starts_no_worker(
                 "stag_relay.protocol.websocket",
                 "trio",
                 "stag_relay.protocol.mesh",
+                "stag_relay.pipeline.meshworker",
             } <= imported.keys()
             tried = {m: imported[m] for m in TOOL_MODULES + MESH_MODULES if m in imported}
             assert set(tried) <= {"rich"}, tried

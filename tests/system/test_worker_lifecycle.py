@@ -490,7 +490,7 @@ def test_a_dead_workers_counts_stay_in_the_totals_and_its_gauges_leave(
             stag.wait_for_events(held)
             poll_until(partial(connections_listed, port, held))
             doc = status(port)
-            # Every worker listed, as the issue asks: pid, connections, channel
+            # Every worker listed, for operators: pid, connections, channel
             # depth and last STAG success (each sent its connection's event).
             assert [w["index"] for w in doc["workers"]] == [0, 1]
             assert {w["pid"] for w in doc["workers"]} == children(relay.proc.pid)

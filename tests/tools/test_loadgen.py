@@ -22,7 +22,7 @@ from stag_relay.tools.loadgen import (
     MESH_GROWTH_STEPS,
     LoadGenerator,
     LoadSettings,
-    encode_frame,
+    encode_masked_frame,
     mesh_scan,
     mesh_template,
     pose_template,
@@ -51,7 +51,7 @@ def parse_frame(data: bytes) -> tuple[Frame, int]:
 @example(payload=b"x" * 65535, mask=b"abcd")
 @example(payload=b"x" * 65536, mask=b"\xff\xff\xff\xff")
 def test_frames_decode_as_one_final_masked_text_frame(payload: bytes, mask: bytes) -> None:
-    frame, left = parse_frame(encode_frame(payload, mask))
+    frame, left = parse_frame(encode_masked_frame(payload, mask))
     assert frame.opcode is Opcode.TEXT
     assert frame.fin
     assert frame.data == payload
