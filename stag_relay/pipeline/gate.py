@@ -33,7 +33,7 @@ import contextlib
 import itertools
 import time
 from collections.abc import Callable
-from typing import Final
+from typing import Final, cast
 from urllib.parse import parse_qs
 
 import attrs
@@ -377,7 +377,7 @@ class Connection:
                 await self._hand_over(read.steps)
             else:
                 # No mesh among them: every step is an event.
-                await self._deliver(read.steps, 0)  # type: ignore[arg-type]
+                await self._deliver(cast("list[Event]", read.steps), 0)
         return ending
 
     def _count(self, read: Read, elapsed: float) -> None:
@@ -416,6 +416,7 @@ class Connection:
             else:
                 assert isinstance(step, Event)
                 events.append(step)
+        self.core.handed_over()
         if events:
             await self._deliver(events, meshes)
 

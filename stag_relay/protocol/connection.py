@@ -155,8 +155,11 @@ class ConnectionCore:
         # Limits that protect the other clients from this one (limits.py).
         self.throttle = ReadThrottle(max_packets_per_second)
         self.invalid = InvalidStreak(max_invalid_packets)
-        # When the connection may read again (the read throttle).
+        # When the connection may read again (the read throttle), and a read's
+        # packets not charged to it yet (see handed_over) with the time of that read.
         self.read_again_at = -math.inf
+        self._uncharged = 0
+        self._read_at = 0.0
         # Acknowledgements owed: events in the pipeline, and duplicates seen meanwhile
         # (acknowledged with the next acknowledgement, as they are already safe).
         self.unacked = 0
@@ -171,6 +174,7 @@ class ConnectionCore:
     def receive(self, data: bytes | bytearray, now: float, received_at_ms: int) -> Read:
         """Judge everything ``data`` completes. Every packet of a read arrived at once,
         as far as anyone can tell: they share ``received_at_ms``."""
+        self.handed_over()
         items = self.frames.receive(data)
         if not items:
             return Read([])
@@ -259,10 +263,22 @@ class ConnectionCore:
                 ending = item
                 break
         if packets:
-            self.read_again_at = self.throttle.read(packets, now)
+            self._uncharged = packets
+            self._read_at = now
+            if not meshes:
+                self.handed_over()
         return Read(
             steps, meshes, packets, accepted, duplicates, invalid, suppressed, wrote, ending
         )
+
+    def handed_over(self) -> None:
+        """The read's meshes are in the mesh lane: charge its packets to the read throttle
+        (``read_again_at``). A read with meshes is charged only now, because the reader
+        may have waited for a busy lane meanwhile, and that wait, credited by
+        :meth:`wait_ends`, is ours. A read without meshes is charged at once."""
+        if self._uncharged:
+            self.read_again_at = self.throttle.read(self._uncharged, self._read_at)
+            self._uncharged = 0
 
     # -- waits that are ours ----------------------------------------------------------
 
