@@ -57,7 +57,6 @@ from stag_relay.protocol.connection import (
 from stag_relay.protocol.events import Event
 from stag_relay.protocol.http import HttpRequest
 from stag_relay.protocol.mesh import MeshError
-from stag_relay.protocol.outbox import Outbox
 from stag_relay.protocol.packets import MeshData
 from stag_relay.protocol.sessions import Sessions
 from stag_relay.protocol.websocket import Beat, Close, Violation
@@ -265,10 +264,6 @@ class Connection:
     @property
     def session_id(self) -> str | None:
         return self.core.session_id
-
-    @property
-    def outbox(self) -> Outbox:
-        return self.core.outbox
 
     @property
     def blocked(self) -> bool:
