@@ -12,9 +12,9 @@ handshake are :attr:`ConnectionCore.state` (``websocket.WebSocketState``).
 
 A client dialect (:class:`Dialect`) turns each message into a packet and words the
 replies; the seed dialect (:class:`SeedDialect`) is JSON text or binary messages
-parsed by ``packets.parse_packet``. Everything after the packet is the dialect's
-business no more: session binding, duplicates, acknowledgements, the invalid streak
-and the read throttle are the same for every dialect.
+parsed by ``packets.parse_packet``. What follows the packet is the same for every
+dialect: session binding, duplicates, acknowledgements, the invalid streak and the
+read throttle. A new dialect is a new class, not an edit of the core.
 """
 
 from __future__ import annotations
