@@ -1,15 +1,16 @@
-"""The gate: one task per WebSocket connection, reading and judging its packets.
+"""The gate: one task per WebSocket connection, reading and handing over its packets.
 
 The front door has checked the upgrade request; the gate answers it (101) and
-then reads the socket in the connection's own task, 64 KiB at a time: every
-complete frame of a read is parsed in one loop (``websocket.FrameReader``), every
-packet of it parsed and transformed, and the read's events go into the queue to
-the batcher in one operation. When the queue is full the connection waits and
-stops reading its socket, so backpressure reaches the client over TCP (and reads
-only 4 KiB at a time while it lasts); ``websocket.max_packets_per_second`` works
-the same way: a connection over it waits before its next read. No packet is ever
-refused for a limit. The heartbeat knows that a connection we are not reading is
-not a dead peer. Invalid packets get an error reply and the connection stays open.
+then reads the socket in the connection's own task, 64 KiB at a time, and feeds
+each read to the connection's sans-I/O core (``protocol.connection``), which parses
+every complete frame and packet of it and says what the read brought: the events go
+into the queue to the batcher in one operation, the meshes to the connection's mesh
+lane. When the queue is full the connection waits and stops reading its socket, so
+backpressure reaches the client over TCP (and reads only 4 KiB at a time while it
+lasts); ``websocket.max_packets_per_second`` works the same way: a connection over
+it waits before its next read. No packet is ever refused for a limit. The heartbeat
+knows that a connection we are not reading is not a dead peer. Invalid packets get
+an error reply and the connection stays open.
 
 Everything the relay sends a client (replies, acknowledgements, pongs, pings,
 the close frame) waits in the connection's outbox (outbox.py), which cannot
@@ -21,15 +22,18 @@ socket accepts nothing for SEND_TIMEOUT.
 On drain (shutdown) the connection sends its close frame (1001) at once and goes
 on reading, unthrottled, what the client sent before it saw it, up to the client's
 own close frame: a packet in flight when the relay stops is not lost.
+
+The tasks here only read, write, wait and hand over; what a read means, what the
+client is owed and when the heartbeat is due are the core's.
 """
 
 from __future__ import annotations
 
 import contextlib
 import itertools
-import math
 import time
-from typing import Final
+from collections.abc import Callable
+from typing import Final, cast
 from urllib.parse import parse_qs
 
 import attrs
@@ -40,15 +44,23 @@ from stag_relay.pipeline.eventqueue import EventSender
 from stag_relay.pipeline.front import ReplayStream
 from stag_relay.pipeline.meshpool import MeshPipeline
 from stag_relay.protocol import websocket
+from stag_relay.protocol.connection import (
+    TOO_MANY_SESSIONS,
+    ConnectionCore,
+    Dialect,
+    Ending,
+    MeshHandoff,
+    Read,
+    RelayClose,
+    SeedDialect,
+)
 from stag_relay.protocol.events import Event
 from stag_relay.protocol.http import HttpRequest
-from stag_relay.protocol.limits import InvalidStreak, ReadThrottle
 from stag_relay.protocol.mesh import MeshError
-from stag_relay.protocol.outbox import Outbox
-from stag_relay.protocol.packets import MeshData, PacketError, parse_packet
-from stag_relay.protocol.sessions import SessionLimitError, Sessions
-from stag_relay.protocol.websocket import Close, FrameReader, Ping, Pong, Received, Violation
-from stag_relay.service.config import Config
+from stag_relay.protocol.packets import MeshData
+from stag_relay.protocol.sessions import Sessions
+from stag_relay.protocol.websocket import Beat, Close, Violation
+from stag_relay.service.config import WebSocketConfig
 from stag_relay.service.metrics import RelayMetrics
 
 # Bytes asked of the socket per read: a flood of small packets then costs one
@@ -79,21 +91,35 @@ _PING: Final = websocket.ping_frame()
 log = structlog.get_logger("stag_relay.gate")
 
 
+def seed_dialect(request: HttpRequest) -> Dialect:
+    """The seed dialect, whatever the upgrade request says."""
+    return SeedDialect()
+
+
 class Gate:
-    """What every connection shares: the sessions, the event queue, the metrics."""
+    """What every connection shares: the sessions, the event queue, the metrics.
+
+    ``websocket`` is the relay's ``websocket`` configuration section;
+    ``handshake_timeout`` bounds the sending of the 101 answer; ``dialect`` makes
+    each connection's client dialect from its upgrade request.
+    """
 
     def __init__(
         self,
         *,
-        config: Config,
+        websocket: WebSocketConfig,
+        handshake_timeout: float,
         sessions: Sessions,
         events: EventSender,
         metrics: RelayMetrics,
+        dialect: Callable[[HttpRequest], Dialect] = seed_dialect,
     ) -> None:
-        self.config = config
+        self.websocket = websocket
+        self.handshake_timeout = handshake_timeout
         self.sessions = sessions
         self.events = events
         self.metrics = metrics
+        self.dialect = dialect
         self.connections: set[Connection] = set()
         # Events this gate put into the queue: the shutdown sequence compares it
         # with what STAG accepted to count what was not delivered.
@@ -117,7 +143,7 @@ class Gate:
             # Read the socket directly; what h11 read past the request head comes first.
             prefix, stream = stream.detach()
         key = request.header("sec-websocket-key") or ""
-        with trio.move_on_after(self.config.server.handshake_timeout) as handshake:
+        with trio.move_on_after(self.handshake_timeout) as handshake:
             try:
                 await stream.send_all(websocket.switching_protocols(key))
             except (trio.BrokenResourceError, trio.ClosedResourceError):
@@ -126,7 +152,14 @@ class Gate:
             return
         bound = log.bind(conn=next(self._ids), peer=request.peer)
         async with trio.open_nursery() as nursery:
-            connection = Connection(self, stream, bound, nursery, acks=_wants_acks(request.query))
+            connection = Connection(
+                self,
+                stream,
+                bound,
+                nursery,
+                acks=_wants_acks(request.query),
+                dialect=self.dialect(request),
+            )
             self._opened(connection)
             try:
                 nursery.start_soon(connection.write_frames)
@@ -172,23 +205,14 @@ def _wants_acks(query: str) -> bool:
     return bool(query) and any(value in ("1", "true") for value in parse_qs(query).get("ack", ()))
 
 
-@attrs.frozen
-class _RelayClose:
-    """Why the relay ends a connection, as the close frame will say."""
-
-    code: int
-    reason: str
-
-
 # The client hung up without a close frame (end of stream, or a reset).
-_GONE: Final = _RelayClose(1006, "gone")
+_GONE: Final = RelayClose(1006, "gone")
 # Drained: our close frame went out and the peer did not answer it in time.
-_DRAINED: Final = _RelayClose(CLOSE_GOING_AWAY, "relay shutting down")
-_Ending = Close | Violation | _RelayClose
+_DRAINED: Final = RelayClose(CLOSE_GOING_AWAY, "relay shutting down")
 
 
 class Connection:
-    """One client's WebSocket: read, parse, transform, put into the event queue.
+    """One client's WebSocket: read, feed the core, hand over what it says.
 
     ``run`` is the reader (the connection's own task); ``write_frames`` is the one
     writer and the heartbeat; ``mesh_lane`` starts with the first mesh packet.
@@ -202,34 +226,28 @@ class Connection:
         nursery: trio.Nursery,
         *,
         acks: bool = False,
+        dialect: Dialect | None = None,
     ) -> None:
         self.gate = gate
         self.stream = stream
-        self.acks = acks
         self.log = log
-        self.session_id: str | None = None
+        settings = gate.websocket
+        self.core = ConnectionCore(
+            sessions=gate.sessions,
+            max_message_size=settings.max_message_size,
+            max_packets_per_second=settings.max_packets_per_second,
+            max_invalid_packets=settings.max_invalid_packets,
+            heartbeat_interval=settings.heartbeat_interval,
+            dialect=dialect,
+            origin=self if acks else None,
+        )
         # The connection's whole nursery: cancelled to drop a client that does not read.
         self._nursery = nursery
         self._scope = nursery.cancel_scope
-        settings = gate.config.websocket
-        self._frames = FrameReader(settings.max_message_size)
-        # What the writer owes the client (replies, acks, a pong, the close frame), and
-        # the event that wakes the writer when there is something new (set while it waits).
-        self.outbox = Outbox()
+        # Wakes the writer when the outbox has something new (set while it waits).
         self._wake: trio.Event | None = None
         # Set once the writer has sent the close frame (created when one is queued).
         self._close_written: trio.Event | None = None
-        # A pong came since the last ping (the reader sets it, the heartbeat reads it).
-        self._pong = False
-        # Acknowledgements owed: events in the pipeline, and duplicates seen meanwhile
-        # (acknowledged with the next acknowledgement, as they are already safe).
-        self._unacked = 0
-        self._duplicates: list[int] = []
-        # True while the reader waits on us (a full queue, a busy mesh lane, the read
-        # throttle); ``stalls`` counts such waits so the heartbeat can tell a stalled
-        # reader from a dead peer.
-        self.blocked = False
-        self.stalls = 0
         # Puts shielded from draining; the shutdown deadline cancels them.
         self._send_scopes: set[trio.CancelScope] = set()
         # The mesh lane, started with the first mesh: meshes read and handed to it,
@@ -238,10 +256,19 @@ class Connection:
         self._lane_done: trio.Event | None = None
         self._in_lane = 0
         self._read_scope = trio.CancelScope()
-        # Limits that protect the other clients from this one (limits.py).
-        self._throttle = ReadThrottle(settings.max_packets_per_second)
-        self._read_again_at = -math.inf
-        self._invalid = InvalidStreak(settings.max_invalid_packets)
+
+    @property
+    def acks(self) -> bool:
+        return self.core.acks
+
+    @property
+    def session_id(self) -> str | None:
+        return self.core.session_id
+
+    @property
+    def blocked(self) -> bool:
+        """The reader waits on us (a full queue, a busy mesh lane, the read throttle)."""
+        return self.core.state.blocked
 
     def stop_reading(self) -> None:
         self._read_scope.cancel()
@@ -254,7 +281,7 @@ class Connection:
 
     async def run(self, prefix: bytes = b"") -> None:
         self.log.debug("connection opened")
-        ending: _Ending | None = None
+        ending: Ending | None = None
         # Only receives and the throttle's waits are ever cancelled by draining:
         # handling a read has no checkpoint but its shielded puts, so whatever was
         # read is judged and queued.
@@ -264,16 +291,16 @@ class Connection:
             ending = await self._read_after_drain()
         await self._end(ending)
 
-    async def _read(self, data: bytes | bytearray) -> _Ending:
+    async def _read(self, data: bytes | bytearray) -> Ending:
         receive_some = self.stream.receive_some
-        frames = self._frames
+        core = self.core
         events = self.gate.events
         while True:
             if data:
-                ending = await self._handle(frames.receive(data))
+                ending = await self._handle(data)
                 if ending is not None:
                     return ending
-                if self._read_again_at > trio.current_time():
+                if core.read_again_at > trio.current_time():
                     await self._throttled()
             # While the queue is (nearly) full, what a read brings waits outside it:
             # read little, so that is a few packets per connection, not a whole read's.
@@ -288,21 +315,21 @@ class Connection:
     async def _throttled(self) -> None:
         """Over websocket.max_packets_per_second: read nothing until the bucket has
         tokens again, so TCP slows the client down. Not the heartbeat's business."""
-        self.blocked = True
-        self.stalls += 1
+        core = self.core
         started = trio.current_time()
+        core.wait_begins(started, throttled=True)
         try:
-            await trio.sleep_until(self._read_again_at)
+            await trio.sleep_until(core.read_again_at)
         finally:
-            self.blocked = False
-            self.gate.metrics.throttled_seconds.inc(trio.current_time() - started)
+            now = trio.current_time()
+            core.wait_ends(now, throttled=True)
+            self.gate.metrics.throttled_seconds.inc(now - started)
 
-    async def _read_after_drain(self) -> _Ending:
+    async def _read_after_drain(self) -> Ending:
         """Drained: our close frame (1001) goes out, and what the client sent before it
         saw it is still read and queued, up to its own close frame. Unthrottled: that
         is what it sent already, and the shutdown has a deadline."""
         self._queue_close(CLOSE_GOING_AWAY, "relay shutting down", keep_reading=True)
-        frames = self._frames
         with trio.move_on_after(SEND_TIMEOUT):
             while True:
                 try:
@@ -311,107 +338,82 @@ class Connection:
                     data = b""
                 if not data:
                     return _GONE
-                ending = await self._handle(frames.receive(data))
+                ending = await self._handle(data)
                 if ending is not None:
                     return ending
         return _DRAINED
 
-    async def _handle(self, items: list[Received]) -> _Ending | None:
-        """Judge everything one read brought; the read's events go into the queue at once."""
-        if not items:
-            return None
-        gate = self.gate
-        sessions = gate.sessions
-        origin = self if self.acks else None
-        events: list[Event] = []
-        ending: _Ending | None = None
-        now = trio.current_time()
-        # Every packet of a read arrived at once, as far as anyone can tell.
-        received_at_ms = time.time_ns() // 1_000_000
+    async def _handle(self, data: bytes | bytearray) -> Ending | None:
+        """Feed one read to the core, count what it says, and hand its events over."""
+        core = self.core
+        bound = core.session_id is not None
         started = time.perf_counter()
-        waited = 0.0
-        # Tallies for the metrics, added once per read (each inc takes a lock).
-        packets = accepted = meshes = duplicate_pose = duplicate_mesh = 0
-        for item in items:
-            if type(item) is bytes:
-                packets += 1
-                try:
-                    packet = parse_packet(item)
-                    if self.session_id is None:
-                        sessions.attach(packet.session_id, now)
-                        self.session_id = packet.session_id
-                        self.log = self.log.bind(session=packet.session_id)
-                    elif packet.session_id != self.session_id:
-                        raise PacketError(
-                            f"$.session_id: this connection belongs to session {self.session_id!r}",
-                            frame_number=packet.frame_number,
-                            packet_type=packet.type,
-                        )
-                    event = sessions.accept(
-                        packet, received_at_ms=received_at_ms, now=now, origin=origin
-                    )
-                except PacketError as exc:
-                    gate.metrics.packet(exc.packet_type, "invalid").inc()
-                    if self._invalid.invalid():
-                        ending = self._policy_close("invalid_packets", "too many invalid packets")
-                        break
-                    self._reply_error(exc.message, exc.frame_number)
-                    continue
-                except SessionLimitError:
-                    gate.metrics.packet("unknown", "invalid").inc()
-                    self.log.warning("session limit reached, connection refused")
-                    self._reply_error("the relay holds too many sessions; retry later", None)
-                    ending = _RelayClose(CLOSE_TRY_AGAIN_LATER, "too many sessions")
-                    break
-                self._invalid.valid()
-                if event is None:
-                    # Resent after a reconnect, most likely: already forwarded, no reply.
-                    if packet.type == "pose":
-                        duplicate_pose += 1
-                    else:
-                        duplicate_mesh += 1
-                    if self.acks:
-                        self._duplicates.append(packet.frame_number)
-                        if not self._unacked:
-                            self.acknowledge(packet.session_id, [])
-                    continue
-                accepted += 1
-                if self.acks:
-                    self._unacked += 1
-                if packet.type == "mesh":
-                    if gate.meshes is not None:
-                        # Decoding and diffing take milliseconds: the mesh lane does it,
-                        # so this connection's poses do not wait behind it.
-                        assert packet.mesh is not None
-                        before = time.perf_counter()
-                        await self._to_mesh_lane(event, packet.mesh, events)
-                        waited += time.perf_counter() - before
-                        continue
-                    meshes += 1
-                events.append(event)
-            elif type(item) is Pong:
-                self._pong = True
-            elif type(item) is Ping:
-                self.outbox.ping(item.payload)
-                self._notify()
+        # Every packet of a read arrived at once, as far as anyone can tell.
+        read = core.receive(data, trio.current_time(), time.time_ns() // 1_000_000)
+        elapsed = time.perf_counter() - started
+        if read.wrote:
+            self._notify()
+        if not bound and core.session_id is not None:
+            self.log = self.log.bind(session=core.session_id)
+        self._count(read, elapsed)
+        ending = read.ending
+        if type(ending) is RelayClose:
+            if ending is TOO_MANY_SESSIONS:
+                self.log.warning("session limit reached, connection refused")
+            elif ending.policy is not None:
+                self.gate.metrics.policy_closes.labels(ending.policy).inc()
+                self.log.info(
+                    "closing a connection that hurts the others",
+                    reason=ending.policy,
+                    code=ending.code,
+                )
+        if read.steps:
+            if read.meshes:
+                await self._hand_over(read.steps)
             else:
-                assert isinstance(item, Close | Violation)
-                ending = item
-                break
-        if accepted:
-            elapsed = time.perf_counter() - started - waited
-            gate.metrics.observe_many(
-                gate.metrics.processing_duration, elapsed / accepted, accepted
+                # No mesh among them: every step is an event.
+                await self._deliver(cast("list[Event]", read.steps), 0)
+        return ending
+
+    def _count(self, read: Read, elapsed: float) -> None:
+        """The read's tallies into the metrics, once per read (each inc takes a lock)."""
+        gate = self.gate
+        metrics = gate.metrics
+        if read.accepted:
+            metrics.observe_many(
+                metrics.processing_duration, elapsed / read.accepted, read.accepted
             )
-        if packets:
-            self._read_again_at = self._throttle.read(packets, now)
-        if duplicate_pose:
-            gate.duplicate_pose.inc(duplicate_pose)
-        if duplicate_mesh:
-            gate.duplicate_mesh.inc(duplicate_mesh)
+        for kind, count in read.invalid.items():
+            metrics.packet(kind, "invalid").inc(count)
+        if read.suppressed:
+            metrics.error_replies_suppressed.inc(read.suppressed)
+        duplicates = read.duplicates
+        if duplicates:
+            if pose := duplicates.get("pose"):
+                gate.duplicate_pose.inc(pose)
+            if mesh := duplicates.get("mesh"):
+                gate.duplicate_mesh.inc(mesh)
+
+    async def _hand_over(self, steps: list[Event | MeshHandoff]) -> None:
+        """Events to the queue and meshes to the mesh lane, in order: what came before a
+        mesh goes into the queue before the reader waits for a busy lane."""
+        events: list[Event] = []
+        meshes = 0
+        for step in steps:
+            if type(step) is MeshHandoff:
+                if self.gate.meshes is not None:
+                    # Decoding and diffing take milliseconds: the mesh lane does it,
+                    # so this connection's poses do not wait behind it.
+                    await self._to_mesh_lane(step.event, step.mesh, events)
+                    continue
+                events.append(step.event)
+                meshes += 1
+            else:
+                assert isinstance(step, Event)
+                events.append(step)
+        self.core.handed_over()
         if events:
             await self._deliver(events, meshes)
-        return ending
 
     async def _deliver(self, events: list[Event], meshes: int) -> None:
         """Put ``events`` (``meshes`` of them mesh events) into the queue, waiting for room.
@@ -424,15 +426,12 @@ class Connection:
         count = len(events)
         gate.events.put_nowait(events)
         if events:
-            self.blocked = True
-            self.stalls += 1
             # Not reading the client is our doing: its packets bunch up meanwhile.
-            self._throttle.pause(trio.current_time())
+            self.core.wait_begins(trio.current_time())
             try:
                 await self._shielded_put(events)
             finally:
-                self.blocked = False
-                self._throttle.resume(trio.current_time())
+                self.core.wait_ends(trio.current_time())
             if events:
                 meshes -= sum(1 for event in events if event.type == "mesh")
         moved = count - len(events)
@@ -471,9 +470,7 @@ class Connection:
         # The lane is busy: what this read produced so far goes first.
         if events:
             await self._deliver(events, 0)
-        self.blocked = True
-        self.stalls += 1
-        self._throttle.pause(trio.current_time())
+        self.core.wait_begins(trio.current_time())
         sent = False
         try:
             with trio.CancelScope(shield=True) as scope:
@@ -484,8 +481,7 @@ class Connection:
             pass
         finally:
             self._send_scopes.discard(scope)
-            self.blocked = False
-            self._throttle.resume(trio.current_time())
+            self.core.wait_ends(trio.current_time())
         if not sent:
             self._in_lane -= 1
             self.gate.metrics.events_dropped.labels("shutdown").inc()
@@ -529,9 +525,8 @@ class Connection:
     def _reply_error(
         self, message: str, frame_number: int | None, *, code: str = "invalid_packet"
     ) -> None:
-        # Error replies are rate limited too, or a flood of bad packets would make us
-        # an amplifier; the outbox counts and reports the ones it does not send.
-        if not self.outbox.error(trio.current_time(), code, message, frame_number):
+        # The outbox counts and reports the replies it does not send.
+        if not self.core.reply_error(trio.current_time(), message, frame_number, code=code):
             self.gate.metrics.error_replies_suppressed.inc()
         # Either a reply to write, or a summary of suppressed ones to schedule.
         self._notify()
@@ -566,47 +561,35 @@ class Connection:
     async def _write_until_closed(self) -> bool:
         """Write until the close frame is out (True if the heartbeat sent it) or
         writing failed (False)."""
-        interval = self.gate.config.websocket.heartbeat_interval
-        outbox = self.outbox
-        beat = trio.current_time() + interval
-        ping_out = False
-        stalls = 0
+        core = self.core
+        outbox = core.outbox
+        core.state.start(trio.current_time())
         closed_here = False
         while True:
             now = trio.current_time()
-            if now >= beat and not outbox.closing:
-                beat = now + interval
-                if ping_out and not self._pong and not self.blocked and self.stalls == stalls:
-                    self.gate.metrics.heartbeat_timeouts.inc()
-                    self.log.info("no pong within heartbeat interval, closing", interval=interval)
-                    self._queue_close(CLOSE_INTERNAL_ERROR, "ping timeout")
-                    closed_here = True
-                else:
-                    # A ping unanswered while we were not reading is not the peer's
-                    # fault: its pong may be sitting unread. Ping again.
-                    self._pong = False
-                    ping_out = True
-                    # A ping sent while the reader waits cannot have its pong read
-                    # until the wait ends: it is judged only if no wait overlaps it.
-                    stalls = self.stalls if not self.blocked else -1
-                    if not await self._write(_PING):
-                        return False
+            beat = core.beat(now)
+            if beat is Beat.TIMEOUT:
+                interval = core.state.interval
+                self.gate.metrics.heartbeat_timeouts.inc()
+                self.log.info("no pong within heartbeat interval, closing", interval=interval)
+                self._close_written = trio.Event()
+                closed_here = True
+                continue
+            if beat is Beat.PING:
+                if not await self._write(_PING):
+                    return False
                 continue
             frame = outbox.pop(now)
             if frame is None:
-                # Once the close frame is queued, no more pings: it comes next.
-                deadline = math.inf if outbox.closing else beat
-                due = outbox.summary_due(now)
-                if due is not None:
-                    deadline = min(deadline, due)
                 self._wake = wake = trio.Event()
-                with trio.move_on_at(deadline):
+                with trio.move_on_at(core.wake_at(now)):
                     await wake.wait()
                 self._wake = None
                 continue
             if not await self._write(frame):
                 return False
             if outbox.done:
+                core.sent_close()
                 await self._half_close()
                 return closed_here
 
@@ -640,39 +623,26 @@ class Connection:
     ) -> None:
         """Queue our close frame (once). Unless ``keep_reading`` (a drain), only the
         peer's close frame is read from now on."""
-        if not self.outbox.queue_close(websocket.close_frame(code, reason)):
+        if not self.core.close(code, reason, keep_reading=keep_reading):
             return
         self._close_written = trio.Event()
-        if not keep_reading:
-            self._frames.closing()
         self._notify()
 
     # -- acknowledgements (events.Origin) ---------------------------------------------
 
     def acknowledge(self, session_id: str, frame_numbers: list[int]) -> None:
         """These frames are durable: tell the client, with any duplicates seen meanwhile."""
-        self._unacked -= len(frame_numbers)
-        if self._duplicates:
-            frame_numbers = frame_numbers + self._duplicates
-            self._duplicates = []
-        if frame_numbers:
-            self.outbox.ack(session_id, frame_numbers)
+        if self.core.acknowledge(session_id, frame_numbers):
             self._notify()
 
     def forget(self, count: int) -> None:
         """These events will never be durable (STAG refused them): no acknowledgement."""
-        self._unacked -= count
-        if not self._unacked and self._duplicates and self.session_id is not None:
-            self.acknowledge(self.session_id, [])
+        if self.core.forget(count):
+            self._notify()
 
     # -- the end ----------------------------------------------------------------------
 
-    def _policy_close(self, reason: str, message: str) -> _RelayClose:
-        self.gate.metrics.policy_closes.labels(reason).inc()
-        self.log.info("closing a connection that hurts the others", reason=reason, code=1008)
-        return _RelayClose(CLOSE_POLICY_VIOLATION, message)
-
-    async def _end(self, ending: _Ending) -> None:
+    async def _end(self, ending: Ending) -> None:
         if isinstance(ending, Close):
             self.log.debug("connection closed by peer", code=ending.code)
             # Answer at once (the peer waits for it), then let the lane finish.
@@ -702,15 +672,15 @@ class Connection:
         """Send our close frame and wait (within SEND_TIMEOUT) for the peer's."""
         self._queue_close(code, reason)
         with trio.move_on_after(SEND_TIMEOUT):
-            frames = self._frames
-            while not frames.closed:
+            core = self.core
+            while not core.frames.closed:
                 try:
                     data = await self.stream.receive_some(RECEIVE_BYTES)
                 except (trio.BrokenResourceError, trio.ClosedResourceError):
                     break
                 if not data:
                     break
-                frames.receive(data)
+                core.receive_closing(data)
         self.log.debug("connection closed", code=code)
 
     async def _wait_close_written(self) -> None:

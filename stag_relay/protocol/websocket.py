@@ -28,7 +28,9 @@ from __future__ import annotations
 
 import base64
 import binascii
+import enum
 import hashlib
+import math
 from typing import Final
 
 import attrs
@@ -461,3 +463,100 @@ def switching_protocols(key: str) -> bytes:
         f"Sec-WebSocket-Accept: {accept_key(key)}\r\n"
         "\r\n"
     ).encode("ascii")
+
+
+# -- the connection's state: close handshake and heartbeat --------------------------
+
+
+class Beat(enum.Enum):
+    """What the heartbeat asks of the writer when it is due."""
+
+    # Nothing yet: the next beat is not due, or our close frame is queued.
+    WAIT = enum.auto()
+    # Send a ping.
+    PING = enum.auto()
+    # The peer answered no ping within an interval: our close frame (1011) is queued.
+    TIMEOUT = enum.auto()
+
+
+@attrs.define
+class WebSocketState:
+    """One connection's close handshake and heartbeat, fed the clock.
+
+    The heartbeat pings every ``interval`` and gives up on a peer that answered none
+    of its pings within one, unless we were the ones not reading: a pong can sit
+    unread while the reader waits (a full queue, a busy mesh lane, the read
+    throttle), so a ping sent while it waits, or overlapped by a wait, is never held
+    against the peer.
+    """
+
+    interval: float
+    # When the next ping is due; set by start().
+    next_beat: float = math.inf
+    # A ping is out, and a pong came since it went.
+    ping_out: bool = False
+    pong: bool = False
+    # The reader is waiting on us; every such wait counts once in ``stalls``.
+    blocked: bool = False
+    stalls: int = 0
+    # ``stalls`` when the last ping went, -1 if it went while the reader waited.
+    stalls_at_ping: int = 0
+    # Our close frame's code once it is queued (None: not queued), and whether the
+    # writer has sent it; the peer's close frame once it came.
+    close_code: int | None = None
+    close_sent: bool = False
+    peer_close: Close | None = None
+
+    @property
+    def closing(self) -> bool:
+        """Our close frame is queued (or sent): no more pings."""
+        return self.close_code is not None
+
+    def start(self, now: float) -> None:
+        self.next_beat = now + self.interval
+
+    def received_pong(self) -> None:
+        self.pong = True
+
+    def block(self) -> None:
+        """The reader waits on us (not on the peer) from now on."""
+        self.blocked = True
+        self.stalls += 1
+
+    def unblock(self) -> None:
+        self.blocked = False
+
+    def beat(self, now: float) -> Beat:
+        """The heartbeat at ``now``: ping, give up on the peer, or nothing yet."""
+        if now < self.next_beat or self.closing:
+            return Beat.WAIT
+        self.next_beat = now + self.interval
+        if (
+            self.ping_out
+            and not self.pong
+            and not self.blocked
+            and self.stalls == self.stalls_at_ping
+        ):
+            self.queue_close(CLOSE_INTERNAL_ERROR)
+            return Beat.TIMEOUT
+        # A ping unanswered while we were not reading is not the peer's fault: its
+        # pong may be sitting unread. Ping again.
+        self.pong = False
+        self.ping_out = True
+        # A ping sent while the reader waits cannot have its pong read until the
+        # wait ends: it is judged only if no wait overlaps it.
+        self.stalls_at_ping = self.stalls if not self.blocked else -1
+        return Beat.PING
+
+    def queue_close(self, code: int) -> bool:
+        """Our close frame with ``code`` is queued; False if one was already."""
+        if self.closing:
+            return False
+        self.close_code = code
+        return True
+
+    def sent_close(self) -> None:
+        self.close_sent = True
+
+    def received_close(self, close: Close) -> None:
+        self.peer_close = close

@@ -105,7 +105,11 @@ class Relay:
         self._shipments_send, self._shipments_recv = trio.open_memory_channel[Shipment](0)
         self.sessions = Sessions(ttl=config.session.ttl, max_sessions=config.session.max_sessions)
         self.gate = Gate(
-            config=config, sessions=self.sessions, events=self._events_send, metrics=self.metrics
+            websocket=config.websocket,
+            handshake_timeout=config.server.handshake_timeout,
+            sessions=self.sessions,
+            events=self._events_send,
+            metrics=self.metrics,
         )
         self.policy = BatchPolicy(
             max_size=worker_batch_size(config.batch.max_size, worker),

@@ -33,7 +33,11 @@ def build_gate(
     send, receive = open_event_queue(10_000)
     metrics = RelayMetrics()
     gate = Gate(
-        config=config, sessions=Sessions(ttl=300.0, max_sessions=100), events=send, metrics=metrics
+        websocket=config.websocket,
+        handshake_timeout=config.server.handshake_timeout,
+        sessions=Sessions(ttl=300.0, max_sessions=100),
+        events=send,
+        metrics=metrics,
     )
     return gate, receive
 

@@ -35,7 +35,8 @@ def build_gate(capacity: int, **websocket: Any) -> tuple[Gate, EventReceiver]:
     )
     send, receive = open_event_queue(capacity)
     gate = Gate(
-        config=config,
+        websocket=config.websocket,
+        handshake_timeout=config.server.handshake_timeout,
         sessions=Sessions(ttl=300.0, max_sessions=100),
         events=send,
         metrics=RelayMetrics(),

@@ -89,7 +89,7 @@ def open_front(
         websocket_paths={WEBSOCKET_PATH},
         admit=lambda request: None,
         serve_websocket=gate.serve,
-        handshake_timeout=gate.config.server.handshake_timeout,
+        handshake_timeout=gate.handshake_timeout,
     )
     nursery.start_soon(front.handle, server_end)
     return client_end
