@@ -332,8 +332,7 @@ class Delivery:
                 await self._write(spool)
                 continue
             if isinstance(step, FindVictims):
-                found = await self._spool_call(spool.oldest, set(step.exclude), step.limit)
-                victims = self._queue.choose_victims(found)
+                found, victims = await self._find_victims(spool, step)
                 if victims:
                     await self._drop(spool, victims)
                 if found:
@@ -341,14 +340,33 @@ class Delivery:
             # block (or nothing droppable): wait for the sender to free room.
             await self._wait_for_change()
 
+    async def _find_victims(
+        self, spool: Spool, step: FindVictims
+    ) -> tuple[list[SpooledBatch], list[SpooledBatch]]:
+        """The oldest batches ``step`` allows, and those of them still droppable once
+        the lookup (in a thread, while the sender goes on) is back."""
+        try:
+            found = await self._spool_call(spool.oldest, set(step.exclude), step.limit)
+        except BaseException:
+            self._queue.lookup_failed()
+            raise
+        return found, self._queue.choose_victims(found)
+
     async def _drop(self, spool: Spool, victims: list[SpooledBatch]) -> None:
         """Drop ``victims`` from the spool and count them (``SpoolFull``: none dropped)."""
         try:
             await self._spool_call(spool.delete, [v.seq for v in victims])
         except SpoolFull as exc:
+            self._queue.drop_failed(victims)
+            self._wake()
             await self._disk_full(spool, exc)
             raise
+        except BaseException:
+            self._queue.drop_failed(victims)
+            raise
         dropped = self._queue.dropped(victims)
+        # The feeder may wait for them to be decided.
+        self._wake()
         self._metrics.events_dropped.labels(dropped.reason).inc(dropped.events)
         log.warning(
             "spool full: dropped the oldest batches",
@@ -368,9 +386,7 @@ class Delivery:
                 return
         if self._config.when_full == "drop_oldest":
             with contextlib.suppress(SpoolFull):
-                step = self._queue.find_victims()
-                found = await self._spool_call(spool.oldest, set(step.exclude), step.limit)
-                victims = self._queue.choose_victims(found)
+                _, victims = await self._find_victims(spool, self._queue.find_victims())
                 if victims:
                     await self._drop(spool, victims)
                     await self._spool_call(spool.reclaim)
@@ -507,6 +523,11 @@ class Delivery:
         except SpoolFull as exc:
             self._queue.write_failed(tidy)
             await self._disk_full(spool, exc)
+            raise
+        except BaseException:
+            # Cancelled while waiting for the thread: nothing was written, so it is all
+            # still to be recorded (by ``settle``, at shutdown).
+            self._queue.write_failed(tidy)
             raise
         self._queue.written(tidy, written.oldest_created, written.dead_letters)
         # Room was freed: a commit waiting on a full spool may go on.

@@ -209,8 +209,12 @@ class SendQueue:
         self._window_bytes = 0
         self._spill_from: int | None = None
         self._last_seq = 0
+        # The newest seq when the page being read was asked for.
+        self._read_upto = 0
         self._meshes: dict[int, list[MeshRef]] = {}
         self._in_flight: set[int] = set()
+        # Chosen to be dropped, their deletion under way: not to be sent meanwhile.
+        self._dropping: set[int] = set()
         # Dropped from the spool while in the window: skipped when their turn comes.
         self._dropped: set[int] = set()
         # Delivered / refused, not yet recorded; and those being recorded right now (a
@@ -303,32 +307,36 @@ class SendQueue:
     def find_victims(self) -> FindVictims:
         """A lookup of the oldest batches begins: they may be dropped."""
         self._touched = set()
-        return FindVictims(frozenset(self._in_flight), DROP_PAGE)
+        return FindVictims(frozenset(self._busy()), DROP_PAGE)
 
     def choose_victims(self, found: Sequence[S]) -> list[S]:
-        """The lookup came back: those of ``found`` still the spool's to drop.
+        """The lookup came back: those of ``found`` still the spool's to drop; delete
+        them, then ``dropped`` (or ``drop_failed``). Until then none of them is sent.
 
         While it ran the sender may have taken some, or finished with them (and their
         deletion may be under way): those are not the spool's to drop, nor to count as
         lost.
         """
-        touched = self._touched or set()
+        busy = self._busy()
+        busy.update(self._touched or ())
         self._touched = None
-        busy = {
-            *touched,
-            *self._in_flight,
-            *self._to_delete,
-            *(seq for seq, _, _ in self._buried),
-        }
-        for tidy in self._recording:
-            busy.update(tidy.delete)
-            busy.update(seq for seq, _, _ in tidy.bury)
-        return [v for v in found if v.seq not in busy]
+        victims = [v for v in found if v.seq not in busy]
+        self._dropping.update(v.seq for v in victims)
+        return victims
+
+    def lookup_failed(self) -> None:
+        """The lookup did not come back (a failing disk): nothing chosen."""
+        self._touched = None
+
+    def drop_failed(self, victims: Iterable[StoredBatch]) -> None:
+        """The victims' deletion failed: they are the sender's again."""
+        self._dropping.difference_update(v.seq for v in victims)
 
     def dropped(self, victims: Iterable[StoredBatch]) -> Dropped:
         """``victims`` were deleted from the spool to make room."""
         batches = events = 0
         for victim in victims:
+            self._dropping.discard(victim.seq)
             self._dropped.add(victim.seq)
             self._meshes.pop(victim.seq, None)
             batches += 1
@@ -366,6 +374,9 @@ class SendQueue:
     def next_send(self) -> FeedStep:
         """What the feeder does next; a ``Send``'s batch is in flight from now."""
         while self._window:
+            if self._window[0][0] in self._dropping:
+                # Its deletion decides: skipped once dropped, sent if that fails.
+                return Wait()
             seq, wire = self._window.popleft()
             self._window_bytes -= len(wire.events)
             if seq not in self._dropped:
@@ -374,6 +385,7 @@ class SendQueue:
                 return Send(seq, wire)
             self._dropped.discard(seq)
         if self._spill_from is not None:
+            self._read_upto = self._last_seq
             return ReadPage(self._spill_from, self._read_page)
         # Nothing left in memory or on disk to skip: forget what was dropped.
         self._dropped.clear()
@@ -385,7 +397,13 @@ class SendQueue:
             self._window.extend((b.seq, WireBatch(b.batch_id, b.count, b.events)) for b in page)
             self._window_bytes += sum(len(b.events) for b in page)
             self._spill_from = page[-1].seq + 1
-        if not page or (self._spill_from is not None and self._spill_from > self._last_seq):
+        elif self._last_seq > self._read_upto:
+            # Nothing there when it was read, but batches were committed (to disk, as
+            # the window was closed) after it was asked for: they come next.
+            self._spill_from = self._read_upto + 1
+        else:
+            self._spill_from = None
+        if self._spill_from is not None and self._spill_from > self._last_seq:
             # Caught up with the disk: new batches may stay in memory again.
             self._spill_from = None
 
@@ -455,6 +473,15 @@ class SendQueue:
         return now - since
 
     # ---------------------------------------------------------------------------------
+
+    def _busy(self) -> set[int]:
+        """Batches on disk that are not the spool's to drop: in flight, or finished and
+        not yet recorded (or being recorded)."""
+        busy = {*self._in_flight, *self._to_delete, *(seq for seq, _, _ in self._buried)}
+        for tidy in self._recording:
+            busy.update(tidy.delete)
+            busy.update(seq for seq, _, _ in tidy.bury)
+        return busy
 
     def _touch(self, seq: int) -> None:
         if self._touched is not None:
