@@ -320,6 +320,44 @@ def test_a_dropped_batch_is_skipped_when_its_turn_comes() -> None:
     assert sent_seq(queue.next_send()) == s2
 
 
+def test_a_finished_batch_is_not_looked_up_as_a_victim_even_once_recorded() -> None:
+    queue, disk = SendQueue(spool_max_bytes=1, when_full="drop_oldest"), Disk()
+    s1, s2, s3 = spooled(queue, disk, *(make_batch(f"b{n}", 1) for n in range(3)))
+    for _ in range(2):
+        queue.next_send()
+    queue.rejected(s1, 400, "no")
+    recording = queue.start_write()
+    queue.delivered(s2)
+    step = queue.find_victims()
+    assert step.exclude == {s1, s2}
+    found = disk.oldest(step.exclude, step.limit)
+    # The refusal is written while the lookup runs: s1 is no longer "owed", and was
+    # never found.
+    disk.write(recording)
+    queue.written(recording, *disk.figures())
+    assert [v.seq for v in queue.choose_victims(found)] == [s3]
+
+
+def test_a_batch_committed_behind_an_empty_read_is_read_next() -> None:
+    queue, disk = SendQueue(spool_max_bytes=10**6, when_full="block", window_bytes=1), Disk()
+    s1, s2 = spooled(queue, disk, make_batch("a", 1), make_batch("b", 1))
+    assert sent_seq(queue.next_send()) == s1
+    step = queue.next_send()
+    assert step == ReadPage(s2, 64)
+    # s2 is dropped before the read, and a new batch is committed (to disk) after it.
+    victims = queue.choose_victims(disk.oldest(queue.find_victims().exclude, 16))
+    assert [v.seq for v in victims] == [s2]
+    disk.write(Tidy([s2], []))
+    queue.dropped(victims)
+    page = disk.read_from(step.start, step.limit)
+    [s3] = spooled(queue, disk, make_batch("c", 1))
+    queue.page_read(page)
+    step = queue.next_send()
+    assert step == ReadPage(s3, 64)
+    queue.page_read(disk.read_from(step.start, step.limit))
+    assert sent_seq(queue.next_send()) == s3
+
+
 def test_a_full_disk_is_one_episode_until_quiet_with_no_commit_waiting() -> None:
     queue = SendQueue(spool_max_bytes=1000, when_full="block", disk_full_quiet=5.0)
     assert not queue.episode_may_end(100.0)
