@@ -12,7 +12,10 @@ committed stay in memory, unacknowledged, and ``delivery.when_full`` applies as 
 ``delivery.spool_max_bytes``; deliveries not yet recorded stay in memory too and are
 written with the next commit. The spool gives its reserve back so they can be.
 
-SQLite is only ever called from a worker thread, one call at a time.
+What happened to which batch is kept by a ``SendQueue``
+(``stag_relay.protocol.sendqueue``); the tasks here only read and write the spool, wait
+and hand over, and tell it what came of each. SQLite is only ever called from a worker
+thread, one call at a time.
 """
 
 from __future__ import annotations
@@ -21,7 +24,6 @@ import contextlib
 import math
 import sqlite3
 import time
-from collections import deque
 from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
@@ -41,18 +43,22 @@ from stag_relay.pipeline.spool import (
     quarantine,
     reserve_size,
 )
-from stag_relay.protocol.events import Batch, Origin, WireBatch, to_wire
+from stag_relay.protocol.events import Batch
+from stag_relay.protocol.sendqueue import (
+    Acks,
+    FindVictims,
+    Finished,
+    Fits,
+    MeshRef,
+    ReadPage,
+    RecordFirst,
+    SendQueue,
+    Taken,
+    Wait,
+)
 from stag_relay.service.config import DeliveryConfig
 from stag_relay.service.metrics import RelayMetrics
 
-# Committed batches kept in memory for the sender, so a healthy STAG never makes the
-# relay read back what it just wrote; beyond this the sender reads from disk.
-MEMORY_WINDOW_BYTES: Final = 16 * 1024 * 1024
-# Batches read from disk at a time when catching up on a backlog.
-READ_PAGE: Final = 64
-# Batches that may wait, taken from the batcher, while a commit runs; they are
-# committed together next. A few hundred KiB held outside the spool at most.
-COMMIT_GROUP: Final = 16
 # How long a delivery may wait to be recorded with the next commit before it gets a
 # write of its own. While batches flow that is never reached (a commit every few ms),
 # so a record costs no extra thread hand-off; meanwhile a crash would resend the batch,
@@ -61,42 +67,15 @@ TIDY_DELAY: Final = 0.1
 # On a full disk with nothing delivered meanwhile, a commit is tried again this often:
 # room may come from elsewhere (an operator, another program).
 DISK_FULL_RETRY: Final = 1.0
-# A full-disk episode ends once the disk has room to spare and no write was refused for
-# this long: a disk that hovers at the edge while a backlog drains is one episode.
-DISK_FULL_QUIET: Final = 5.0
 
 log = structlog.get_logger("stag_relay.delivery")
 T = TypeVar("T")
-
-Acks = dict[Origin, tuple[str, list[int]]]
 
 
 class MeshBases(Protocol):
     """What delivery tells the mesh pipeline: STAG now holds this mesh (a diff base)."""
 
     def delivered(self, session_id: str, anchor_id: str, event_id: str) -> None: ...
-
-
-MeshRef = tuple[str, str, str]
-
-
-def mesh_refs(batch: Batch) -> list[MeshRef]:
-    """(session, anchor, event id) of every mesh in ``batch``."""
-    return [(e.session_id, m.anchor_id, e.event_id) for e in batch.events for m in e.meshes]
-
-
-def group_acks(batch: Batch) -> Acks:
-    """Frame numbers per connection that asked for acknowledgements."""
-    acks: Acks = {}
-    for event in batch.events:
-        origin = event.origin
-        if origin is not None:
-            entry = acks.get(origin)
-            if entry is None:
-                acks[origin] = (event.session_id, [event.frame_number])
-            else:
-                entry[1].append(event.frame_number)
-    return acks
 
 
 def send_acks(acks: Acks) -> None:
@@ -126,32 +105,19 @@ class Delivery:
         self.spool: Spool | None = None
         # Set by the app when mesh diffs run: told which meshes STAG accepted.
         self.meshes: MeshBases | None = None
-        self._mesh_refs: dict[int, list[MeshRef]] = {}
-        # Events taken from the batcher and neither spooled nor handed to the sender.
-        self._holding = 0
+        # Every piece of bookkeeping; the tasks here only read, write, wait and hand over.
+        self._queue = SendQueue(spool_max_bytes=config.spool_max_bytes, when_full=config.when_full)
         self._limiter = trio.CapacityLimiter(1)
-        # With a spool: the sender's queue (memory window, then disk), and what it holds.
-        self._window: deque[tuple[int, WireBatch]] = deque()
-        self._window_bytes = 0
-        self._spill_from: int | None = None
-        self._last_seq = 0
-        self._in_flight: set[int] = set()
-        self._dropped: set[int] = set()
-        self._to_delete: list[int] = []
-        self._buried: list[tuple[int, int, str]] = []
         self._changed = trio.Event()
         self._tidy_needed = trio.Event()
-        self._committing = True
-        # With a spool: batches taken from the batcher, waiting for the next commit.
-        self._arrived: list[Batch] = []
-        self._taken_all = False
-        self.dead_letters = 0
-        self.oldest_created: float | None = None
-        # Since when (trio clock) the spool's disk is full; None while it takes writes.
-        self._disk_full_since: float | None = None
-        # A commit refused by a full disk is being tried again.
-        self._commit_retrying = False
-        self._last_refusal = 0.0
+
+    @property
+    def dead_letters(self) -> int:
+        return self._queue.dead_letters
+
+    @property
+    def oldest_created(self) -> float | None:
+        return self._queue.oldest_created
 
     async def _spool_call(self, fn: Callable[..., T], *args: Any) -> T:
         return await trio.to_thread.run_sync(partial(fn, *args), limiter=self._limiter)
@@ -194,14 +160,13 @@ class Delivery:
                 dead_letters=dead,
             )
         stats = await self._spool_call(spool.stats)
-        self.oldest_created = stats.oldest_created
-        self.dead_letters = stats.dead_letters
+        self._queue.spool_figures(stats.oldest_created, stats.dead_letters)
         await self._check_disk_room(spool, stats.bytes)
         if stats.batches:
             # Everything already on disk is sent first, oldest first.
             first = await self._spool_call(spool.read_from, 0, 1)
-            self._spill_from = first[0].seq if first else None
-            self._last_seq = await self._spool_call(spool.last_seq)
+            last = await self._spool_call(spool.last_seq)
+            self._queue.restored(first[0].seq if first else None, last)
             log.info(
                 "spool holds undelivered batches; sending them first",
                 spool=path,
@@ -267,7 +232,7 @@ class Delivery:
 
     def held_events(self) -> int:
         """Events that would be lost if the relay stopped now (not spooled, not sent)."""
-        return self._holding
+        return self._queue.holding
 
     def spooled_events(self) -> int:
         """Events the spool file holds (what ``stag-relay spool stats`` counts), 0 without."""
@@ -293,16 +258,14 @@ class Delivery:
     ) -> None:
         async with shipments:
             async for batch in batches:
-                acks = group_acks(batch)
-                refs = mesh_refs(batch)
+                taken = self._queue.direct(batch)
                 shipment = Shipment(
-                    to_wire(batch),
-                    on_delivered=partial(self._delivered_from_memory, acks, refs),
-                    on_rejected=partial(forget_acks, acks),
+                    taken.wire,
+                    on_delivered=partial(self._delivered_from_memory, taken.acks, taken.meshes),
+                    on_rejected=partial(forget_acks, taken.acks),
                 )
-                self._holding = len(batch)
                 await shipments.send(shipment)
-                self._holding = 0
+                self._queue.handed_over()
 
     def _delivered_from_memory(self, acks: Acks, refs: list[MeshRef]) -> None:
         send_acks(acks)
@@ -313,93 +276,63 @@ class Delivery:
     async def _commit(self, batches: trio.MemoryReceiveChannel[Batch], spool: Spool) -> None:
         """Commit batches, acknowledge their connections, queue them for the sender.
 
-        Batches that arrive while a commit runs (in its thread) wait in ``_arrived`` and
+        Batches that arrive while a commit runs (in its thread) wait in the queue and
         are committed together next, in one transaction: the batcher is not held up by
         each commit, and the spool costs one commit per group, not per batch.
         """
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._take, batches)
             while True:
-                while not self._arrived and not self._taken_all:
+                while (pending := self._queue.commit_pending()) is False:
                     await self._wait_for_change()
-                if not self._arrived:
+                if pending is None:
                     break
-                await self._commit_group(self._next_group(), spool)
-        self._committing = False
+                group = self._queue.next_group()
+                self._wake()
+                await self._commit_group(group, spool)
+        self._queue.commits_done()
         self._wake()
 
     async def _take(self, batches: trio.MemoryReceiveChannel[Batch]) -> None:
         async for batch in batches:
             # Bounded: beyond a group's worth the batcher waits (backpressure).
-            while len(self._arrived) >= COMMIT_GROUP:
+            while not self._queue.may_take():
                 await self._wait_for_change()
-            self._arrived.append(batch)
-            self._holding += len(batch)
+            self._queue.arrived(batch)
             self._wake()
-        self._taken_all = True
+        self._queue.all_taken()
         self._wake()
 
-    def _next_group(self) -> list[tuple[Batch, WireBatch]]:
-        """The oldest waiting batches, as many as fit a quarter of the spool (at least
-        one): room for a group must be possible while batches are in flight."""
-        cap = self._config.spool_max_bytes // 4
-        group: list[tuple[Batch, WireBatch]] = []
-        size = 0
-        while self._arrived:
-            wire = to_wire(self._arrived[0])
-            if group and size + len(wire.events) > cap:
-                break
-            group.append((self._arrived.pop(0), wire))
-            size += len(wire.events)
-        self._wake()
-        return group
-
-    async def _commit_group(self, taken: list[tuple[Batch, WireBatch]], spool: Spool) -> None:
-        group = [batch for batch, _ in taken]
-        wires = [wire for _, wire in taken]
+    async def _commit_group(self, group: list[Taken], spool: Spool) -> None:
         created = time.time()
-        rows = [(wire.batch_id, wire.count, wire.events, created) for wire in wires]
+        rows = [(t.wire.batch_id, t.wire.count, t.wire.events, created) for t in group]
+        size = sum(len(t.wire.events) for t in group)
         while True:
             try:
-                await self._make_room(spool, sum(len(wire.events) for wire in wires))
+                await self._make_room(spool, size)
                 # Deliveries recorded since the last write ride along in the same commit.
                 seqs = await self._write(spool, rows)
             except SpoolFull:
                 # Not committed, so not acknowledged: the group stays here, held (the
                 # batcher waits behind it), until the disk takes it.
-                self._commit_retrying = True
+                self._queue.commit_refused()
                 await self._wait_for_disk(spool)
                 continue
             break
-        self._commit_retrying = False
-        self._holding -= sum(len(batch) for batch in group)
-        for batch, wire, seq in zip(group, wires, seqs, strict=True):
-            send_acks(group_acks(batch))
-            refs = mesh_refs(batch)
-            if refs:
-                self._mesh_refs[seq] = refs
-            self._last_seq = seq
-            if self._spill_from is None and self._window_bytes < MEMORY_WINDOW_BYTES:
-                self._window.append((seq, wire))
-                self._window_bytes += len(wire.events)
-            elif self._spill_from is None:
-                self._spill_from = seq
+        for acks in self._queue.committed(group, seqs):
+            send_acks(acks)
         self._wake()
 
     async def _make_room(self, spool: Spool, size: int) -> None:
-        limit = self._config.spool_max_bytes
-        # An empty spool takes any batch, however large: otherwise it could never move.
-        while spool.bytes and spool.bytes + size > limit:
-            if self._to_delete or self._buried:
-                # Delivered batches still on disk: forgetting them may make the room.
+        while True:
+            step = self._queue.room_for(size, spool.bytes)
+            if isinstance(step, Fits):
+                return
+            if isinstance(step, RecordFirst):
                 await self._write(spool)
                 continue
-            if self._config.when_full == "drop_oldest":
-                found = await self._spool_call(spool.oldest, set(self._in_flight), 16)
-                # While that ran, the sender may have taken some, or finished with them:
-                # those are not the spool's to drop (nor to count as lost).
-                busy = {*self._in_flight, *self._to_delete, *(seq for seq, _, _ in self._buried)}
-                victims = [v for v in found if v.seq not in busy]
+            if isinstance(step, FindVictims):
+                found, victims = await self._find_victims(spool, step)
                 if victims:
                     await self._drop(spool, victims)
                 if found:
@@ -407,25 +340,44 @@ class Delivery:
             # block (or nothing droppable): wait for the sender to free room.
             await self._wait_for_change()
 
+    async def _find_victims(
+        self, spool: Spool, step: FindVictims
+    ) -> tuple[list[SpooledBatch], list[SpooledBatch]]:
+        """The oldest batches ``step`` allows, and those of them still droppable once
+        the lookup (in a thread, while the sender goes on) is back."""
+        try:
+            found = await self._spool_call(spool.oldest, set(step.exclude), step.limit)
+        except BaseException:
+            self._queue.lookup_failed()
+            raise
+        return found, self._queue.choose_victims(found)
+
     async def _drop(self, spool: Spool, victims: list[SpooledBatch]) -> None:
         """Drop ``victims`` from the spool and count them (``SpoolFull``: none dropped)."""
-        seqs = [v.seq for v in victims]
         try:
-            await self._spool_call(spool.delete, seqs)
+            await self._spool_call(spool.delete, [v.seq for v in victims])
         except SpoolFull as exc:
+            self._queue.drop_failed(victims)
+            self._wake()
             await self._disk_full(spool, exc)
             raise
-        events = sum(v.count for v in victims)
-        self._dropped.update(seqs)
-        for seq in seqs:
-            self._mesh_refs.pop(seq, None)
-        self._metrics.events_dropped.labels("spool_full").inc(events)
-        log.warning("spool full: dropped the oldest batches", batches=len(seqs), events=events)
+        except BaseException:
+            self._queue.drop_failed(victims)
+            raise
+        dropped = self._queue.dropped(victims)
+        # The feeder may wait for them to be decided.
+        self._wake()
+        self._metrics.events_dropped.labels(dropped.reason).inc(dropped.events)
+        log.warning(
+            "spool full: dropped the oldest batches",
+            batches=dropped.batches,
+            events=dropped.events,
+        )
 
     async def _wait_for_disk(self, spool: Spool) -> None:
         """After a commit failed on a full disk: free room the way ``when_full`` says,
         or wait for deliveries to, then let the commit be tried again."""
-        if self._to_delete or self._buried:
+        if self._queue.tidy_owed:
             # The reserve was given back: room for the deliveries, whose rows then go
             # back to the file system.
             with contextlib.suppress(SpoolFull):
@@ -434,9 +386,7 @@ class Delivery:
                 return
         if self._config.when_full == "drop_oldest":
             with contextlib.suppress(SpoolFull):
-                found = await self._spool_call(spool.oldest, set(self._in_flight), 16)
-                busy = {*self._in_flight, *self._to_delete, *(seq for seq, _, _ in self._buried)}
-                victims = [v for v in found if v.seq not in busy]
+                _, victims = await self._find_victims(spool, self._queue.find_victims())
                 if victims:
                     await self._drop(spool, victims)
                     await self._spool_call(spool.reclaim)
@@ -449,10 +399,8 @@ class Delivery:
         """A write failed on a full or failing disk: give the reserve back, and say so
         once per episode."""
         await self._spool_call(spool.reclaim)
-        self._last_refusal = trio.current_time()
-        if self._disk_full_since is not None:
+        if not self._queue.disk_refused(trio.current_time()):
             return
-        self._disk_full_since = self._last_refusal
         self._metrics.spool_disk_full.set(1)
         self._metrics.spool_disk_full_episodes.inc()
         log.error(
@@ -469,86 +417,61 @@ class Delivery:
         """End the full-disk episode when no commit waits, no write was refused for
         DISK_FULL_QUIET and the disk has room to spare; not with the first commit
         squeezed in: a disk that stays at the edge is one episode, logged once."""
-        if self._disk_full_since is None or self._commit_retrying:
-            return
-        if trio.current_time() - self._last_refusal < DISK_FULL_QUIET:
+        if not self._queue.episode_may_end(trio.current_time()):
             return
         # What deliveries freed goes back to the file system (and the reserve) first.
         await self._spool_call(spool.reclaim)
         room = await self._spool_call(spool.has_room)
         # Meanwhile another write may have ended the episode, or a commit been refused.
-        since = self._disk_full_since
-        if not room or since is None or self._commit_retrying:
+        if not room:
+            return
+        lasted = self._queue.disk_has_room(trio.current_time())
+        if lasted is None:
             return
         log.info(
             "spool's disk takes writes again",
             spool=str(self._config.spool_path),
-            full_for_seconds=round(trio.current_time() - since, 3),
+            full_for_seconds=round(lasted, 3),
         )
-        self._disk_full_since = None
         self._metrics.spool_disk_full.set(0)
 
     async def _feed(self, shipments: trio.MemorySendChannel[Shipment], spool: Spool) -> None:
         """Hand spooled batches to the sender in order until nothing is left to send."""
         async with shipments:
             while True:
-                item = await self._next(spool)
-                if item is None:
+                step = self._queue.next_send()
+                if isinstance(step, Finished):
                     return
-                seq, wire = item
-                self._in_flight.add(seq)
+                if isinstance(step, Wait):
+                    await self._wait_for_change()
+                    continue
+                if isinstance(step, ReadPage):
+                    await self._read_page(spool, step)
+                    continue
                 shipment = Shipment(
-                    wire,
-                    on_delivered=partial(self._delivered, seq),
-                    on_rejected=partial(self._rejected, seq),
+                    step.wire,
+                    on_delivered=partial(self._delivered, step.seq),
+                    on_rejected=partial(self._rejected, step.seq),
                 )
                 await shipments.send(shipment)
 
-    async def _next(self, spool: Spool) -> tuple[int, WireBatch] | None:
-        while True:
-            while self._window:
-                seq, wire = self._window.popleft()
-                self._window_bytes -= len(wire.events)
-                if seq not in self._dropped:
-                    return seq, wire
-                self._dropped.discard(seq)
-            if self._spill_from is None:
-                # Nothing left in memory or on disk to skip: forget what was dropped.
-                self._dropped.clear()
-            if self._spill_from is not None:
-                start = self._spill_from
-                try:
-                    page = await self._spool_call(spool.read_from, start, READ_PAGE)
-                except SpoolFull as exc:
-                    # A failing disk: the batches stay where they are; try again.
-                    await self._disk_full(spool, exc)
-                    with trio.move_on_after(DISK_FULL_RETRY):
-                        await self._wait_for_change()
-                    continue
-                if page:
-                    self._window.extend(
-                        (b.seq, WireBatch(b.batch_id, b.count, b.events)) for b in page
-                    )
-                    self._window_bytes += sum(len(b.events) for b in page)
-                    self._spill_from = page[-1].seq + 1
-                if not page or self._spill_from > self._last_seq:
-                    # Caught up with the disk: new batches may stay in memory again.
-                    self._spill_from = None
-                continue
-            if not self._committing:
-                return None
-            await self._wait_for_change()
+    async def _read_page(self, spool: Spool, step: ReadPage) -> None:
+        try:
+            page = await self._spool_call(spool.read_from, step.start, step.limit)
+        except SpoolFull as exc:
+            # A failing disk: the batches stay where they are; try again.
+            await self._disk_full(spool, exc)
+            with trio.move_on_after(DISK_FULL_RETRY):
+                await self._wait_for_change()
+            return
+        self._queue.page_read(page)
 
     def _delivered(self, seq: int) -> None:
-        report_meshes(self.meshes, self._mesh_refs.pop(seq, []))
-        self._in_flight.discard(seq)
-        self._to_delete.append(seq)
+        report_meshes(self.meshes, self._queue.delivered(seq))
         self._tidy_needed.set()
 
     def _rejected(self, seq: int, status: int, answer: str) -> None:
-        self._mesh_refs.pop(seq, None)
-        self._in_flight.discard(seq)
-        self._buried.append((seq, status, answer))
+        self._queue.rejected(seq, status, answer)
         self._tidy_needed.set()
 
     async def _tidy(self, spool: Spool) -> None:
@@ -558,7 +481,7 @@ class Delivery:
             # During a full-disk episode, also wake now and then to see it end (and give
             # what deliveries freed back to the file system) when nothing else writes.
             with trio.move_on_after(
-                DISK_FULL_RETRY if self._disk_full_since is not None else math.inf
+                DISK_FULL_RETRY if self._queue.disk_full_since is not None else math.inf
             ):
                 await self._tidy_needed.wait()
             if not self._tidy_needed.is_set():
@@ -566,7 +489,7 @@ class Delivery:
                 continue
             self._tidy_needed = trio.Event()
             with trio.move_on_after(TIDY_DELAY):
-                while self._to_delete or self._buried:
+                while self._queue.tidy_owed:
                     await self._wait_for_change()
             await self._flush_tidy(spool)
 
@@ -576,7 +499,7 @@ class Delivery:
             await self._flush_tidy(self.spool)
 
     async def _flush_tidy(self, spool: Spool) -> None:
-        if self._to_delete or self._buried:
+        if self._queue.tidy_owed:
             # On a full disk they stay in memory and go with the next write that works.
             with contextlib.suppress(SpoolFull):
                 await self._write(spool)
@@ -586,26 +509,27 @@ class Delivery:
     ) -> list[int]:
         """One spool transaction: ``append`` these rows, and record every delivery and
         refusal reported since the last write. Returns the new rows' ``seq``s."""
-        delete, self._to_delete = self._to_delete, []
-        bury, self._buried = self._buried, []
+        tidy = self._queue.start_write()
         try:
             written = await self._spool_call(
                 partial(
                     spool.write,
                     append=append or (),
-                    delete=delete,
-                    bury=bury,
+                    delete=tidy.delete,
+                    bury=tidy.bury,
                     dead_letter_max_bytes=self._config.dead_letter_max_bytes,
                 )
             )
         except SpoolFull as exc:
-            # Rolled back: these are still to be recorded, before any reported since.
-            self._to_delete[:0] = delete
-            self._buried[:0] = bury
+            self._queue.write_failed(tidy)
             await self._disk_full(spool, exc)
             raise
-        self.oldest_created = written.oldest_created
-        self.dead_letters = written.dead_letters
+        except BaseException:
+            # Cancelled while waiting for the thread: nothing was written, so it is all
+            # still to be recorded (by ``settle``, at shutdown).
+            self._queue.write_failed(tidy)
+            raise
+        self._queue.written(tidy, written.oldest_created, written.dead_letters)
         # Room was freed: a commit waiting on a full spool may go on.
         self._wake()
         await self._maybe_disk_writable(spool)
