@@ -37,6 +37,7 @@ from stag_relay.protocol import events
 from stag_relay.protocol.packets import (
     MISSING,
     FieldError,
+    PacketError,
     check_coordinate,
     check_id,
     check_rotation,
@@ -59,6 +60,12 @@ _INT64_LIMIT: Final = 2**63
 _MAX_REFERENCE_SECONDS: Final = 9e15
 _MAX_COMPRESSION_LEVEL: Final = 9
 _ECHO_CHARS: Final = 40
+_PACKET_TYPES: Final[dict[MessageKind, Literal["pose", "mesh", "unknown"]]] = {
+    "anchor_update": "pose",
+    "mesh_update": "mesh",
+    "ping": "unknown",
+    "unknown": "unknown",
+}
 _KINDS: Final[dict[object, MessageKind]] = {
     "anchor_update": "anchor_update",
     "mesh_update": "mesh_update",
@@ -66,9 +73,12 @@ _KINDS: Final[dict[object, MessageKind]] = {
 }
 
 
-class SdkError(ValueError):
+class SdkError(PacketError):
     """An invalid SDK message.
 
+    A :class:`~stag_relay.protocol.packets.PacketError`, so that what handles an
+    invalid seed packet handles it too: no frame number, and ``packet_type``
+    ``"pose"`` or ``"mesh"`` for the metric label when the type was readable.
     ``code`` goes in the error reply (:data:`INVALID_MESSAGE` or
     :data:`UNKNOWN_TYPE`); ``kind`` is the message type when it was one of the
     known ones, else ``"unknown"``; ``trace_id`` is the message's when it could
@@ -82,8 +92,7 @@ class SdkError(ValueError):
         kind: MessageKind = "unknown",
         trace_id: str | None = None,
     ) -> None:
-        super().__init__(message)
-        self.message = message
+        super().__init__(message, None, _PACKET_TYPES[kind])
         self.code = code
         self.kind = kind
         self.trace_id = trace_id

@@ -15,6 +15,7 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from stag_relay.protocol import sdk
+from stag_relay.protocol.packets import PacketError
 from stag_relay.protocol.sdk import (
     AnchorUpdate,
     MeshUpdate,
@@ -402,6 +403,11 @@ def test_invalid_messages_name_the_path_and_the_fix(raw: bytes, message: str) ->
 def test_an_error_carries_the_kind_and_trace_it_could_read() -> None:
     error = _error(_mesh_with(compressionLevel=-1))
     assert (error.kind, error.trace_id) == ("mesh_update", TRACE_IDS[1])
+    # Handled wherever an invalid seed packet is: a PacketError with the metric's type.
+    assert isinstance(error, PacketError)
+    assert (error.packet_type, error.frame_number) == ("mesh", None)
+    assert _error(_anchor_with(id=None)).packet_type == "pose"
+    assert _error(_outer_with(PING, timestamp=0)).packet_type == "unknown"
 
 
 # --- junk never crashes ---------------------------------------------------------------------------
