@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import binascii
 import math
-import uuid
 from typing import Any, Final, Literal
 
 import attrs
@@ -42,7 +41,7 @@ from stag_relay.protocol.packets import (
     check_id,
     check_rotation,
 )
-from stag_relay.protocol.sessions import NAMESPACE
+from stag_relay.protocol.sessions import id_hasher, next_event_id
 
 # Apple's reference date, 2001-01-01T00:00:00Z, in Unix milliseconds: the SDK
 # encodes a pose's Date as seconds since it (JSONEncoder's .deferredToDate).
@@ -224,11 +223,13 @@ Message = AnchorUpdate | MeshUpdate | Ping
 def sdk_event_id(session_id: str, type: str, item_id: str, timestamp: int) -> str:
     """The deterministic event id of an SDK update, the same on every relay.
 
-    A uuid5 in the seed dialect's namespace, of NUL-separated parts: the seed's
-    names end in a bare frame number and hold two NULs, these hold three, so
-    the two dialects can never produce the same name.
+    A uuid5 in the seed dialect's namespace (``sessions.NAMESPACE``) of the name
+    ``session_id NUL type NUL item_id NUL timestamp``: the seed's names end in a
+    bare frame number after two NULs, these hold three, so the two dialects never
+    produce the same name. Built with the seed's hashing shortcut: it runs for
+    every pose.
     """
-    return str(uuid.uuid5(NAMESPACE, f"{session_id}\x00{type}\x00{item_id}\x00{timestamp}"))
+    return next_event_id(id_hasher(session_id, f"{type}\x00{item_id}"), timestamp)
 
 
 def parse_message(raw: bytes | str, *, binary: bool, session_id: str) -> Message:
