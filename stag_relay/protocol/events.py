@@ -25,13 +25,19 @@ class Anchor:
     z: float
     rotation: tuple[float, float, float, float]
     timestamp: int
+    # What the client attached to the pose (the SDK's AnchorUpdate.metadata); seed
+    # poses have none. A dict is not hashable, so it stays out of the hash.
+    metadata: dict[str, Any] | None = attrs.field(default=None, hash=False)
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        doc: dict[str, Any] = {
             "id": self.id,
             "pose": {"x": self.x, "y": self.y, "z": self.z, "rotation": list(self.rotation)},
             "timestamp": self.timestamp,
         }
+        if self.metadata is not None:
+            doc["metadata"] = self.metadata
+        return doc
 
 
 @attrs.frozen(slots=True)
@@ -45,6 +51,14 @@ class MeshUpdate:
     triangles of ``added`` (base64 lossless Draco); see
     ``stag_relay.protocol.geometry.apply_mesh_diff``. ``vertex_count`` and ``face_count``
     describe the client's new mesh (0 until the mesh pipeline has decoded it).
+
+    The StreamKit SDK's meshes carry more, all passed on untouched and absent from
+    the JSON while unset (so a seed mesh's JSON is what it always was):
+    ``mesh_id`` (the SDK's mesh id, repeated by every update of one ARKit mesh
+    anchor), ``normals`` (base64), ``compression_level`` (0-9) and, for the
+    SDK's own deltas, ``delta_data`` (base64 of the SDK's compressed diff, which
+    the relay never decodes) with ``base_mesh_id``. Such a delta is not a relay
+    delta: ``is_delta`` stays false and ``vertices_delta`` empty.
     """
 
     anchor_id: str
@@ -56,17 +70,23 @@ class MeshUpdate:
     base_event_id: str | None = None
     removed_faces: str = ""
     added: str = ""
+    mesh_id: str | None = None
+    normals: str = ""
+    compression_level: int | None = None
+    base_mesh_id: str | None = None
+    delta_data: str = ""
 
     @property
     def payload_chars(self) -> int:
         """Characters of mesh data this update sends (for relay_mesh_bytes_out_total)."""
+        extra = len(self.normals) + len(self.delta_data)
         if self.is_delta:
-            return len(self.removed_faces) + len(self.added)
-        return len(self.vertices_delta) + len(self.faces_delta)
+            return len(self.removed_faces) + len(self.added) + extra
+        return len(self.vertices_delta) + len(self.faces_delta) + extra
 
     def to_json(self) -> dict[str, Any]:
         if self.is_delta:
-            return {
+            doc: dict[str, Any] = {
                 "anchor_id": self.anchor_id,
                 "is_delta": True,
                 "base_event_id": self.base_event_id,
@@ -75,14 +95,26 @@ class MeshUpdate:
                 "vertex_count": self.vertex_count,
                 "face_count": self.face_count,
             }
-        return {
-            "anchor_id": self.anchor_id,
-            "is_delta": False,
-            "vertices_delta": self.vertices_delta,
-            "faces_delta": self.faces_delta,
-            "vertex_count": self.vertex_count,
-            "face_count": self.face_count,
-        }
+        else:
+            doc = {
+                "anchor_id": self.anchor_id,
+                "is_delta": False,
+                "vertices_delta": self.vertices_delta,
+                "faces_delta": self.faces_delta,
+                "vertex_count": self.vertex_count,
+                "face_count": self.face_count,
+            }
+        if self.mesh_id is not None:
+            doc["mesh_id"] = self.mesh_id
+        if self.normals:
+            doc["normals"] = self.normals
+        if self.compression_level is not None:
+            doc["compression_level"] = self.compression_level
+        if self.base_mesh_id is not None:
+            doc["base_mesh_id"] = self.base_mesh_id
+        if self.delta_data:
+            doc["delta_data"] = self.delta_data
+        return doc
 
 
 @attrs.frozen(slots=True)
@@ -90,7 +122,9 @@ class Event:
     """One spatial event: what one accepted packet becomes.
 
     ``event_id`` is deterministic in (session_id, type, frame_number), so a resent
-    packet, or the same packet through another relay, yields the same id.
+    packet, or the same packet through another relay, yields the same id. The
+    StreamKit SDK numbers no frames: its events have ``frame_number`` 0 and ids
+    deterministic in (session_id, type, anchor or mesh id, timestamp) instead.
     """
 
     event_id: str

@@ -45,6 +45,8 @@ _ECHO_CHARS: Final = 40
 # Unicode category Cc: C0 controls, DEL and C1 controls.
 _CONTROL: Final = re.compile("[\x00-\x1f\x7f-\x9f]")
 _MISSING: Final[Any] = object()
+# What the shared checks below take for an absent key: they then say "missing".
+MISSING: Final[Any] = _MISSING
 
 
 @attrs.frozen(slots=True)
@@ -98,8 +100,14 @@ class PacketError(ValueError):
         self.packet_type = packet_type
 
 
-class _Invalid(Exception):
-    """Raised inside the structure functions; parse_packet adds the context."""
+class FieldError(Exception):
+    """A wire value that breaks a rule; the message starts with its JSON path.
+
+    Raised by the structure functions and the shared checks below, which the
+    StreamKit SDK dialect (:mod:`stag_relay.protocol.sdk`) calls too, so that a
+    pose is held to the same rules whichever dialect carried it. Callers wrap it
+    in their dialect's error with the context they could read.
+    """
 
 
 def parse_packet(raw: bytes | str) -> Packet:
@@ -120,24 +128,16 @@ def parse_packet(raw: bytes | str) -> Packet:
     )
     try:
         return _structure(obj, frame_number, packet_type)
-    except _Invalid as exc:
+    except FieldError as exc:
         raise PacketError(str(exc), frame_number, packet_type) from None
 
 
 def _structure(
     obj: dict[str, Any], frame_number: int | None, packet_type: Literal["pose", "mesh", "unknown"]
 ) -> Packet:
-    session_id = obj.get("session_id", _MISSING)
-    if type(session_id) is not str or not 0 < len(session_id) <= _ID_MAX_CHARS:
-        raise _Invalid(
-            _mismatch("$.session_id", f"a string of 1 to {_ID_MAX_CHARS} characters", session_id)
-        )
-    # isprintable() is false for every control character; the regex only runs
-    # for the rare id that also holds other non-printables (e.g. U+00A0).
-    if not session_id.isprintable() and _CONTROL.search(session_id):
-        raise _Invalid("$.session_id: control characters are not allowed")
+    session_id = check_id(obj.get("session_id", _MISSING), "$.session_id")
     if frame_number is None:
-        raise _Invalid(
+        raise FieldError(
             _mismatch(
                 "$.frame_number",
                 "an integer",
@@ -147,12 +147,14 @@ def _structure(
         )
     timestamp = obj.get("timestamp", _MISSING)
     if type(timestamp) is not int or timestamp <= 0:
-        raise _Invalid(_mismatch("$.timestamp", "an integer", timestamp, "> 0 (Unix milliseconds)"))
+        raise FieldError(
+            _mismatch("$.timestamp", "an integer", timestamp, "> 0 (Unix milliseconds)")
+        )
     if packet_type == "unknown":
-        raise _Invalid(_mismatch("$.type", '"pose" or "mesh"', obj.get("type", _MISSING)))
+        raise FieldError(_mismatch("$.type", '"pose" or "mesh"', obj.get("type", _MISSING)))
     data = obj.get("data", _MISSING)
     if type(data) is not dict:
-        raise _Invalid(_mismatch("$.data", "an object", data))
+        raise FieldError(_mismatch("$.data", "an object", data))
     if packet_type == "pose":
         pose = _structure_pose(data.get("pose", _MISSING))
         return Packet(session_id, frame_number, timestamp, "pose", pose, None)
@@ -162,29 +164,48 @@ def _structure(
 
 def _structure_pose(pose: Any) -> Pose:
     if type(pose) is not dict:
-        raise _Invalid(_mismatch("$.data.pose", "an object", pose))
-    x = _coordinate(pose, "x")
-    y = _coordinate(pose, "y")
-    z = _coordinate(pose, "z")
-    rotation = pose.get("rotation", _MISSING)
+        raise FieldError(_mismatch("$.data.pose", "an object", pose))
+    x = check_coordinate(pose.get("x", _MISSING), "$.data.pose.x")
+    y = check_coordinate(pose.get("y", _MISSING), "$.data.pose.y")
+    z = check_coordinate(pose.get("z", _MISSING), "$.data.pose.z")
+    rotation = check_rotation(pose.get("rotation", _MISSING), "$.data.pose.rotation")
+    return Pose(x, y, z, rotation)
+
+
+# --- checks shared with the SDK dialect -------------------------------------------
+
+
+def check_id(value: Any, path: str) -> str:
+    """An identifier: 1 to 128 characters, no control characters (``_MISSING`` if absent)."""
+    if type(value) is not str or not 0 < len(value) <= _ID_MAX_CHARS:
+        raise FieldError(_mismatch(path, f"a string of 1 to {_ID_MAX_CHARS} characters", value))
+    # isprintable() is false for every control character; the regex only runs
+    # for the rare id that also holds other non-printables (e.g. U+00A0).
+    if not value.isprintable() and _CONTROL.search(value):
+        raise FieldError(f"{path}: control characters are not allowed")
+    return value
+
+
+def check_rotation(rotation: Any, path: str) -> tuple[float, float, float, float]:
+    """A quaternion [x, y, z, w] of numbers with a squared norm near 1, not normalised."""
     if type(rotation) is not list or len(rotation) != 4:
         if type(rotation) is list:
-            raise _Invalid(f"$.data.pose.rotation: expected 4 numbers, got {len(rotation)}")
-        raise _Invalid(_mismatch("$.data.pose.rotation", "an array of 4 numbers", rotation))
+            raise FieldError(f"{path}: expected 4 numbers, got {len(rotation)}")
+        raise FieldError(_mismatch(path, "an array of 4 numbers", rotation))
     a, b, c, d = rotation
     if not (_is_number(a) and _is_number(b) and _is_number(c) and _is_number(d)):
         for i, v in enumerate(rotation):
             if not _is_number(v):
-                raise _Invalid(_mismatch(f"$.data.pose.rotation[{i}]", "a number", v))
+                raise FieldError(_mismatch(f"{path}[{i}]", "a number", v))
     # orjson never yields NaN or infinities and caps integers at 64 bits, so the
     # squares are finite or +inf, and +inf fails the bound: no separate check.
     norm_sq = a * a + b * b + c * c + d * d
     if not _NORM_SQ_MIN <= norm_sq <= _NORM_SQ_MAX:
-        raise _Invalid(
-            f"$.data.pose.rotation: expected a squared norm within "
+        raise FieldError(
+            f"{path}: expected a squared norm within "
             f"[{_NORM_SQ_MIN}, {_NORM_SQ_MAX}], got {norm_sq:.4g}"
         )
-    return Pose(x, y, z, (float(a), float(b), float(c), float(d)))
+    return (float(a), float(b), float(c), float(d))
 
 
 def _is_number(v: object) -> bool:
@@ -193,36 +214,34 @@ def _is_number(v: object) -> bool:
     return t is float or t is int
 
 
-def _coordinate(pose: dict[str, Any], key: str) -> float:
-    v = pose.get(key, _MISSING)
+def check_coordinate(v: Any, path: str) -> float:
+    """A position coordinate: a number (not a bool) within the room-scale bound."""
     t = type(v)
     if t is float or t is int:
         if -_COORD_LIMIT <= v <= _COORD_LIMIT:
             return float(v)
-        raise _Invalid(
-            f"$.data.pose.{key}: expected a number with |v| <= {_COORD_LIMIT:g}, got {_echo(v)}"
-        )
-    raise _Invalid(_mismatch(f"$.data.pose.{key}", "a number", v))
+        raise FieldError(f"{path}: expected a number with |v| <= {_COORD_LIMIT:g}, got {_echo(v)}")
+    raise FieldError(_mismatch(path, "a number", v))
 
 
 def _structure_mesh(mesh: Any) -> MeshData:
     if type(mesh) is not dict:
-        raise _Invalid(_mismatch("$.data.mesh", "an object", mesh))
+        raise FieldError(_mismatch("$.data.mesh", "an object", mesh))
     anchor_id = mesh.get("anchor_id", _MISSING)
     if type(anchor_id) is not str or not 0 < len(anchor_id) <= _ID_MAX_CHARS:
-        raise _Invalid(
+        raise FieldError(
             _mismatch(
                 "$.data.mesh.anchor_id", f"a string of 1 to {_ID_MAX_CHARS} characters", anchor_id
             )
         )
     vertices = mesh.get("vertices", _MISSING)
     if type(vertices) is not str or not vertices or not _is_base64(vertices):
-        raise _Invalid(_mismatch("$.data.mesh.vertices", "non-empty standard base64", vertices))
+        raise FieldError(_mismatch("$.data.mesh.vertices", "non-empty standard base64", vertices))
     faces = mesh.get("faces", "")
     # Clients send the same Draco buffer twice when faces live in it: skip the
     # second decode of what can be megabytes.
     if faces != vertices and (type(faces) is not str or not _is_base64(faces)):
-        raise _Invalid(_mismatch("$.data.mesh.faces", "standard base64", faces))
+        raise FieldError(_mismatch("$.data.mesh.faces", "standard base64", faces))
     return MeshData(anchor_id, vertices, faces)
 
 

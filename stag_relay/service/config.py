@@ -420,6 +420,10 @@ class AuthConfig:
     protect_endpoints: bool = attrs.field(default=False, metadata=_rule(_boolean))
 
 
+# Where both public STAGs take SpatialEvents: the ingest path of stag.format spatial-event.
+SPATIAL_EVENT_INGEST_PATH: Final = "/api/v1/ingest"
+
+
 @attrs.frozen
 class StagConfig:
     # repr masks credentials so a logged Config does not leak them.
@@ -428,6 +432,11 @@ class StagConfig:
         metadata=_rule(_http_url),
         repr=lambda url: repr(_mask_url(url)),
     )
+    # batch: the relay's own batches; spatial-event: one SpatialEvent per session of a
+    # batch, what tabularxr/stag and tabularxr/Stag ingest.
+    format: str = attrs.field(default="batch", metadata=_rule(_one_of("batch", "spatial-event")))
+    # Unset, the format's own: /ingest for batch, SPATIAL_EVENT_INGEST_PATH for
+    # spatial-event (see _structure).
     ingest_path: str = attrs.field(default="/ingest", metadata=_rule(_url_path))
     timeout: float = attrs.field(default=10.0, metadata=_DURATION)
     api_key: str = attrs.field(
@@ -797,6 +806,10 @@ def _structure(settings: Mapping[str, _Setting], problems: list[str]) -> Config 
             f" ({maximum.where if maximum else 'default'}); make retry_initial <= retry_max"
         )
         return None
+    if stag.format == "spatial-event" and "stag.ingest_path" not in settings:
+        config = attrs.evolve(
+            config, stag=attrs.evolve(stag, ingest_path=SPATIAL_EVENT_INGEST_PATH)
+        )
     tls_problem = _check_tls(config.server, describe)
     if tls_problem is not None:
         problems.append(tls_problem)

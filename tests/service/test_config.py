@@ -107,6 +107,7 @@ def test_every_key_has_an_environment_variable() -> None:
         "RELAY_AUTH_API_KEYS_FILE": "",
         "RELAY_AUTH_PROTECT_ENDPOINTS": "true",
         "RELAY_STAG_URL": "http://stag:1",
+        "RELAY_STAG_FORMAT": "spatial-event",
         "RELAY_STAG_INGEST_PATH": "/in",
         "RELAY_STAG_TIMEOUT": "4s",
         "RELAY_STAG_API_KEY": "key",
@@ -156,6 +157,7 @@ def test_every_key_has_an_environment_variable() -> None:
         },
         "stag": {
             "url": "http://stag:1",
+            "format": "spatial-event",
             "ingest_path": "/in",
             "timeout": 4.0,
             "api_key": "key",
@@ -291,6 +293,44 @@ def test_ingest_path_must_start_with_a_slash() -> None:
     assert problems(environ={"RELAY_STAG_INGEST_PATH": "ingest"}) == [
         "RELAY_STAG_INGEST_PATH: expected a path starting with '/', got 'ingest'"
     ]
+
+
+def test_stag_format_defaults_to_batch_and_its_ingest_path() -> None:
+    stag = load().stag
+    assert (stag.format, stag.ingest_path) == ("batch", "/ingest")
+
+
+def test_spatial_event_format_posts_to_api_v1_ingest_unless_told(tmp_path: Path) -> None:
+    stag = load(environ={"RELAY_STAG_FORMAT": "spatial-event"}).stag
+    assert (stag.format, stag.ingest_path) == ("spatial-event", "/api/v1/ingest")
+    # Case and spaces are forgiven, like the other choices.
+    assert load(environ={"RELAY_STAG_FORMAT": " Spatial-Event "}).stag.format == "spatial-event"
+    path = write(tmp_path, "stag:\n  format: spatial-event\n  ingest_path: /v2/events\n")
+    assert load(config_path=path).stag.ingest_path == "/v2/events"
+    # An explicit /ingest is kept: the user said so.
+    explicit = load(
+        environ={"RELAY_STAG_FORMAT": "spatial-event", "RELAY_STAG_INGEST_PATH": "/ingest"}
+    )
+    assert explicit.stag.ingest_path == "/ingest"
+    assert load(environ={"RELAY_STAG_FORMAT": "batch"}).stag.ingest_path == "/ingest"
+
+
+def test_stag_format_errors_name_the_key_the_value_and_the_choices(tmp_path: Path) -> None:
+    assert problems(environ={"RELAY_STAG_FORMAT": "spatial"}) == [
+        "RELAY_STAG_FORMAT: expected one of batch, spatial-event, got 'spatial'; "
+        "did you mean spatial-event?"
+    ]
+    path = write(tmp_path, "stag:\n  format: 2\n")
+    assert problems(config_path=path) == [
+        f"{path} line 2: stag.format: expected one of batch, spatial-event, got 2"
+    ]
+
+
+def test_check_config_shows_the_format_and_the_path_it_chose(tmp_path: Path) -> None:
+    config = load(environ={"RELAY_STAG_FORMAT": "spatial-event"})
+    text = dump_config(config)
+    assert "format: spatial-event" in text and "ingest_path: /api/v1/ingest" in text
+    assert load(config_path=write(tmp_path, text)) == config
 
 
 def test_retry_initial_must_not_exceed_retry_max(tmp_path: Path) -> None:
