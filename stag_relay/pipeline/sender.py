@@ -8,6 +8,14 @@ sockets: backpressure instead of loss. STAG being down is normal and only logged
 the state changes. STAG saying the relay's URL or credentials are wrong (404, 405, 401,
 403, 407) is handled the same way, but logged as an error, once per episode, with the
 likely fix: the batches wait until someone fixes the configuration.
+
+With ``stag.format: spatial-event`` a batch goes as one request per session
+(:mod:`stag_relay.protocol.ingest`), sent in turn within the batch's slot, each with
+its own retries and answer classes. The batch is delivered when every request is; a
+request refused (a 4xx about it, or a 200 whose body contradicts it) counts its own
+events as rejected and, once the batch's other requests have ended, makes the whole
+batch a refusal (a dead letter with a spool, never acknowledged). Events delivered
+plus events rejected is always the batch's size.
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ import trio
 
 from stag_relay.pipeline.httpclient import IngestClient, StagAnswer, TransportError, ignored_proxy
 from stag_relay.protocol.events import WireBatch
+from stag_relay.protocol.ingest import IngestRequest, requests_for
 from stag_relay.protocol.retry import (
     MISCONFIGURED_STATUSES,
     Decision,
@@ -32,6 +41,7 @@ from stag_relay.protocol.retry import (
     Verdict,
     misconfiguration_hint,
 )
+from stag_relay.protocol.spatial_event import Contradicted, SpatialEventError
 from stag_relay.service.config import StagConfig, redact_url
 from stag_relay.service.metrics import RelayMetrics
 
@@ -62,7 +72,9 @@ class Shipment:
     """A batch handed to the sender, and whom to tell how its delivery ended.
 
     ``on_rejected`` gets STAG's status and the start of its answer; for a batch split
-    on 413 it is called once, for the first part STAG refused, after every part ended.
+    on 413 or sent as several requests it is called once, for the first request STAG
+    refused, after every request ended. Status 0: the batch could not be expressed in
+    ``stag.format`` and was not sent.
     """
 
     wire: WireBatch
@@ -91,6 +103,11 @@ class StagSender:
         self._relay_id = relay_id
         self._tls = tls
         self._url = config.url.rstrip("/") + config.ingest_path
+        # spatial-event: a batch goes as one request per session, each a SpatialEvent.
+        self._per_session = config.format == "spatial-event"
+        self._rejection = (
+            "STAG rejected a spatial event" if self._per_session else "STAG rejected a batch"
+        )
         # For logs: credentials in the URL's userinfo must not reach them.
         self._url_for_logs = redact_url(self._url)
         self._headers = [
@@ -190,49 +207,84 @@ class StagSender:
             shipment.on_rejected(*refusal)
 
     async def _deliver(self, client: IngestClient, batch: WireBatch) -> tuple[int, str] | None:
-        """Send ``batch`` until STAG takes or refuses it; retries share one batch id.
+        """Send ``batch`` as the requests its format makes of it, until STAG has taken
+        or refused each.
+
+        Returns ``None`` when STAG took all of it, else its first refusal (a status of
+        0: the relay could not express the batch in this format, nothing was sent).
+        """
+        try:
+            requests = requests_for(self._config.format, batch)
+        except SpatialEventError as exc:
+            return self._unsendable(batch, exc)
+        # In turn, within this batch's slot: stag.max_in_flight stays the number of
+        # requests STAG has at once (and of connections the client keeps), whatever the
+        # number of sessions in a batch. A refusal of one request does not stop the
+        # others: each session's events are counted delivered or rejected on their own.
+        refusals = [await self._send(client, request) for request in requests]
+        refusal = next((r for r in refusals if r is not None), None)
+        if refusal is None and self._per_session:
+            self._batch_delivered(batch.count)
+        return refusal
+
+    async def _send(self, client: IngestClient, request: IngestRequest) -> tuple[int, str] | None:
+        """Send ``request`` until STAG takes or refuses it; retries send the same key.
 
         Returns ``None`` when STAG took all of it, else its first refusal.
         """
         attempt = 0
         while True:
-            decision, answer = await self._attempt(client, batch, attempt)
+            decision, answer, contradiction = await self._attempt(client, request, attempt)
             if decision.verdict is Verdict.DELIVERED:
-                self._delivered(batch)
+                self._delivered(request)
                 return None
             if decision.verdict is Verdict.SPLIT:
-                if batch.count < 2:
+                if request.count < 2:
                     assert answer is not None
-                    return self._rejected(batch, answer, "event too large for STAG")
+                    return self._rejected(request, answer, "event too large for STAG")
                 # In turn within this slot, so a split never exceeds max_in_flight.
-                refusals = [await self._deliver(client, half) for half in batch.split()]
+                refusals = [await self._send(client, half) for half in request.split()]
                 return next((r for r in refusals if r is not None), None)
             if decision.verdict is Verdict.REJECT:
                 assert answer is not None
-                return self._rejected(batch, answer, "STAG rejected a batch")
-            # RETRY or MISCONFIGURED: the batch stays here, and with it its slot.
+                if contradiction is not None:
+                    return self._rejected(
+                        request,
+                        answer,
+                        "STAG answered 200 but contradicts the request",
+                        reason=contradiction,
+                    )
+                return self._rejected(request, answer, self._rejection)
+            # RETRY or MISCONFIGURED: the request stays here, and with it its slot.
             attempt += 1
             await trio.sleep(decision.delay)
 
     async def _attempt(
-        self, client: IngestClient, batch: WireBatch, attempt: int
-    ) -> tuple[Decision, StagAnswer | None]:
-        """One request; its decision, with the answer when there was one."""
-        body = batch.body(self._relay_id, int(time.time() * 1000))
+        self, client: IngestClient, request: IngestRequest, attempt: int
+    ) -> tuple[Decision, StagAnswer | None, str | None]:
+        """One request; its decision, with the answer when there was one, and why a 2xx
+        was not a delivery (then the decision is REJECT)."""
+        body = request.body(self._relay_id, int(time.time() * 1000))
         started = trio.current_time()
         try:
-            answer = await client.post(body, headers=(("idempotency-key", batch.batch_id),))
+            answer = await client.post(body, headers=(("idempotency-key", request.key),))
         except TransportError as exc:
             # Refused, reset, timed out, or not HTTP: the Idempotency-Key makes sending
             # again safe even if STAG did take it.
             self._metrics.stag_request_duration.observe(trio.current_time() - started)
             self._metrics.stag_requests.labels("error").inc()
             self._failed(f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
-            return self._policy.after_error(attempt=attempt), None
+            return self._policy.after_error(attempt=attempt), None, None
         self._metrics.stag_request_duration.observe(trio.current_time() - started)
         decision = self._policy.after_status(
             answer.status, attempt=attempt, retry_after=answer.retry_after, now=time.time()
         )
+        contradiction = None
+        if decision.verdict is Verdict.DELIVERED:
+            judged = request.judge(answer.body)
+            if isinstance(judged, Contradicted):
+                contradiction = judged.reason
+                decision = Decision(Verdict.REJECT)
         self._metrics.stag_requests.labels(_OUTCOMES[decision.verdict]).inc()
         if decision.verdict is Verdict.RETRY:
             self._last_status = answer.status
@@ -240,30 +292,66 @@ class StagSender:
         elif decision.verdict is Verdict.MISCONFIGURED:
             self._misconfigured(answer, started)
         else:
-            # STAG answered for this batch (even a refusal): it is up, and the URL and
+            # STAG answered for this request (even a refusal): it is up, and the URL and
             # credentials are right.
             self._answered(answer.status, started)
-        return decision, answer
+        return decision, answer, contradiction
 
-    def _delivered(self, batch: WireBatch) -> None:
-        size = batch.count
+    def _delivered(self, request: IngestRequest) -> None:
+        size = request.count
         self._metrics.events_sent.inc(size)
-        self._metrics.batches_sent.inc()
-        self._metrics.batch_size.observe(size)
         self._events_sent += size
-        self._batches_sent += 1
         self._last_success = time.time()
         self._held -= size
+        if not self._per_session:
+            # A batch, or a half of one STAG asked to split.
+            self._batch_delivered(size)
 
-    def _rejected(self, batch: WireBatch, answer: StagAnswer, message: str) -> tuple[int, str]:
-        size = batch.count
+    def _batch_delivered(self, size: int) -> None:
+        self._metrics.batches_sent.inc()
+        self._metrics.batch_size.observe(size)
+        self._batches_sent += 1
+
+    def _rejected(
+        self,
+        request: IngestRequest,
+        answer: StagAnswer,
+        message: str,
+        *,
+        reason: str | None = None,
+    ) -> tuple[int, str]:
+        size = request.count
         self._metrics.events_dropped.labels("rejected").inc(size)
         self._held -= size
         preview = answer.text()[:_ANSWER_PREVIEW]
+        fields: dict[str, object] = {"reason": reason} if reason is not None else {}
         logger.warning(
-            message, status=answer.status, batch_id=batch.batch_id, events=size, answer=preview
+            message,
+            status=answer.status,
+            **request.log_fields(),
+            events=size,
+            answer=preview,
+            **fields,
         )
         return answer.status, preview
+
+    def _unsendable(self, batch: WireBatch, exc: SpatialEventError) -> tuple[int, str]:
+        """A batch the configured format cannot express: rejected without a request."""
+        size = batch.count
+        self._metrics.events_dropped.labels("rejected").inc(size)
+        self._held -= size
+        logger.error(
+            "a batch the spatial-event format cannot carry: rejected, not sent",
+            batch_id=batch.batch_id,
+            events=size,
+            reason=str(exc),
+            fix=(
+                "it was spooled while stag.format was batch (mesh deltas): deliver it to a"
+                " STAG that takes the batch format (stag.format: batch), or leave it as a"
+                " dead letter"
+            ),
+        )
+        return 0, f"not sent: {exc}"[:_ANSWER_PREVIEW]
 
     def _answered(self, status: int, sent: float) -> None:
         if self._misconfigured_since is not None and sent < self._misconfigured_at:
