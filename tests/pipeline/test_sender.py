@@ -13,7 +13,7 @@ import random
 import socket
 import ssl
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import attrs
@@ -26,6 +26,7 @@ import trustme
 
 from stag_relay.pipeline.sender import Shipment, StagSender
 from stag_relay.protocol.events import Anchor, Batch, Event, MeshUpdate, to_wire
+from stag_relay.protocol.spatial_event import encode_wire, spatial_event_id
 from stag_relay.service.config import StagConfig
 from stag_relay.service.metrics import RelayMetrics
 from tests.support.raw_http import Peer, RawServer, serve_all
@@ -802,3 +803,280 @@ async def test_an_answer_to_a_request_sent_before_the_episode_does_not_end_it(
             await send.aclose()
     assert sender.state() == "reachable"
     assert state_lines(logs) == [(CONFIG_LOG, "error"), (CLEARED_LOG, "info")]
+
+
+# -- stag.format: spatial-event ------------------------------------------------------------
+
+INGEST = "/api/v1/ingest"
+Answerer = Callable[[dict[str, Any]], tuple[int, bytes]]
+
+
+def spatial_config(server_url: str, **changes: Any) -> StagConfig:
+    return config(server_url, format="spatial-event", ingest_path=INGEST, **changes)
+
+
+def lower_stag(body: dict[str, Any]) -> tuple[int, bytes]:
+    """tabularxr/stag's 200: success, the event id, and how many items it processed."""
+    processed = len(body["anchors"]) + len(body["meshes"])
+    answer = {"success": True, "event_id": body["event_id"], "processed": processed}
+    return 200, json.dumps(answer).encode()
+
+
+def stag_like(answer: Answerer) -> Callable[[Peer], Awaitable[None]]:
+    """A connection handler answering each SpatialEvent with ``answer(body)``."""
+
+    async def handler(peer: Peer) -> None:
+        while (received := await peer.request()) is not None:
+            await peer.answer(*answer(json.loads(received.body)))
+
+    return handler
+
+
+def two_sessions(batch_id: str) -> Batch:
+    """Events of sessions "s" and "t" interleaved: 3 of "s" (poses and a mesh), 2 of "t"."""
+    return Batch(
+        batch_id,
+        (event(0, "s"), event(1, "t"), event(2, "s"), event(3, "s"), event(4, "t")),
+    )
+
+
+@attrs.define
+class Outcome:
+    delivered: int = 0
+    rejected: list[tuple[int, str]] = attrs.Factory(list)
+
+    def shipment(self, b: Batch) -> Shipment:
+        def on_delivered() -> None:
+            self.delivered += 1
+
+        return Shipment(to_wire(b), on_delivered, lambda *refusal: self.rejected.append(refusal))
+
+
+async def ship(sender: StagSender, *shipments: Shipment) -> None:
+    send, recv = trio.open_memory_channel[Shipment](0)
+    with trio.fail_after(GUARD):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(sender.run, recv)
+            async with send:
+                for s in shipments:
+                    await send.send(s)
+
+
+async def test_spatial_event_posts_one_request_per_session(nursery: trio.Nursery) -> None:
+    stag = await RawServer(stag_like(lower_stag)).start(nursery)
+    metrics = RelayMetrics()
+    sender = StagSender(
+        spatial_config(stag.url, max_in_flight=1), metrics, relay_id=RELAY_ID, version=VERSION
+    )
+    b = two_sessions("batch-1")
+    outcome = Outcome()
+    await ship(sender, outcome.shipment(b))
+
+    expected = encode_wire(to_wire(b))
+    assert [r.body for r in stag.requests] == [r.body for r in expected]
+    assert [r.target for r in stag.requests] == [INGEST, INGEST]
+    assert [r.headers["idempotency-key"] for r in stag.requests] == [
+        spatial_event_id("batch-1", "s"),
+        spatial_event_id("batch-1", "t"),
+    ]
+    assert [json.loads(r.body)["event_id"] for r in stag.requests] == [r.event_id for r in expected]
+    # One slot: the batch's requests go in turn, on the slot's one connection.
+    assert stag.connections == 1
+    assert (outcome.delivered, outcome.rejected) == (1, [])
+    assert sample(metrics, "relay_stag_requests_total", outcome="success") == 2
+    assert sample(metrics, "relay_events_sent_total") == 5
+    assert sample(metrics, "relay_batches_sent_total") == 1
+    assert sample(metrics, "relay_batch_size_sum") == 5
+    assert sender.status()["events_sent"] == 5
+    assert sender.status()["batches_sent"] == 1
+    assert sender.held_events() == 0
+
+
+async def test_spatial_event_retries_send_the_same_event_id_and_bytes(
+    nursery: trio.Nursery,
+) -> None:
+    seen: dict[str, int] = {}
+
+    def flaky(body: dict[str, Any]) -> tuple[int, bytes]:
+        # Each session's request fails twice (503, then 500) before it is taken.
+        seen[body["session_id"]] = seen.get(body["session_id"], 0) + 1
+        return (503, b"") if seen[body["session_id"]] <= 2 else lower_stag(body)
+
+    stag = await RawServer(stag_like(flaky)).start(nursery)
+    metrics = RelayMetrics()
+    sender = StagSender(spatial_config(stag.url), metrics, relay_id=RELAY_ID, version=VERSION)
+    await ship(sender, Shipment(to_wire(two_sessions("b"))))
+
+    by_key: dict[str, set[bytes]] = {}
+    for r in stag.requests:
+        by_key.setdefault(r.headers["idempotency-key"], set()).add(r.body)
+    assert {key: len(bodies) for key, bodies in by_key.items()} == {
+        spatial_event_id("b", "s"): 1,
+        spatial_event_id("b", "t"): 1,
+    }
+    assert len(stag.requests) == 6
+    assert sample(metrics, "relay_stag_requests_total", outcome="retry") == 4
+    assert sample(metrics, "relay_events_sent_total") == 5
+
+
+@pytest.mark.parametrize(
+    ("answer", "reason"),
+    [
+        (b'{"success":false,"event_id":"%s","processed":3}', "success false"),
+        (b'{"success":true,"event_id":"%s","processed":2}', "processed 2 for 3 items"),
+        (b'{"success":true,"event_id":"another","processed":3}', 'event_id "another"'),
+        (b'{"message":"ok","event_id":"%s","anchors_count":1,"meshes_count":1}', "anchors_count"),
+    ],
+)
+async def test_a_200_that_contradicts_the_request_is_rejected_and_logged(
+    nursery: trio.Nursery, answer: bytes, reason: str
+) -> None:
+    def contradict(body: dict[str, Any]) -> tuple[int, bytes]:
+        return 200, answer.replace(b"%s", body["event_id"].encode())
+
+    stag = await RawServer(stag_like(contradict)).start(nursery)
+    metrics = RelayMetrics()
+    sender = StagSender(spatial_config(stag.url), metrics, relay_id=RELAY_ID, version=VERSION)
+    b = Batch("c", (event(0, "s"), event(1, "s"), event(2, "s")))  # 2 anchors, 1 mesh
+    outcome = Outcome()
+    with structlog.testing.capture_logs() as logs:
+        await ship(sender, outcome.shipment(b))
+
+    # Not retried: STAG answered, and what it answered is final.
+    assert len(stag.requests) == 1
+    sent_answer = answer.replace(b"%s", spatial_event_id("c", "s").encode()).decode()
+    assert (outcome.delivered, outcome.rejected) == (0, [(200, sent_answer)])
+    assert sample(metrics, "relay_stag_requests_total", outcome="rejected") == 1
+    assert sample(metrics, "relay_stag_requests_total", outcome="success") == 0
+    assert sample(metrics, "relay_events_dropped_total", reason="rejected") == 3
+    assert sample(metrics, "relay_events_sent_total") == 0
+    assert sender.held_events() == 0
+    [line] = [e for e in logs if e["event"] == "STAG answered 200 but contradicts the request"]
+    assert line["log_level"] == "warning"
+    assert (line["status"], line["answer"], line["events"]) == (200, sent_answer, 3)
+    assert (line["batch_id"], line["session_id"]) == ("c", "s")
+    assert line["event_id"] == spatial_event_id("c", "s")
+    assert reason in line["reason"]
+
+
+@pytest.mark.parametrize("answer", [b'{"status":"ok"}', b"OK", b"", b"[1,2]"])
+async def test_a_200_saying_nothing_checkable_is_a_delivery(
+    nursery: trio.Nursery, answer: bytes
+) -> None:
+    stag = await RawServer(stag_like(lambda body: (200, answer))).start(nursery)
+    metrics = RelayMetrics()
+    sender = StagSender(spatial_config(stag.url), metrics, relay_id=RELAY_ID, version=VERSION)
+    outcome = Outcome()
+    await ship(sender, outcome.shipment(two_sessions("d")))
+    assert (outcome.delivered, outcome.rejected) == (1, [])
+    assert sample(metrics, "relay_events_sent_total") == 5
+
+
+async def test_one_session_rejected_counts_each_sessions_events_exactly(
+    nursery: trio.Nursery,
+) -> None:
+    def refuse_s(body: dict[str, Any]) -> tuple[int, bytes]:
+        if body["session_id"] == "s":
+            return 400, b'{"details":"EOF","error":"Validation error"}'
+        return lower_stag(body)
+
+    stag = await RawServer(stag_like(refuse_s)).start(nursery)
+    metrics = RelayMetrics()
+    sender = StagSender(spatial_config(stag.url), metrics, relay_id=RELAY_ID, version=VERSION)
+    outcome = Outcome()
+    with structlog.testing.capture_logs() as logs:
+        await ship(sender, outcome.shipment(two_sessions("e")))
+
+    # "s" was refused first, and "t" still went; the batch is refused once, after both.
+    assert [json.loads(r.body)["session_id"] for r in stag.requests] == ["s", "t"]
+    assert outcome.delivered == 0
+    assert outcome.rejected == [(400, '{"details":"EOF","error":"Validation error"}')]
+    assert sample(metrics, "relay_events_sent_total") == 2
+    assert sample(metrics, "relay_events_dropped_total", reason="rejected") == 3
+    assert sample(metrics, "relay_stag_requests_total", outcome="success") == 1
+    assert sample(metrics, "relay_stag_requests_total", outcome="rejected") == 1
+    assert sample(metrics, "relay_batches_sent_total") == 0
+    assert sender.status()["events_sent"] == 2
+    assert sender.held_events() == 0
+    [line] = [e for e in logs if e["event"] == "STAG rejected a spatial event"]
+    assert (line["status"], line["session_id"], line["events"]) == (400, "s", 3)
+
+
+async def test_spatial_event_404_is_a_misconfiguration_episode(
+    nursery: trio.Nursery,
+) -> None:
+    requests = 0
+
+    def moved(body: dict[str, Any]) -> tuple[int, bytes]:
+        nonlocal requests
+        requests += 1
+        return (404, b"404 page not found") if requests <= 3 else lower_stag(body)
+
+    stag = await RawServer(stag_like(moved)).start(nursery)
+    metrics = RelayMetrics()
+    sender = StagSender(spatial_config(stag.url), metrics, relay_id=RELAY_ID, version=VERSION)
+    outcome = Outcome()
+    with structlog.testing.capture_logs() as logs:
+        await ship(sender, outcome.shipment(two_sessions("f")))
+    assert (outcome.delivered, outcome.rejected) == (1, [])
+    assert sample(metrics, "relay_stag_requests_total", outcome="misconfigured") == 3
+    assert sample(metrics, "relay_events_dropped_total", reason="rejected") == 0
+    assert sample(metrics, "relay_events_sent_total") == 5
+    assert state_lines(logs) == [(CONFIG_LOG, "error"), (CLEARED_LOG, "info")]
+    [error] = [e for e in logs if e["event"] == CONFIG_LOG]
+    assert error["url"] == stag.url + INGEST
+    assert "stag.ingest_path" in error["fix"]
+    assert sender.state() == "reachable"
+
+
+async def test_spatial_event_413_splits_a_sessions_events(nursery: trio.Nursery) -> None:
+    def at_most_two(body: dict[str, Any]) -> tuple[int, bytes]:
+        if len(body["anchors"]) + len(body["meshes"]) > 2:
+            return 413, b"request entity too large"
+        return lower_stag(body)
+
+    stag = await RawServer(stag_like(at_most_two)).start(nursery)
+    metrics = RelayMetrics()
+    sender = StagSender(spatial_config(stag.url), metrics, relay_id=RELAY_ID, version=VERSION)
+    b = Batch("g", tuple(event(n, "s") for n in range(5)))
+    outcome = Outcome()
+    await ship(sender, outcome.shipment(b))
+
+    bodies = [json.loads(r.body) for r in stag.requests]
+    delivered = [body for body in bodies if len(body["anchors"]) + len(body["meshes"]) <= 2]
+    assert [body["event_id"] for body in delivered] == [
+        spatial_event_id("g.0", "s"),
+        spatial_event_id("g.1.0", "s"),
+        spatial_event_id("g.1.1", "s"),
+    ]
+    timestamps = [item["timestamp"] for body in delivered for item in body["anchors"]]
+    timestamps += [item["timestamp"] for body in delivered for item in body["meshes"]]
+    assert sorted(timestamps) == [e.timestamp for e in b.events]
+    assert (outcome.delivered, outcome.rejected) == (1, [])
+    assert sample(metrics, "relay_stag_requests_total", outcome="too_large") == 2
+    assert sample(metrics, "relay_events_sent_total") == 5
+    # The relay's batch, not the requests it was sent as.
+    assert sample(metrics, "relay_batches_sent_total") == 1
+
+
+async def test_a_batch_with_a_relay_delta_is_rejected_unsent(nursery: trio.Nursery) -> None:
+    stag = await RawServer(stag_like(lower_stag)).start(nursery)
+    metrics = RelayMetrics()
+    sender = StagSender(spatial_config(stag.url), metrics, relay_id=RELAY_ID, version=VERSION)
+    delta = MeshUpdate("anchor-456", True, base_event_id="s-e1", removed_faces="", added="")
+    spooled = Batch("h", (event(0, "s"), Event("s-e3", "s", 3, 3, 3, "mesh", (), (delta,))))
+    outcome = Outcome()
+    with structlog.testing.capture_logs() as logs:
+        await ship(sender, outcome.shipment(spooled), outcome.shipment(two_sessions("i")))
+
+    assert [json.loads(r.body)["session_id"] for r in stag.requests] == ["s", "t"]
+    assert outcome.delivered == 1
+    [(status, answer)] = outcome.rejected
+    assert status == 0
+    assert answer.startswith("not sent: ") and "relay mesh delta" in answer
+    assert sample(metrics, "relay_events_dropped_total", reason="rejected") == 2
+    assert sample(metrics, "relay_events_sent_total") == 5
+    assert sender.held_events() == 0
+    [line] = [e for e in logs if e["event"].startswith("a batch the spatial-event format")]
+    assert (line["log_level"], line["batch_id"], line["events"]) == ("error", "h", 2)
+    assert "stag.format: batch" in line["fix"]
