@@ -48,7 +48,7 @@ import structlog
 import trio
 import trio_parallel  # type: ignore[import-untyped]
 
-from stag_relay.pipeline.meshworker import init_worker, run_job, worker_pid
+from stag_relay.pipeline.meshworker import decode_job, init_worker, run_job, worker_pid
 from stag_relay.protocol.events import MeshUpdate
 from stag_relay.protocol.mesh import MeshError, MeshJob, MeshOutcome, MeshSettings
 from stag_relay.protocol.packets import MeshData
@@ -247,17 +247,23 @@ async def open_mesh_pipeline(
     workers: int,
     metrics: MeshMetrics,
     job_timeout: float = JOB_TIMEOUT,
-    work: Callable[[MeshJob], MeshOutcome] = run_job,
+    deltas: bool = True,
+    work: Callable[[MeshJob], MeshOutcome] | None = None,
 ) -> AsyncIterator[MeshPipeline]:
     """Yield the pipeline of ``workers`` worker processes; they start with the first mesh.
 
     On exit, after the caller has finished with the pipeline, the workers (if any
-    were started) are stopped. ``work`` is the job function run in the workers: a module-level
-    function (workers import it by name), :func:`stag_relay.pipeline.meshworker.run_job` or, in
-    tests, a wrapper around it.
+    were started) are stopped. Without ``deltas`` every update goes full: the workers
+    only decode and check each mesh (``stag.format: spatial-event``, whose STAGs know
+    no relay deltas). ``work`` is the job function run in the workers: a module-level
+    function (workers import it by name); unset,
+    :func:`stag_relay.pipeline.meshworker.run_job` or, without ``deltas``,
+    :func:`~stag_relay.pipeline.meshworker.decode_job`; in tests, a wrapper around them.
     """
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
+    if work is None:
+        work = run_job if deltas else decode_job
     init = functools.partial(init_worker, settings, settings.max_state_bytes // workers)
     async with AsyncExitStack() as stack:
         # A context starts no process until its first job.

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from typing import TYPE_CHECKING, Final
 
-from stag_relay.protocol.mesh import MeshJob, MeshOutcome, MeshSettings
+from stag_relay.protocol.mesh import VERTICES_PATH, MeshError, MeshJob, MeshOutcome, MeshSettings
 
 if TYPE_CHECKING:
     from stag_relay.protocol.geometry import MeshStore
@@ -67,6 +68,35 @@ def run_job(job: MeshJob) -> MeshOutcome:
     if _worker_store is None:
         raise RuntimeError("init_worker() has not run in this process")
     return _worker_store.update(job)
+
+
+def decode_job(job: MeshJob) -> MeshOutcome:
+    """The worker's entry point when meshes always go full (``stag.format:
+    spatial-event``): decode and check ``job``'s mesh with the limits :func:`run_job`
+    applies, and nothing else. No diff, and no base held: none would ever be used."""
+    if _worker_store is None:
+        raise RuntimeError("init_worker() has not run in this process")
+    from stag_relay.protocol.geometry import decode_mesh  # loaded by init_worker
+
+    settings = _worker_store.settings
+    started = time.perf_counter()
+    try:
+        mesh = decode_mesh(
+            job.vertices,
+            job.faces,
+            max_vertices=settings.max_vertices,
+            max_faces=settings.max_faces,
+        )
+    except MeshError as exc:
+        return MeshOutcome(error=exc.message, decode_seconds=time.perf_counter() - started)
+    except MemoryError:
+        # The address-space limit (init_worker) turned a decompression bomb into this.
+        return MeshOutcome(error=f"{VERTICES_PATH}: too large to decode")
+    return MeshOutcome(
+        vertex_count=mesh.vertex_count,
+        face_count=mesh.face_count,
+        decode_seconds=time.perf_counter() - started,
+    )
 
 
 def worker_pid() -> int:

@@ -192,7 +192,11 @@ class Relay:
             # Mesh workers are processes: started by the first mesh packet, stopped after
             # the shutdown sequence (a mesh still being diffed then is counted lost).
             async with open_mesh_pipeline(
-                settings, workers=mesh.workers, metrics=self.metrics.mesh
+                settings,
+                workers=mesh.workers,
+                metrics=self.metrics.mesh,
+                # The spatial-event STAGs take full meshes only.
+                deltas=self.config.stag.format == "batch",
             ) as meshes:
                 self.gate.meshes = meshes
                 self.delivery.meshes = meshes

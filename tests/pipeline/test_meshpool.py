@@ -157,6 +157,31 @@ async def test_invalid_meshes_are_errors_and_keep_the_base() -> None:
         assert sample(registry, "relay_mesh_updates_total", kind="full") == 1
 
 
+async def test_without_deltas_every_mesh_goes_full_with_the_clients_buffers() -> None:
+    """stag.format spatial-event: decoded and checked, never diffed, nothing held."""
+    async with pipeline(deltas=False) as (mesh_pipeline, registry):
+        for i in range(4):
+            vertices = scan(10 + i)
+            update = await mesh_pipeline.process("s", f"e{i}", MeshData("a", vertices, ""))
+            deliver(mesh_pipeline, event(f"e{i}", update))
+            assert update == MeshUpdate(
+                "a",
+                False,
+                vertices,
+                "",
+                vertex_count=decode_mesh(vertices).vertex_count,
+                face_count=decode_mesh(vertices).face_count,
+            )
+        with pytest.raises(MeshError, match=r"^\$\.data\.mesh\.vertices: not Draco data$"):
+            await mesh_pipeline.process("s", "e9", MeshData("a", b64(b"nope"), ""))
+        with pytest.raises(MeshError, match="too large"):
+            await mesh_pipeline.process("s", "e10", MeshData("b", b64(decompression_bomb()), ""))
+        assert sample(registry, "relay_mesh_updates_total", kind="full") == 4
+        assert sample(registry, "relay_mesh_updates_total", kind="delta") == 0
+        assert sample(registry, "relay_mesh_decode_seconds_count") == 6
+        assert sample(registry, "relay_mesh_state_bytes") == 0
+
+
 def mutations(data: bytes, rng: np.random.Generator, count: int) -> list[bytes]:
     """Bit flips anywhere, header bytes overwritten, truncations."""
     out = []
