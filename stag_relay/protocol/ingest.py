@@ -32,8 +32,6 @@ from stag_relay.protocol.spatial_event import (
     encode_events,
 )
 
-FORMATS = ("batch", "spatial-event")
-
 
 class IngestRequest(Protocol):
     """One request's worth of a batch, sent (and retried) as it is."""
@@ -142,7 +140,7 @@ class SessionRequest:
 
 
 def requests_for(format: str, wire: WireBatch) -> tuple[IngestRequest, ...]:
-    """The requests that deliver ``wire`` in ``format`` (one of :data:`FORMATS`).
+    """The requests that deliver ``wire`` in ``format`` (``stag.format``).
 
     Raises :class:`~stag_relay.protocol.spatial_event.SpatialEventError` for a batch
     the spatial-event format cannot carry.
