@@ -152,13 +152,14 @@ class Gate:
             return
         bound = log.bind(conn=next(self._ids), peer=request.peer)
         async with trio.open_nursery() as nursery:
+            dialect = self.dialect(request)
             connection = Connection(
                 self,
                 stream,
                 bound,
                 nursery,
-                acks=_wants_acks(request.query),
-                dialect=self.dialect(request),
+                acks=dialect.acknowledges and _wants_acks(request.query),
+                dialect=dialect,
             )
             self._opened(connection)
             try:

@@ -29,7 +29,7 @@ from stag_relay.protocol.events import Event, Origin
 from stag_relay.protocol.limits import InvalidStreak, ReadThrottle
 from stag_relay.protocol.outbox import JsonReplies, Outbox, ReplyShapes
 from stag_relay.protocol.packets import MeshData, Packet, PacketError, parse_packet
-from stag_relay.protocol.sessions import SessionLimitError, Sessions
+from stag_relay.protocol.sessions import KeyedUpdate, SessionLimitError, Sessions
 from stag_relay.protocol.websocket import Beat, Binary, Close, FrameReader, Ping, Pong, Violation
 
 PING_TIMEOUT_REASON: Final = "ping timeout"
@@ -42,6 +42,15 @@ class Reply:
     frame: bytes
 
 
+class Update(KeyedUpdate, Protocol):
+    """A packet of a dialect without frame numbers, as its dialect decoded it."""
+
+    def lane_mesh(self) -> MeshData | None:
+        """The mesh the mesh workers must check first (None: a pose, or a mesh that
+        goes on as it came)."""
+        ...
+
+
 class Dialect(ReplyShapes, Protocol):
     """How one kind of client speaks: what its messages mean and how replies look.
 
@@ -50,14 +59,20 @@ class Dialect(ReplyShapes, Protocol):
     """
 
     @property
+    def acknowledges(self) -> bool:
+        """Whether its clients may ask for acknowledgements (``?ack=1``)."""
+        ...
+
+    @property
     def mark_binary(self) -> bool:
         """Binary messages reach :meth:`decode` as ``websocket.Binary`` (else as bytes,
         like text)."""
         ...
 
-    def decode(self, message: bytes | Binary) -> Packet | Reply:
-        """One message as a packet, or as an answer the client is owed and nothing
-        else; raises ``packets.PacketError`` when it is invalid."""
+    def decode(self, message: bytes | Binary) -> Packet | Update | Reply:
+        """One message as a packet (with a frame number, or an :class:`Update` without
+        one), or as an answer the client is owed and nothing else; raises
+        ``packets.PacketError`` when it is invalid."""
         ...
 
 
@@ -65,8 +80,9 @@ class SeedDialect(JsonReplies):
     """The seed dialect: each text or binary message is one JSON packet."""
 
     mark_binary = False
+    acknowledges = True
 
-    def decode(self, message: bytes | Binary) -> Packet | Reply:
+    def decode(self, message: bytes | Binary) -> Packet | Update | Reply:
         return parse_packet(message.payload if isinstance(message, Binary) else message)
 
 
@@ -193,13 +209,32 @@ class ConnectionCore:
                 packets += 1
                 try:
                     decoded = dialect.decode(item)
-                    if type(decoded) is Reply:
+                    if isinstance(decoded, Reply):
                         self.invalid.valid()
                         if not outbox.reply(now, decoded.frame):
                             suppressed += 1
                         wrote = True
                         continue
-                    assert isinstance(decoded, Packet)
+                    if not isinstance(decoded, Packet):
+                        kind: PacketKind = "pose" if decoded.key[0] == "pose" else "mesh"
+                        if self.session_id is None:
+                            sessions.attach(decoded.session_id, now)
+                            self.session_id = decoded.session_id
+                        update_event = sessions.accept_update(
+                            decoded, received_at_ms=received_at_ms, origin=origin
+                        )
+                        self.invalid.valid()
+                        if update_event is None:
+                            duplicates[kind] = duplicates.get(kind, 0) + 1
+                            continue
+                        accepted += 1
+                        lane_mesh = decoded.lane_mesh()
+                        if lane_mesh is not None:
+                            meshes += 1
+                            steps.append(MeshHandoff(update_event, lane_mesh))
+                        else:
+                            steps.append(update_event)
+                        continue
                     packet = decoded
                     if self.session_id is None:
                         sessions.attach(packet.session_id, now)

@@ -466,6 +466,7 @@ class BinaryJson:
     the session fixed at the upgrade."""
 
     mark_binary = True
+    acknowledges = False
 
     def __init__(self, session_id: str) -> None:
         self.session_id = session_id
