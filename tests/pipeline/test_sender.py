@@ -1,5 +1,6 @@
-"""The STAG client against a real HTTP server (the stand-in in tests/support; a scripted
-trio server, tests/support/raw_http.py, where an answer must misbehave at the byte level).
+"""The STAG client against a real HTTP server: the sink (stag_relay.tools.sink), in a
+thread (tests/support/stag_server.py) or, where an answer must misbehave at the byte
+level, with the test's own connection handler (tests/support/raw_http.py).
 
 Real sockets run in real time, so retries use tiny delays and the tests wait for
 outcomes (the stand-in's condition variable, the sender's state), never for a time.
@@ -635,7 +636,7 @@ async def test_a_wrong_ingest_path_holds_the_batches_until_stag_serves_it(
     [error] = [e for e in logs if e["event"] == CONFIG_LOG]
     assert error["url"] == server.url + "/v2/ingest"
     assert error["status"] == 404
-    assert error["answer"] == '{"error":"not found"}'
+    assert error["answer"] == '{"error":"no such endpoint: /v2/ingest"}'
     assert "stag.ingest_path" in error["fix"]
     [cleared] = [e for e in logs if e["event"] == CLEARED_LOG]
     assert cleared["status"] == 200
@@ -664,7 +665,7 @@ async def test_a_wrong_api_key_holds_the_batch_until_stag_takes_it(
     assert state_lines(logs) == [(CONFIG_LOG, "error"), (CLEARED_LOG, "info")]
     [error] = [e for e in logs if e["event"] == CONFIG_LOG]
     assert error["status"] == 401
-    assert error["answer"] == '{"error":"invalid or missing API key"}'
+    assert error["answer"] == '{"error":"missing or wrong X-API-Key"}'
     assert "stag.api_key" in error["fix"]
     # The key itself is never logged.
     assert "old-key" not in repr(logs)
