@@ -206,7 +206,7 @@ class Sink:
                 for listener in tcp
             ]
         task_status.started(self.port)
-        await trio.serve_listeners(self._serve_connection, listeners)
+        await trio.serve_listeners(self.serve_connection, listeners)
 
     def poke(self) -> None:
         """Look at the ledger again: call after resuming its programme from outside a
@@ -219,7 +219,8 @@ class Sink:
         while self.closed < count:
             await self._closing.wait()
 
-    async def _serve_connection(self, stream: trio.abc.Stream) -> None:
+    async def serve_connection(self, stream: trio.abc.Stream) -> None:
+        """Serve one accepted connection with the handler, and close it."""
         self.connections += 1
         try:
             await self.handler(Peer(stream, self))
