@@ -3,6 +3,7 @@ its programme of misbehaviour, wire formats."""
 
 from __future__ import annotations
 
+import argparse
 import math
 from typing import Any
 
@@ -18,6 +19,9 @@ from stag_relay.tools.sink import (
     Ledger,
     Reply,
     Request,
+    Sink,
+    configure_parser,
+    settings_from_args,
 )
 
 
@@ -411,3 +415,28 @@ def test_another_wire_format_is_one_class() -> None:
     assert ledger.answer(post(b"{}", path="/api/v1/ingest")).status == 400
     assert (ledger.events, ledger.duplicate_batches, ledger.bad_requests) == (1, 1, 1)
     assert ledger.events_by_type == {"pose": 1}
+
+
+# --- command line --------------------------------------------------------------------
+
+
+def sink_for(*argv: str) -> Sink:
+    parser = argparse.ArgumentParser()
+    configure_parser(parser)
+    return Sink(settings_from_args(parser.parse_args(argv)))
+
+
+def test_the_command_line_programs_the_ledger() -> None:
+    sink = sink_for(
+        "--port", "0", "--ingest-path", "/v2", "--fail", "503", "--for", "10s",
+        "--api-key", "k", "--max-events", "5",
+    )  # fmt: skip
+    ledger = sink.ledger
+    assert (ledger.ingest_path, ledger.api_key, ledger.programme.max_events) == ("/v2", "k", 5)
+    assert ledger.failures == (FailurePlan(503, duration=10.0),)
+    assert sink_for().ledger.programme.max_events is None
+
+
+def test_a_failure_window_without_a_status_is_refused() -> None:
+    with pytest.raises(ValueError, match="--fail"):
+        sink_for("--for", "10s")

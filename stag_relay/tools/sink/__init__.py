@@ -19,7 +19,14 @@ The bookkeeping (:mod:`.ledger`: :class:`Ledger`, :class:`Programme`,
 the command.
 """
 
-from stag_relay.tools.sink.cli import configure_parser, live_line, main, print_summary, run
+from stag_relay.tools.sink.cli import (
+    configure_parser,
+    live_line,
+    main,
+    print_summary,
+    run,
+    settings_from_args,
+)
 from stag_relay.tools.sink.ledger import (
     DEFAULT_INGEST_PATH,
     MAX_BODY_BYTES,
@@ -71,4 +78,5 @@ __all__ = [
     "main",
     "print_summary",
     "run",
+    "settings_from_args",
 ]

@@ -61,6 +61,12 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--delay", type=duration_argument, default=0.0, help="wait this long before each answer"
     )
+    parser.add_argument(
+        "--max-events",
+        type=int,
+        metavar="N",
+        help="answer 413 to a batch of more than N events (the relay splits it)",
+    )
     parser.add_argument("--duration", type=duration_argument, help="stop after this long")
     parser.add_argument(
         "--json", metavar="PATH", help="write the summary as JSON to PATH ('-': stdout)"
@@ -91,6 +97,7 @@ def settings_from_args(args: argparse.Namespace) -> SinkSettings:
         failures=failures,
         api_key=args.api_key,
         delay=args.delay,
+        max_events=args.max_events,
     )
 
 

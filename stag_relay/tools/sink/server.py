@@ -136,6 +136,8 @@ class SinkSettings:
     api_key: str | None = None
     # Added before every answer: STAG's own processing time.
     delay: float = 0.0
+    # A batch of more events than this gets 413, as STAG answers one over its limit.
+    max_events: int | None = None
     # Serve HTTPS with this context.
     tls: ssl.SSLContext | None = None
 
@@ -144,7 +146,8 @@ class Sink:
     """The HTTP server: ``await nursery.start(sink.run)`` gives the bound port.
 
     ``ledger``: the bookkeeping to answer from (by default one made from ``settings``,
-    whose ``ingest_path``, ``api_key`` and ``failures`` are then the ledger's).
+    whose ``ingest_path``, ``api_key``, ``failures`` and ``max_events`` are then the
+    ledger's).
     ``handler``: what serves each connection instead of the ledger.
     ``guard`` and ``on_change``: for a ledger shared with another thread, a lock held
     while the server touches the ledger or its own counters, and what to call (lock
@@ -163,15 +166,14 @@ class Sink:
         keep_requests: bool = False,
     ) -> None:
         self.settings = settings
-        self.ledger = (
-            ledger
-            if ledger is not None
-            else Ledger(
+        if ledger is None:
+            ledger = Ledger(
                 failures=settings.failures,
                 ingest_path=settings.ingest_path,
                 api_key=settings.api_key,
             )
-        )
+            ledger.programme.max_events = settings.max_events
+        self.ledger = ledger
         self.handler: Handler = handler if handler is not None else self.serve_ledger
         self._guard = guard if guard is not None else contextlib.nullcontext()
         self._on_change = on_change if on_change is not None else _nothing
