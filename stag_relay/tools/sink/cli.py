@@ -16,8 +16,6 @@ from stag_relay.service.config import duration_argument
 from stag_relay.tools.sink.ledger import DEFAULT_INGEST_PATH, FailurePlan, LatencyHistogram, Ledger
 from stag_relay.tools.sink.server import DEFAULT_HOST, DEFAULT_PORT, Sink, SinkSettings
 
-# --- command line ---------------------------------------------------------------------
-
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default=DEFAULT_HOST, help=f"address (default {DEFAULT_HOST})")
