@@ -697,6 +697,8 @@ async def test_an_outage_inside_an_episode_does_not_end_it(
     server.fail_next(404, times=2)
     server.fail_next(502, times=2)
     server.drop_next()
+    # The retry after the drop waits while the test looks at the sender.
+    server.hold_next()
     with structlog.testing.capture_logs() as logs:
         run = run_sender(sender)
         await run.send.send(Shipment(to_wire(batch("r", 0, 1))))
@@ -704,6 +706,7 @@ async def test_an_outage_inside_an_episode_does_not_end_it(
         await wait_until(lambda: failures(sender) >= 5, what="5 failures")
         assert (sender.state(), sender.status()["last_status"]) == ("misconfigured", 502)
         assert misconfigured_gauge(metrics)["404"] == 1
+        server.resume()
         await run.send.aclose()
         with trio.fail_after(GUARD):
             await run.done.wait()

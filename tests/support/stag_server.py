@@ -148,6 +148,12 @@ class StagServer:
         """Close the connection without answering the next ``times`` requests."""
         self.script(*[Reply(close=True, delay=delay)] * times)
 
+    def hold_next(self) -> None:
+        """Hold the next request, and every one after it, until ``resume()``: where a
+        test must look at the relay between two answers (after the programmed ones
+        already queued)."""
+        self.script(Reply(hold=True))
+
     def fail_for(
         self,
         status: int,
@@ -186,8 +192,10 @@ class StagServer:
             self._ledger.programme.paused = True
 
     def resume(self) -> None:
+        """Answer the held requests, and hold no more (a ``hold_next`` not reached yet
+        included)."""
         with self._cond:
-            self._ledger.programme.paused = False
+            self._ledger.programme.resume()
         self._poke()
 
     def reset(self) -> None:

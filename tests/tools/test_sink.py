@@ -440,3 +440,25 @@ def test_the_command_line_programs_the_ledger() -> None:
 def test_a_failure_window_without_a_status_is_refused() -> None:
     with pytest.raises(ValueError, match="--fail"):
         sink_for("--for", "10s")
+
+
+def test_a_hold_pauses_from_the_request_that_finds_it() -> None:
+    ledger = Ledger(keep=True, clock=Clock())
+    programme = ledger.programme
+    programme.script.extend([Reply(503), Reply(hold=True), Reply(502)])
+    programme.arrive()
+    assert ledger.answer(post(batch("b", pose(1, 1)), "b")).status == 503
+    programme.arrive()
+    assert programme.paused
+    programme.resume()
+    # Held, then answered from what comes after the hold.
+    assert ledger.answer(post(batch("b", pose(1, 1)), "b")).status == 502
+    assert statuses(ledger) == [503, 502]
+
+
+def test_resuming_before_a_hold_is_reached_cancels_it() -> None:
+    programme = Ledger(clock=Clock()).programme
+    programme.script.extend([Reply(hold=True), Reply(hold=True)])
+    programme.resume()
+    programme.arrive()
+    assert (programme.paused, list(programme.script)) == (False, [])

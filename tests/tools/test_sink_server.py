@@ -128,3 +128,19 @@ async def test_a_head_answer_has_no_body() -> None:
             data += chunk
     assert data.startswith(b"HTTP/1.1 405 ")
     assert data.endswith(b"\r\n\r\n")
+
+
+async def test_a_scripted_hold_waits_for_the_request_that_finds_it() -> None:
+    sink = Sink(SinkSettings())
+    sink.ledger.programme.script.extend([Reply(503), Reply(hold=True)])
+    client, server = trio.testing.memory_stream_pair()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(sink.serve_connection, server)
+        await client.send_all(post(batch("a")))
+        assert status_of(await read_answer(client)) == 503
+        await client.send_all(post(batch("a"), close=True))
+        await trio.testing.wait_all_tasks_blocked()
+        assert (sink.in_flight, sink.ledger.programme.paused) == (1, True)
+        sink.ledger.programme.resume()
+        sink.poke()
+        assert status_of(await read_answer(client)) == 200

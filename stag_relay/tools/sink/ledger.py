@@ -159,13 +159,17 @@ class FailurePlan:
 @attrs.frozen
 class Reply:
     """One programmed answer. ``body`` ``None``: the stand-in's own for the status;
-    ``delay``: seconds before it goes out; ``close``: hang up instead of answering."""
+    ``delay``: seconds before it goes out; ``close``: hang up instead of answering.
+    ``hold``: no answer but a pause from this request on, until resumed: the one
+    request that finds it waits, then takes the next reply (a pause that starts at a
+    known request, where a test must see the relay between two answers)."""
 
     status: int = 200
     retry_after: str | None = None
     body: bytes | None = None
     delay: float = 0.0
     close: bool = False
+    hold: bool = False
 
 
 @attrs.define
@@ -187,13 +191,27 @@ class Programme:
     # Requests wait (in the server) while this is set.
     paused: bool = False
 
+    def arrive(self) -> None:
+        """A request arrived: a hold first in the script pauses from here on."""
+        while self.script and self.script[0].hold:
+            self.script.popleft()
+            self.paused = True
+
     def take(self, now: float) -> Reply | None:
         """The programmed reply for a request arriving ``now``, if any (one-offs used up)."""
+        self.arrive()
         if self.script:
             return self.script.popleft()
         if now < self.window_until:
             return self.window_reply
         return None
+
+    def resume(self) -> None:
+        """Hold nothing any more: neither the requests held now, nor the next one if a
+        hold is waiting for it."""
+        while self.script and self.script[0].hold:
+            self.script.popleft()
+        self.paused = False
 
     def reset(self) -> None:
         """Forget every programmed failure and the pause."""

@@ -245,6 +245,7 @@ class Sink:
             with self._guard:
                 self.in_flight += 1
                 self.max_in_flight = max(self.max_in_flight, self.in_flight)
+                self.ledger.programme.arrive()
                 self._on_change()
             try:
                 await self._unpaused()
