@@ -54,6 +54,7 @@ class StagServer:
         self._thread: threading.Thread | None = None
         self._token: trio.lowlevel.TrioToken | None = None
         self._cancel: trio.CancelScope | None = None
+        self._failed: list[BaseException] = []
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -63,12 +64,12 @@ class StagServer:
         # A restart binds the port it had.
         self._sink.settings = SinkSettings(host=self.host, port=self._port)
         ready = threading.Event()
-        failed: list[BaseException] = []
+        failed = self._failed = []
 
         def serve() -> None:
             try:
                 trio.run(self._serve, ready)
-            except BaseException as exc:  # reported by start(), in the caller's thread
+            except BaseException as exc:  # reported by start() or stop(), in the test's thread
                 failed.append(exc)
             finally:
                 ready.set()
@@ -100,6 +101,9 @@ class StagServer:
             token.run_sync_soon(cancel.cancel)
         thread.join()
         self._thread = self._token = self._cancel = None
+        if self._failed:
+            # The server died under the test: that is the test's failure, not silence.
+            raise self._failed[0]
 
     def __enter__(self) -> StagServer:
         return self.start()
