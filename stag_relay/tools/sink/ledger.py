@@ -6,10 +6,11 @@
 1. ``GET /stats`` and ``GET /health`` are the stand-in's own; any other path than
    ``ingest_path`` gets 404, another method 405, a body over the limit 413, and a
    missing or wrong ``X-API-Key`` 401 when ``api_key`` is set;
-2. the :class:`Programme`'s one-off replies (``script``), in order;
-3. the programme's failure window (``fail_for``);
+2. the :class:`Programme`'s one-off replies (``script``), in order (a ``hold`` among
+   them is no answer: the server holds requests from the one that finds it);
+3. the programme's failure window (:meth:`Ledger.fail_for`);
 4. the scheduled failures (:class:`FailurePlan`, the command line's ``--fail``);
-5. the programme's ``reject_all``;
+5. the programme's ``reject``, for every request until reset;
 6. the wire format's verdict on the body (400 for what is not a delivery), the
    programme's event limit (413), then 200, once per ``Idempotency-Key``.
 
