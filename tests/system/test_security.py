@@ -34,7 +34,7 @@ from tests.support.clients import connect_relay, pose_packet
 from tests.support.hostile import SOCKET_TIMEOUT, RawWebSocket, Rejected, read_until_closed
 from tests.support.relays import RelayProcess, http_get, make_config
 from tests.support.stag_server import StagServer
-from tests.support.waiting import poll_until
+from tests.support.waiting import poll_until, wait_until
 
 KEYS = ("k-one-0123456789", "k-two-0123456789")
 # Packets a client that never reads may send before the test calls the relay stuck:
@@ -364,13 +364,6 @@ def test_tls_files_must_be_a_matching_pair(
 
 
 # --- connection and head limits -------------------------------------------------------
-
-
-async def wait_until(condition: Callable[[], bool]) -> None:
-    """Poll ``condition`` (state another thread or the relay changes) until it holds."""
-    with trio.fail_after(SOCKET_TIMEOUT):
-        while not condition():  # noqa: ASYNC110 - no event to wait on for these
-            await trio.sleep(0.01)
 
 
 async def test_beyond_max_connections_the_upgrade_gets_503(
