@@ -59,6 +59,11 @@ class Dialect(ReplyShapes, Protocol):
     """
 
     @property
+    def name(self) -> str:
+        """The ``dialect`` label of ``relay_packets_total``."""
+        ...
+
+    @property
     def acknowledges(self) -> bool:
         """Whether its clients may ask for acknowledgements (``?ack=1``)."""
         ...
@@ -79,6 +84,7 @@ class Dialect(ReplyShapes, Protocol):
 class SeedDialect(JsonReplies):
     """The seed dialect: each text or binary message is one JSON packet."""
 
+    name = "streamkit"
     mark_binary = False
     acknowledges = True
 
@@ -124,8 +130,10 @@ class Read:
     # Events to queue and meshes for the mesh lane, in the order their packets came:
     # what came before a mesh must not wait behind it.
     steps: list[Event | MeshHandoff]
-    # How many of ``steps`` are MeshHandoff (0: every step is an Event).
+    # How many of ``steps`` are MeshHandoff (0: every step is an Event), and how many
+    # are mesh events that skip the lane (the SDK's own deltas).
     meshes: int = 0
+    mesh_events: int = 0
     # Data messages read, packets accepted, duplicates by packet type, invalid
     # messages by packet type (``unknown`` when it could not be told).
     packets: int = 0
@@ -202,7 +210,7 @@ class ConnectionCore:
         duplicates: dict[PacketKind, int] = {}
         invalid: dict[PacketKind, int] = {}
         ending: Ending | None = None
-        packets = accepted = meshes = suppressed = 0
+        packets = accepted = meshes = mesh_events = suppressed = 0
         wrote = False
         for item in items:
             if type(item) is bytes or type(item) is Binary:
@@ -233,6 +241,7 @@ class ConnectionCore:
                             meshes += 1
                             steps.append(MeshHandoff(update_event, lane_mesh))
                         else:
+                            mesh_events += kind == "mesh"
                             steps.append(update_event)
                         continue
                     packet = decoded
@@ -303,7 +312,16 @@ class ConnectionCore:
             if not meshes:
                 self.handed_over()
         return Read(
-            steps, meshes, packets, accepted, duplicates, invalid, suppressed, wrote, ending
+            steps,
+            meshes,
+            mesh_events,
+            packets,
+            accepted,
+            duplicates,
+            invalid,
+            suppressed,
+            wrote,
+            ending,
         )
 
     def handed_over(self) -> None:

@@ -560,6 +560,7 @@ class SdkDialect:
     ``timestamp`` (Unix milliseconds).
     """
 
+    name = "sdk"
     mark_binary = True
     acknowledges = False
 

@@ -36,7 +36,13 @@ from stag_relay.protocol.mesh import MeshSettings
 from stag_relay.protocol.sdk import SDK_PATH, SdkDialect, session_from_query
 from stag_relay.protocol.sessions import Sessions
 from stag_relay.service.config import Config, redact_url
-from stag_relay.service.metrics import DROP_REASONS, PACKET_STATUSES, PACKET_TYPES, RelayMetrics
+from stag_relay.service.metrics import (
+    DIALECTS,
+    DROP_REASONS,
+    PACKET_STATUSES,
+    PACKET_TYPES,
+    RelayMetrics,
+)
 from stag_relay.service.systemd import Notifier, StatusSnapshot, run_watchdog
 from stag_relay.service.tls import TlsError, reload_certificate, server_context
 from stag_relay.service.workers import (
@@ -522,8 +528,14 @@ class Relay:
             },
             "packets": {
                 packet_type: {
-                    status: int(
-                        sample("relay_packets_total", {"type": packet_type, "status": status})
+                    status: sum(
+                        int(
+                            sample(
+                                "relay_packets_total",
+                                {"type": packet_type, "status": status, "dialect": dialect},
+                            )
+                        )
+                        for dialect in DIALECTS
                     )
                     for status in PACKET_STATUSES
                 }

@@ -465,6 +465,7 @@ class BinaryJson:
     """A dialect unlike the seed one: binary messages only, its own ping, its own replies,
     the session fixed at the upgrade."""
 
+    name = "binary-json"
     mark_binary = True
     acknowledges = False
 

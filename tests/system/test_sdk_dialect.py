@@ -81,7 +81,7 @@ async def test_the_sdk_fixtures_arrive_as_events_and_ping_gets_a_binary_pong(
     assert {e["session_id"] for e in events} == {SESSION_ID}
     pose = next(e for e in events if e["type"] == "pose")
     (anchor,) = pose["anchors"]
-    assert anchor["anchor_id"] == ANCHOR_ID
+    assert anchor["id"] == ANCHOR_ID
     # The SDK's seconds since 2001-01-01, in Unix milliseconds.
     assert pose["timestamp"] == round(POSE_UNIX_SECONDS * 1000)
     meshes = [e["meshes"][0] for e in events if e["type"] == "mesh"]
@@ -105,7 +105,7 @@ async def test_invalid_messages_get_a_binary_error_and_the_connection_lives(
     relay = await start_relay(nursery, stag, batch={"max_size": 1})
     bad_pose = wsmessage(
         "anchor_update",
-        anchor_inner((0.0, 1e9, 0.0), (0.0, 0.0, 0.0, 1.0), POSE_UNIX_SECONDS),
+        anchor_inner((0.0, 5000.0, 0.0), (0.0, 0.0, 0.0, 1.0), POSE_UNIX_SECONDS),
         timestamp=1,
     )
     bomb = sdk_compress(b"\0" * (64 * 1024 * 1024))
@@ -149,7 +149,7 @@ async def test_the_upgrade_names_the_session_and_the_dialects_stay_apart(
 
     assert await trio.to_thread.run_sync(refused, "/api/v1/ws") == 400
     assert await trio.to_thread.run_sync(refused, "/api/v1/ws?session_id=") == 400
-    status, _, body = await trio.to_thread.run_sync(http_get, port, "/api/v1/ws")
+    status, _, _ = await trio.to_thread.run_sync(http_get, port, "/api/v1/ws")
     assert status == 426
 
     def seed_packet_on_sdk_path() -> dict[str, Any]:
@@ -168,6 +168,6 @@ async def test_the_upgrade_names_the_session_and_the_dialects_stay_apart(
 
     reply = await trio.to_thread.run_sync(other_session)
     assert "sessionId" in json.loads(base64.b64decode(reply["data"]))["message"]
-    assert packets(relay, "unknown", "invalid", "sdk") + packets(
-        relay, "pose", "invalid", "sdk"
-    ) == 2
+    assert (
+        packets(relay, "unknown", "invalid", "sdk") + packets(relay, "pose", "invalid", "sdk") == 2
+    )

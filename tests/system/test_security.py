@@ -490,7 +490,12 @@ async def test_message_size_is_enforced_on_whole_and_fragmented_messages(
     # Fragments of 500 bytes: none is over the limit, the message they make is.
     big = padded(3, 1500)
     assert await in_thread(send, [big[i : i + 500] for i in range(0, 1500, 500)]) == 1009
-    assert sample(relay, "relay_packets_total", type="unknown", status="too_large") == 2
+    assert (
+        sample(
+            relay, "relay_packets_total", type="unknown", status="too_large", dialect="streamkit"
+        )
+        == 2
+    )
 
 
 async def test_compression_is_declined_so_the_size_limit_is_the_decoded_size(
