@@ -12,6 +12,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from stag_relay.protocol.events import Anchor, Batch, Event
+from stag_relay.protocol.spatial_event import Delivered, check_answer, encode_batch
 from stag_relay.tools.sink import (
     Delivery,
     FailurePlan,
@@ -20,6 +22,7 @@ from stag_relay.tools.sink import (
     Reply,
     Request,
     Sink,
+    SpatialEventFormat,
     configure_parser,
     settings_from_args,
 )
@@ -405,6 +408,9 @@ class OneEventFormat:
             return "an event needs event_id"
         return Delivery(event["event_id"], [event], event)
 
+    def accepted(self, delivery: Delivery, duplicate: bool) -> object:
+        return {"ok": True}
+
 
 def test_another_wire_format_is_one_class() -> None:
     ledger = Ledger(wire_format=OneEventFormat(), keep=True, clock=Clock())
@@ -462,3 +468,126 @@ def test_resuming_before_a_hold_is_reached_cancels_it() -> None:
     programme.resume()
     programme.arrive()
     assert (programme.paused, list(programme.script)) == (False, [])
+
+
+# --- the spatial-event format: the public STAGs' ingest API --------------------------
+
+
+def spatial_event(**changes: object) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "session_id": "s",
+        "event_id": "e-1",
+        "timestamp": 1_700_000_000_000,
+        "anchors": [
+            {
+                "id": "a",
+                "session_id": "s",
+                "pose": {"x": 0.0, "y": 1.0, "z": 2.0, "rotation": [0.0, 0.0, 0.0, 1.0]},
+                "timestamp": 1_700_000_000_000,
+            }
+        ],
+        "meshes": [
+            {
+                "id": "m",
+                "anchor_id": "a",
+                "vertices": "QUJD",
+                "faces": "",
+                "is_delta": False,
+                "compression_level": 5,
+                "timestamp": 1_700_000_000_001,
+            }
+        ],
+    }
+    body.update(changes)
+    return body
+
+
+def test_a_spatial_event_is_answered_as_tabularxr_stag_does_and_counted_per_item() -> None:
+    ledger = Ledger(wire_format=SpatialEventFormat(), keep=True, clock=Clock())
+    assert ledger.ingest_path == "/api/v1/ingest"
+    body = orjson.dumps(spatial_event())
+    answer = ledger.answer(post(body, "e-1", path="/api/v1/ingest"))
+    assert answer.status == 200
+    assert orjson.loads(answer.body) == {"success": True, "event_id": "e-1", "processed": 2}
+    # A retry (same Idempotency-Key) is answered alike and not recorded twice.
+    again = ledger.answer(post(body, "e-1", path="/api/v1/ingest"))
+    assert orjson.loads(again.body)["processed"] == 2
+    summary = ledger.summary()
+    assert (summary["batches"], summary["events"]) == (1, 2)
+    assert summary["events_by_type"] == {"pose": 1, "mesh": 1}
+    assert summary["mesh_chars"] == len("QUJD")
+    assert ledger.accepted == [spatial_event()]
+
+
+@pytest.mark.parametrize(
+    ("changes", "field"),
+    [
+        ({"session_id": ""}, "session_id"),
+        ({"event_id": None}, "event_id"),
+        ({"timestamp": 0}, "timestamp"),
+        ({"timestamp": 1.5}, "timestamp"),
+        ({"anchors": [{"id": "a", "session_id": "s"}]}, "anchors[0].timestamp"),
+        ({"anchors": [{"session_id": "s", "timestamp": 1}]}, "anchors[0].id"),
+        ({"meshes": [{"id": "m", "timestamp": 1}]}, "meshes[0].anchor_id"),
+        (
+            {"meshes": [{"id": "m", "anchor_id": "a", "timestamp": 1, "compression_level": 10}]},
+            "meshes[0].compression_level",
+        ),
+    ],
+)
+def test_what_the_stags_bindings_refuse_gets_400_naming_the_field(
+    changes: dict[str, object], field: str
+) -> None:
+    ledger = Ledger(wire_format=SpatialEventFormat(), keep=True, clock=Clock())
+    answer = ledger.answer(post(orjson.dumps(spatial_event(**changes)), path="/api/v1/ingest"))
+    assert answer.status == 400
+    assert field in orjson.loads(answer.body)["error"]
+    assert ledger.accepted == []
+
+
+@given(
+    st.lists(
+        st.tuples(st.sampled_from(["s1", "s2", "s3"]), st.integers(1, 10**6)),
+        min_size=1,
+        max_size=20,
+    )
+)
+def test_every_request_the_relay_encodes_passes_the_stags_bindings(
+    poses: list[tuple[str, int]],
+) -> None:
+    events = tuple(
+        Event(
+            f"id-{n}",
+            session,
+            n,
+            1_700_000_000_000 + stamp,
+            1_700_000_000_000 + stamp,
+            "pose",
+            (Anchor("anchor", 0.0, 1.0, 2.0, (0.0, 0.0, 0.0, 1.0), 1_700_000_000_000 + stamp),),
+            (),
+        )
+        for n, (session, stamp) in enumerate(poses)
+    )
+    fmt = SpatialEventFormat()
+    requests = encode_batch(Batch("batch-1", events))
+    assert {r.session_id for r in requests} == {session for session, _ in poses}
+    for request in requests:
+        parsed = fmt.parse(request.body)
+        assert isinstance(parsed, Delivery), parsed
+        answer = fmt.accepted(parsed, duplicate=False)
+        assert check_answer(request, orjson.dumps(answer)) == Delivered()
+    assert sum(r.anchors for r in requests) == len(poses)
+
+
+def test_the_command_line_picks_the_format_and_its_path() -> None:
+    parser = argparse.ArgumentParser()
+    configure_parser(parser)
+    settings = settings_from_args(parser.parse_args(["--format", "spatial-event"]))
+    sink = Sink(settings)
+    assert isinstance(sink.ledger.wire_format, SpatialEventFormat)
+    assert sink.ledger.ingest_path == "/api/v1/ingest"
+    moved = settings_from_args(
+        parser.parse_args(["--format", "spatial-event", "--ingest-path", "/x"])
+    )
+    assert Sink(moved).ledger.ingest_path == "/x"
+    assert Sink(settings_from_args(parser.parse_args([]))).ledger.ingest_path == "/ingest"

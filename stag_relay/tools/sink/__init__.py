@@ -41,6 +41,7 @@ from stag_relay.tools.sink.ledger import (
     Programme,
     Reply,
     Request,
+    SpatialEventFormat,
     WireFormat,
 )
 from stag_relay.tools.sink.server import (
@@ -72,6 +73,7 @@ __all__ = [
     "Request",
     "Sink",
     "SinkSettings",
+    "SpatialEventFormat",
     "WireFormat",
     "configure_parser",
     "live_line",

@@ -13,7 +13,14 @@ from typing import Any, TextIO
 import trio
 
 from stag_relay.service.config import duration_argument
-from stag_relay.tools.sink.ledger import DEFAULT_INGEST_PATH, FailurePlan, LatencyHistogram, Ledger
+from stag_relay.tools.sink.ledger import (
+    DEFAULT_INGEST_PATH,
+    SPATIAL_EVENT_PATH,
+    WIRE_FORMATS,
+    FailurePlan,
+    LatencyHistogram,
+    Ledger,
+)
 from stag_relay.tools.sink.server import DEFAULT_HOST, DEFAULT_PORT, Sink, SinkSettings
 
 
@@ -23,9 +30,18 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         "--port", type=int, default=DEFAULT_PORT, help=f"port, 0 for any (default {DEFAULT_PORT})"
     )
     parser.add_argument(
+        "--format",
+        dest="wire_format",
+        choices=sorted(WIRE_FORMATS),
+        default="batch",
+        help="batch: the relay's batches (stag.format batch, the default); spatial-event: "
+        "one SpatialEvent per request, read and answered as the public STAGs "
+        "(tabularxr/stag, tabularxr/Stag) do",
+    )
+    parser.add_argument(
         "--ingest-path",
-        default=DEFAULT_INGEST_PATH,
-        help=f"path batches are POSTed to (default {DEFAULT_INGEST_PATH})",
+        help=f"path batches are POSTed to (default {DEFAULT_INGEST_PATH}; "
+        f"{SPATIAL_EVENT_PATH} with --format spatial-event)",
     )
     parser.add_argument(
         "--fail", type=int, metavar="STATUS", help="answer this status (e.g. 503) on a schedule"
@@ -92,6 +108,7 @@ def settings_from_args(args: argparse.Namespace) -> SinkSettings:
         host=args.host,
         port=args.port,
         ingest_path=args.ingest_path,
+        wire_format=args.wire_format,
         failures=failures,
         api_key=args.api_key,
         delay=args.delay,

@@ -318,6 +318,10 @@ class WireFormat(Protocol):
 
     def parse(self, body: bytes) -> Delivery | str: ...
 
+    def accepted(self, delivery: Delivery, duplicate: bool) -> object:
+        """The 200 answer's JSON for an accepted body (``duplicate``: seen before)."""
+        ...
+
 
 class BatchFormat:
     """The relay's batch: ``{"batch_id": ..., "events": [...]}``, POSTed to ``/ingest``."""
@@ -339,6 +343,86 @@ class BatchFormat:
         if not all(type(e) is dict for e in events):
             return "every event must be an object"
         return Delivery(batch_id, events, batch)
+
+    def accepted(self, delivery: Delivery, duplicate: bool) -> object:
+        if duplicate:
+            return {"status": "duplicate", "accepted": 0}
+        return {"status": "ok", "accepted": len(delivery.events)}
+
+
+SPATIAL_EVENT_PATH: Final = "/api/v1/ingest"
+# What the public STAGs' gin bindings require (tabularxr/Stag's SpatialEvent, and
+# the anchor and mesh fields both STAGs key their storage on).
+_EVENT_FIELDS: Final = ("session_id", "event_id", "timestamp")
+_ANCHOR_FIELDS: Final = ("id", "session_id", "timestamp")
+_MESH_FIELDS: Final = ("id", "anchor_id", "timestamp")
+_MAX_COMPRESSION_LEVEL: Final = 9
+
+
+class SpatialEventFormat:
+    """The public STAGs' ingest API (tabularxr/stag, tabularxr/Stag): one
+    ``SpatialEvent`` per ``POST /api/v1/ingest``, ``{"session_id", "event_id",
+    "timestamp", "anchors": [...], "meshes": [...]}``, answered as tabularxr/stag does:
+    ``{"success": true, "event_id", "processed": anchors + meshes}``. A body their
+    bindings would refuse gets 400 with the field. Each anchor counts as a pose
+    event and each mesh as a mesh event, for the figures."""
+
+    name: str = "spatial-event"
+    default_path: str = SPATIAL_EVENT_PATH
+
+    def parse(self, body: bytes) -> Delivery | str:
+        try:
+            event = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            return "body is not JSON"
+        if type(event) is not dict:
+            return "body is not a JSON object"
+        problem = _required(event, _EVENT_FIELDS, "")
+        if problem is not None:
+            return problem
+        anchors, meshes = event.get("anchors") or [], event.get("meshes") or []
+        if type(anchors) is not list or type(meshes) is not list:
+            return "anchors and meshes must be arrays"
+        events: list[dict[str, Any]] = []
+        for i, anchor in enumerate(anchors):
+            if type(anchor) is not dict:
+                return f"anchors[{i}] must be an object"
+            problem = _required(anchor, _ANCHOR_FIELDS, f"anchors[{i}].")
+            if problem is not None:
+                return problem
+            events.append({"type": "pose", "timestamp": anchor["timestamp"]})
+        for i, mesh in enumerate(meshes):
+            if type(mesh) is not dict:
+                return f"meshes[{i}] must be an object"
+            problem = _required(mesh, _MESH_FIELDS, f"meshes[{i}].")
+            if problem is not None:
+                return problem
+            level = mesh.get("compression_level", 0)
+            if type(level) is not int or not 0 <= level <= _MAX_COMPRESSION_LEVEL:
+                return f"meshes[{i}].compression_level must be an integer from 0 to 9"
+            events.append({"type": "mesh", "timestamp": mesh["timestamp"], "meshes": [mesh]})
+        return Delivery(event["event_id"], events, event)
+
+    def accepted(self, delivery: Delivery, duplicate: bool) -> object:
+        return {"success": True, "event_id": delivery.key, "processed": len(delivery.events)}
+
+
+def _required(doc: dict[str, Any], fields: Sequence[str], where: str) -> str | None:
+    """What gin's ``binding:"required"`` says about ``doc``: a missing or zero field."""
+    for field in fields:
+        value = doc.get(field)
+        if field == "timestamp":
+            if type(value) is not int or value == 0:
+                return f"{where}{field} is required: a non-zero integer (Unix ms)"
+        elif type(value) is not str or not value:
+            return f"{where}{field} is required: a non-empty string"
+    return None
+
+
+WIRE_FORMATS: Final[dict[str, type[BatchFormat] | type[SpatialEventFormat]]] = {
+    "batch": BatchFormat,
+    "spatial-event": SpatialEventFormat,
+}
 
 
 def _json_answer(status: int, payload: object, *headers: tuple[str, str]) -> Answer:
@@ -473,13 +557,13 @@ class Ledger:
             self.failed_requests += 1
             return _json_answer(413, {"error": f"over {programme.max_events} events"})
         key = idempotency_key or parsed.key
-        if key in self._keys:
+        duplicate = key in self._keys
+        if duplicate:
             self.duplicate_batches += 1
-            outcome = {"status": "duplicate", "accepted": 0}
         else:
             self._remember(key)
             self._record(parsed, arrival)
-            outcome = {"status": "ok", "accepted": len(parsed.events)}
+        outcome = self.wire_format.accepted(parsed, duplicate)
         if reply is not None:
             return _reply_answer(reply, outcome)
         return _json_answer(200, outcome)
@@ -579,7 +663,16 @@ def _mesh_chars(event: dict[str, Any]) -> int:
         return 0
     for mesh in meshes:
         if type(mesh) is dict:
-            for field in ("vertices_delta", "faces_delta", "removed_faces", "added"):
+            # The batch format's fields, then the spatial-event format's.
+            for field in (
+                "vertices_delta",
+                "faces_delta",
+                "removed_faces",
+                "added",
+                "vertices",
+                "faces",
+                "delta_data",
+            ):
                 value = mesh.get(field)
                 if type(value) is str:
                     total += len(value)

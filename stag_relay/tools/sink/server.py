@@ -20,8 +20,8 @@ import trio
 
 from stag_relay import __version__
 from stag_relay.tools.sink.ledger import (
-    DEFAULT_INGEST_PATH,
     MAX_BODY_BYTES,
+    WIRE_FORMATS,
     FailurePlan,
     Ledger,
     Request,
@@ -130,7 +130,10 @@ Handler = Callable[[Peer], Awaitable[None]]
 class SinkSettings:
     host: str = DEFAULT_HOST
     port: int = DEFAULT_PORT
-    ingest_path: str = DEFAULT_INGEST_PATH
+    # None: the wire format's (/ingest for batches, /api/v1/ingest for spatial events).
+    ingest_path: str | None = None
+    # How bodies are read and answered: "batch" or "spatial-event" (WIRE_FORMATS).
+    wire_format: str = "batch"
     failures: tuple[FailurePlan, ...] = ()
     # When set, a batch without this X-API-Key gets 401, as STAG would answer.
     api_key: str | None = None
@@ -171,6 +174,7 @@ class Sink:
                 failures=settings.failures,
                 ingest_path=settings.ingest_path,
                 api_key=settings.api_key,
+                wire_format=WIRE_FORMATS[settings.wire_format](),
             )
             ledger.programme.max_events = settings.max_events
         self.ledger = ledger
