@@ -39,6 +39,7 @@ from urllib.parse import parse_qs
 import attrs
 import structlog
 import trio
+from prometheus_client import Counter
 
 from stag_relay.pipeline.eventqueue import EventSender
 from stag_relay.pipeline.front import ReplayStream
@@ -54,7 +55,7 @@ from stag_relay.protocol.connection import (
     RelayClose,
     SeedDialect,
 )
-from stag_relay.protocol.events import Event
+from stag_relay.protocol.events import Event, MeshUpdate
 from stag_relay.protocol.http import HttpRequest
 from stag_relay.protocol.mesh import MeshError
 from stag_relay.protocol.packets import MeshData
@@ -96,6 +97,39 @@ def seed_dialect(request: HttpRequest) -> Dialect:
     return SeedDialect()
 
 
+def _mesh_events(events: list[Event]) -> int:
+    return sum(1 for event in events if event.type == "mesh")
+
+
+def _with_client_fields(event: Event, update: MeshUpdate) -> MeshUpdate:
+    """The mesh workers' update with what the client's mesh carried beyond geometry
+    (the SDK's mesh id, normals, compression level), which they pass on untouched."""
+    sent = event.meshes[0] if event.meshes else None
+    if sent is None or sent.mesh_id is None:
+        return update
+    return attrs.evolve(
+        update,
+        mesh_id=sent.mesh_id,
+        normals=sent.normals,
+        compression_level=sent.compression_level,
+    )
+
+
+class PacketTally:
+    """One dialect's ``relay_packets_total`` children, bound once (labels() costs a lookup)."""
+
+    def __init__(self, metrics: RelayMetrics, dialect: str) -> None:
+        self.metrics = metrics
+        self.dialect = dialect
+        self.ok_pose = metrics.packet("pose", "ok", dialect)
+        self.ok_mesh = metrics.packet("mesh", "ok", dialect)
+        self.duplicate_pose = metrics.packet("pose", "duplicate", dialect)
+        self.duplicate_mesh = metrics.packet("mesh", "duplicate", dialect)
+
+    def packet(self, packet_type: str, status: str) -> Counter:
+        return self.metrics.packet(packet_type, status, self.dialect)
+
+
 class Gate:
     """What every connection shares: the sessions, the event queue, the metrics.
 
@@ -126,11 +160,8 @@ class Gate:
         self.events_in = 0
         # The mesh pipeline (worker processes), once the app has started it.
         self.meshes: MeshPipeline | None = None
-        # Counter children every connection uses, bound once.
-        self.ok_pose = metrics.packet("pose", "ok")
-        self.ok_mesh = metrics.packet("mesh", "ok")
-        self.duplicate_pose = metrics.packet("pose", "duplicate")
-        self.duplicate_mesh = metrics.packet("mesh", "duplicate")
+        # Counter children every connection uses, bound once per dialect.
+        self._tallies: dict[str, PacketTally] = {}
         self._ids = itertools.count(1)
         self._idle = trio.Event()
         self._idle.set()
@@ -152,13 +183,14 @@ class Gate:
             return
         bound = log.bind(conn=next(self._ids), peer=request.peer)
         async with trio.open_nursery() as nursery:
+            dialect = self.dialect(request)
             connection = Connection(
                 self,
                 stream,
                 bound,
                 nursery,
-                acks=_wants_acks(request.query),
-                dialect=self.dialect(request),
+                acks=dialect.acknowledges and _wants_acks(request.query),
+                dialect=dialect,
             )
             self._opened(connection)
             try:
@@ -167,6 +199,12 @@ class Gate:
             finally:
                 self._closed(connection)
                 nursery.cancel_scope.cancel()
+
+    def tally(self, dialect: str) -> PacketTally:
+        tally = self._tallies.get(dialect)
+        if tally is None:
+            tally = self._tallies[dialect] = PacketTally(self.metrics, dialect)
+        return tally
 
     def drain(self) -> None:
         """Shutdown step: every connection stops reading and closes with 1001."""
@@ -232,6 +270,9 @@ class Connection:
         self.stream = stream
         self.log = log
         settings = gate.websocket
+        dialect = dialect if dialect is not None else SeedDialect()
+        # This connection's relay_packets_total children.
+        self.tally = gate.tally(dialect.name)
         self.core = ConnectionCore(
             sessions=gate.sessions,
             max_message_size=settings.max_message_size,
@@ -371,8 +412,8 @@ class Connection:
             if read.meshes:
                 await self._hand_over(read.steps)
             else:
-                # No mesh among them: every step is an event.
-                await self._deliver(cast("list[Event]", read.steps), 0)
+                # Nothing for the mesh lane: every step is an event.
+                await self._deliver(cast("list[Event]", read.steps), read.mesh_events)
         return ending
 
     def _count(self, read: Read, elapsed: float) -> None:
@@ -384,21 +425,20 @@ class Connection:
                 metrics.processing_duration, elapsed / read.accepted, read.accepted
             )
         for kind, count in read.invalid.items():
-            metrics.packet(kind, "invalid").inc(count)
+            self.tally.packet(kind, "invalid").inc(count)
         if read.suppressed:
             metrics.error_replies_suppressed.inc(read.suppressed)
         duplicates = read.duplicates
         if duplicates:
             if pose := duplicates.get("pose"):
-                gate.duplicate_pose.inc(pose)
+                self.tally.duplicate_pose.inc(pose)
             if mesh := duplicates.get("mesh"):
-                gate.duplicate_mesh.inc(mesh)
+                self.tally.duplicate_mesh.inc(mesh)
 
     async def _hand_over(self, steps: list[Event | MeshHandoff]) -> None:
         """Events to the queue and meshes to the mesh lane, in order: what came before a
         mesh goes into the queue before the reader waits for a busy lane."""
         events: list[Event] = []
-        meshes = 0
         for step in steps:
             if type(step) is MeshHandoff:
                 if self.gate.meshes is not None:
@@ -407,13 +447,12 @@ class Connection:
                     await self._to_mesh_lane(step.event, step.mesh, events)
                     continue
                 events.append(step.event)
-                meshes += 1
             else:
                 assert isinstance(step, Event)
                 events.append(step)
         self.core.handed_over()
         if events:
-            await self._deliver(events, meshes)
+            await self._deliver(events, _mesh_events(events))
 
     async def _deliver(self, events: list[Event], meshes: int) -> None:
         """Put ``events`` (``meshes`` of them mesh events) into the queue, waiting for room.
@@ -438,9 +477,9 @@ class Connection:
         events.clear()
         gate.events_in += moved
         if moved > meshes:
-            gate.ok_pose.inc(moved - meshes)
+            self.tally.ok_pose.inc(moved - meshes)
         if meshes:
-            gate.ok_mesh.inc(meshes)
+            self.tally.ok_mesh.inc(meshes)
 
     async def _shielded_put(self, events: list[Event]) -> None:
         try:
@@ -469,7 +508,7 @@ class Connection:
             pass
         # The lane is busy: what this read produced so far goes first.
         if events:
-            await self._deliver(events, 0)
+            await self._deliver(events, _mesh_events(events))
         self.core.wait_begins(trio.current_time())
         sent = False
         try:
@@ -497,19 +536,19 @@ class Connection:
                     update = await meshes.process(event.session_id, event.event_id, mesh)
                 except MeshError as exc:
                     self._in_lane -= 1
-                    self.gate.metrics.packet("mesh", "invalid").inc()
+                    self.tally.packet("mesh", "invalid").inc()
                     if self.acks:
                         self.forget(1)
                     self._reply_error(exc.message, event.frame_number)
                     continue
-                done = [attrs.evolve(event, meshes=(update,))]
+                done = [attrs.evolve(event, meshes=(_with_client_fields(event, update),))]
                 self.gate.events.put_nowait(done)
                 if done:
                     await self._shielded_put(done)
                 self._in_lane -= 1
                 if not done:
                     self.gate.events_in += 1
-                    self.gate.ok_mesh.inc()
+                    self.tally.ok_mesh.inc()
         assert self._lane_done is not None
         self._lane_done.set()
 
@@ -661,7 +700,7 @@ class Connection:
             return
         if isinstance(ending, Violation):
             if ending.code == websocket.CLOSE_TOO_BIG:
-                self.gate.metrics.packet("unknown", "too_large").inc()
+                self.tally.packet("unknown", "too_large").inc()
                 self.log.info("message too large, connection closed", code=ending.code)
             else:
                 self.log.info("protocol violation, connection closed", code=ending.code)

@@ -127,7 +127,15 @@ class MeshPipeline:
             await self._start()
             held = shard.held.get(key)
             base = held.event_id if held is not None and held.delivered else None
-            job = MeshJob(session_id, mesh.anchor_id, event_id, base, mesh.vertices, mesh.faces)
+            job = MeshJob(
+                session_id,
+                mesh.anchor_id,
+                event_id,
+                base,
+                mesh.vertices,
+                mesh.faces,
+                mesh.encoding,
+            )
             outcome = await self._run(shard, job)
             shard.state_bytes = outcome.state_bytes
             self._metrics.state_bytes.set(sum(s.state_bytes for s in self._shards))

@@ -29,7 +29,7 @@ from stag_relay.protocol.events import Event, Origin
 from stag_relay.protocol.limits import InvalidStreak, ReadThrottle
 from stag_relay.protocol.outbox import JsonReplies, Outbox, ReplyShapes
 from stag_relay.protocol.packets import MeshData, Packet, PacketError, parse_packet
-from stag_relay.protocol.sessions import SessionLimitError, Sessions
+from stag_relay.protocol.sessions import KeyedUpdate, SessionLimitError, Sessions
 from stag_relay.protocol.websocket import Beat, Binary, Close, FrameReader, Ping, Pong, Violation
 
 PING_TIMEOUT_REASON: Final = "ping timeout"
@@ -42,6 +42,15 @@ class Reply:
     frame: bytes
 
 
+class Update(KeyedUpdate, Protocol):
+    """A packet of a dialect without frame numbers, as its dialect decoded it."""
+
+    def lane_mesh(self) -> MeshData | None:
+        """The mesh the mesh workers must check first (None: a pose, or a mesh that
+        goes on as it came)."""
+        ...
+
+
 class Dialect(ReplyShapes, Protocol):
     """How one kind of client speaks: what its messages mean and how replies look.
 
@@ -50,23 +59,36 @@ class Dialect(ReplyShapes, Protocol):
     """
 
     @property
+    def name(self) -> str:
+        """The ``dialect`` label of ``relay_packets_total``."""
+        ...
+
+    @property
+    def acknowledges(self) -> bool:
+        """Whether its clients may ask for acknowledgements (``?ack=1``)."""
+        ...
+
+    @property
     def mark_binary(self) -> bool:
         """Binary messages reach :meth:`decode` as ``websocket.Binary`` (else as bytes,
         like text)."""
         ...
 
-    def decode(self, message: bytes | Binary) -> Packet | Reply:
-        """One message as a packet, or as an answer the client is owed and nothing
-        else; raises ``packets.PacketError`` when it is invalid."""
+    def decode(self, message: bytes | Binary) -> Packet | Update | Reply:
+        """One message as a packet (with a frame number, or an :class:`Update` without
+        one), or as an answer the client is owed and nothing else; raises
+        ``packets.PacketError`` when it is invalid."""
         ...
 
 
 class SeedDialect(JsonReplies):
     """The seed dialect: each text or binary message is one JSON packet."""
 
+    name = "streamkit"
     mark_binary = False
+    acknowledges = True
 
-    def decode(self, message: bytes | Binary) -> Packet | Reply:
+    def decode(self, message: bytes | Binary) -> Packet | Update | Reply:
         return parse_packet(message.payload if isinstance(message, Binary) else message)
 
 
@@ -108,8 +130,10 @@ class Read:
     # Events to queue and meshes for the mesh lane, in the order their packets came:
     # what came before a mesh must not wait behind it.
     steps: list[Event | MeshHandoff]
-    # How many of ``steps`` are MeshHandoff (0: every step is an Event).
+    # How many of ``steps`` are MeshHandoff (0: every step is an Event), and how many
+    # are mesh events that skip the lane (the SDK's own deltas).
     meshes: int = 0
+    mesh_events: int = 0
     # Data messages read, packets accepted, duplicates by packet type, invalid
     # messages by packet type (``unknown`` when it could not be told).
     packets: int = 0
@@ -186,20 +210,40 @@ class ConnectionCore:
         duplicates: dict[PacketKind, int] = {}
         invalid: dict[PacketKind, int] = {}
         ending: Ending | None = None
-        packets = accepted = meshes = suppressed = 0
+        packets = accepted = meshes = mesh_events = suppressed = 0
         wrote = False
         for item in items:
             if type(item) is bytes or type(item) is Binary:
                 packets += 1
                 try:
                     decoded = dialect.decode(item)
-                    if type(decoded) is Reply:
+                    if isinstance(decoded, Reply):
                         self.invalid.valid()
                         if not outbox.reply(now, decoded.frame):
                             suppressed += 1
                         wrote = True
                         continue
-                    assert isinstance(decoded, Packet)
+                    if not isinstance(decoded, Packet):
+                        kind: PacketKind = "pose" if decoded.key[0] == "pose" else "mesh"
+                        if self.session_id is None:
+                            sessions.attach(decoded.session_id, now)
+                            self.session_id = decoded.session_id
+                        update_event = sessions.accept_update(
+                            decoded, received_at_ms=received_at_ms, origin=origin
+                        )
+                        self.invalid.valid()
+                        if update_event is None:
+                            duplicates[kind] = duplicates.get(kind, 0) + 1
+                            continue
+                        accepted += 1
+                        lane_mesh = decoded.lane_mesh()
+                        if lane_mesh is not None:
+                            meshes += 1
+                            steps.append(MeshHandoff(update_event, lane_mesh))
+                        else:
+                            mesh_events += kind == "mesh"
+                            steps.append(update_event)
+                        continue
                     packet = decoded
                     if self.session_id is None:
                         sessions.attach(packet.session_id, now)
@@ -268,7 +312,16 @@ class ConnectionCore:
             if not meshes:
                 self.handed_over()
         return Read(
-            steps, meshes, packets, accepted, duplicates, invalid, suppressed, wrote, ending
+            steps,
+            meshes,
+            mesh_events,
+            packets,
+            accepted,
+            duplicates,
+            invalid,
+            suppressed,
+            wrote,
+            ending,
         )
 
     def handed_over(self) -> None:

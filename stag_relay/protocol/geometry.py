@@ -20,6 +20,7 @@ is the recipe STAG follows to rebuild it.
 
 from __future__ import annotations
 
+import base64
 import binascii
 import time
 from collections import OrderedDict
@@ -129,6 +130,20 @@ def decode_mesh(
             f"(the vertices buffer holds {len(points)} vertices)"
         )
     return DecodedMesh(points, connectivity, points[connectivity])
+
+
+def decode_job(job: MeshJob, *, max_vertices: int, max_faces: int) -> DecodedMesh:
+    """Decode a job's mesh in its encoding: Draco, or the StreamKit SDK's buffer."""
+    if job.encoding == "sdk":
+        # Imported here: sdkmesh builds on this module's DecodedMesh.
+        from stag_relay.protocol.sdkmesh import decode_sdk_mesh
+
+        try:
+            buffer = base64.b64decode(job.vertices, validate=True)
+        except binascii.Error:
+            raise MeshError("$.data.vertices: not valid base64") from None
+        return decode_sdk_mesh(buffer, max_vertices=max_vertices, max_faces=max_faces)
+    return decode_mesh(job.vertices, job.faces, max_vertices=max_vertices, max_faces=max_faces)
 
 
 def _decode_draco(text: str, path: str) -> Any:
@@ -496,12 +511,7 @@ class MeshStore:
         settings = self.settings
         started = time.perf_counter()
         try:
-            mesh = decode_mesh(
-                job.vertices,
-                job.faces,
-                max_vertices=settings.max_vertices,
-                max_faces=settings.max_faces,
-            )
+            mesh = decode_job(job, max_vertices=settings.max_vertices, max_faces=settings.max_faces)
         except MeshError as exc:
             return self._invalid(job, exc.message, time.perf_counter() - started)
         except MemoryError:

@@ -58,6 +58,8 @@ class MeshJob:
     base_event_id: str | None
     vertices: str
     faces: str
+    # "draco" (base64 Draco) or "sdk" (base64 of the StreamKit SDK's mesh buffer).
+    encoding: str = "draco"
 
 
 @attrs.frozen(slots=True)

@@ -59,6 +59,9 @@ class Pose:
     rotation: tuple[float, float, float, float]
 
 
+MeshEncoding = Literal["draco", "sdk"]
+
+
 @attrs.frozen(slots=True)
 class MeshData:
     """A mesh packet's payload; ``vertices`` and ``faces`` are base64 text, untouched."""
@@ -66,6 +69,9 @@ class MeshData:
     anchor_id: str
     vertices: str
     faces: str  # "" when the client sent none
+    # What ``vertices`` holds: Draco (the seed dialect), or the StreamKit SDK's
+    # compressed mesh buffer (``stag_relay.protocol.sdkmesh``).
+    encoding: MeshEncoding = "draco"
 
 
 @attrs.frozen(slots=True)

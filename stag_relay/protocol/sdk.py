@@ -27,21 +27,26 @@ from __future__ import annotations
 
 import binascii
 import math
+from collections.abc import Callable
 from typing import Any, Final, Literal
+from urllib.parse import parse_qs
 
 import attrs
 import orjson
 
 from stag_relay.protocol import events
+from stag_relay.protocol.connection import Reply
 from stag_relay.protocol.packets import (
     MISSING,
     FieldError,
+    MeshData,
     PacketError,
     check_coordinate,
     check_id,
     check_rotation,
 )
 from stag_relay.protocol.sessions import id_hasher, next_event_id
+from stag_relay.protocol.websocket import Binary, binary_frame
 
 # Apple's reference date, 2001-01-01T00:00:00Z, in Unix milliseconds: the SDK
 # encodes a pose's Date as seconds since it (JSONEncoder's .deferredToDate).
@@ -125,6 +130,9 @@ class AnchorUpdate:
     def event_id(self) -> str:
         return sdk_event_id(self.session_id, "pose", self.anchor_id, self.timestamp)
 
+    def lane_mesh(self) -> None:
+        return None
+
     def to_event(self, received_at_ms: int, origin: events.Origin | None = None) -> events.Event:
         a, b, c, d = self.rotation
         # Checked to a squared norm in [0.9, 1.1]: never a division by zero.
@@ -181,6 +189,13 @@ class MeshUpdate:
     @property
     def event_id(self) -> str:
         return sdk_event_id(self.session_id, "mesh", self.mesh_id, self.timestamp)
+
+    def lane_mesh(self) -> MeshData | None:
+        """What the mesh workers check (and, for the ``batch`` format, diff): a full
+        mesh's buffer. None for the SDK's own delta, which nobody decodes."""
+        if self.is_delta:
+            return None
+        return MeshData(self.anchor_id, _b64encode(self.vertices), "", "sdk")
 
     def to_event(self, received_at_ms: int, origin: events.Origin | None = None) -> events.Event:
         data = _b64encode(self.vertices)
@@ -511,3 +526,64 @@ def encode_error(
     if trace_id is not None:
         reply["traceId"] = trace_id
     return orjson.dumps(reply)
+
+
+# Where the SDK connects: it replaces its server URL's path with this one.
+SDK_PATH: Final = "/api/v1/ws"
+
+
+def session_from_query(query: str) -> str:
+    """The session an SDK upgrade names in its URL (``?session_id=<id>``).
+
+    Raises ``ValueError`` with the message for the 400 answer when there is none,
+    several, or one that is not an id.
+    """
+    values = parse_qs(query, keep_blank_values=True).get("session_id", [])
+    if not values:
+        raise ValueError(
+            f"{SDK_PATH} needs the session in the URL: {SDK_PATH}?session_id=<id> "
+            "(the StreamKit SDK adds it)"
+        )
+    if len(values) > 1:
+        raise ValueError(f"session_id is given {len(values)} times in the URL: give it once")
+    try:
+        return check_id(values[0], "session_id")
+    except FieldError as exc:
+        raise ValueError(f"{exc} (in the URL's query)") from None
+
+
+class SdkDialect:
+    """The SDK's dialect on one connection, whose session the upgrade's URL named.
+
+    Every reply is a binary frame holding a ``WSMessage``: the SDK ignores text
+    frames. It has no acknowledgements. ``wall_ms`` is the clock of the replies'
+    ``timestamp`` (Unix milliseconds).
+    """
+
+    name = "sdk"
+    mark_binary = True
+    acknowledges = False
+
+    def __init__(self, session_id: str, wall_ms: Callable[[], int]) -> None:
+        self.session_id = session_id
+        self._wall_ms = wall_ms
+
+    def decode(self, message: bytes | Binary) -> AnchorUpdate | MeshUpdate | Reply:
+        if isinstance(message, Binary):
+            parsed = parse_message(message.payload, binary=True, session_id=self.session_id)
+        else:
+            parsed = parse_message(message, binary=False, session_id=self.session_id)
+        if isinstance(parsed, Ping):
+            pong = encode_pong(self.session_id, self._wall_ms(), parsed.trace_id)
+            return Reply(binary_frame(pong))
+        return parsed
+
+    def error_frame(
+        self, code: str, message: str, frame_number: int | None, suppressed: int
+    ) -> bytes:
+        if suppressed:
+            message = f"{message} ({suppressed} earlier error replies were not sent)"
+        return binary_frame(encode_error(self.session_id, self._wall_ms(), code, message))
+
+    def ack_frame(self, session_id: str, frame_numbers: list[int]) -> bytes:
+        raise NotImplementedError("the SDK dialect has no acknowledgements")

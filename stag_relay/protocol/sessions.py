@@ -18,7 +18,7 @@ import hashlib
 import math
 import uuid
 from collections import OrderedDict
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Final, Protocol
 
 import attrs
 
@@ -84,6 +84,19 @@ def event_id(session_id: str, type: str, frame_number: int) -> str:
     return next_event_id(id_hasher(session_id, type), frame_number)
 
 
+class KeyedUpdate(Protocol):
+    """A packet of a dialect without frame numbers (the StreamKit SDK's): what makes
+    it unique within its session is ``key``, (kind, anchor or mesh id, timestamp)."""
+
+    @property
+    def session_id(self) -> str: ...
+
+    @property
+    def key(self) -> tuple[str, str, int]: ...
+
+    def to_event(self, received_at_ms: int, origin: Origin | None = None) -> Event: ...
+
+
 def pose_anchor_id(session_id: str) -> str:
     """The id of a session's pose anchor: one per session, the same on every relay."""
     return "anchor_" + uuid.uuid5(NAMESPACE, session_id).hex
@@ -104,6 +117,9 @@ class _Session:
     # each, which a session that never sends (an idle connection) does not pay.
     pose_ids: HASH | None = None
     mesh_ids: HASH | None = None
+    # (kind, id) -> the timestamp last accepted, for packets without frame numbers;
+    # least recently updated first, created on the first such packet.
+    last_keyed: OrderedDict[tuple[str, str], int] | None = None
 
 
 class Sessions:
@@ -251,3 +267,24 @@ class Sessions:
             (MeshUpdate(mesh.anchor_id, False, mesh.vertices, mesh.faces),),
             origin,
         )
+
+    def accept_update(
+        self, update: KeyedUpdate, *, received_at_ms: int, origin: Origin | None = None
+    ) -> Event | None:
+        """:meth:`accept` for a packet without a frame number: stale when its timestamp
+        is not later than the last accepted one of the same kind and id (a resend
+        after a reconnect, or an update overtaken by a newer one)."""
+        session = self._sessions[update.session_id]
+        kind, item, timestamp = update.key
+        seen = session.last_keyed
+        if seen is None:
+            seen = session.last_keyed = OrderedDict()
+        last = seen.get((kind, item))
+        if last is not None:
+            if timestamp <= last:
+                return None
+            seen.move_to_end((kind, item))
+        elif len(seen) >= MAX_MESH_ANCHORS_PER_SESSION:
+            seen.popitem(last=False)
+        seen[(kind, item)] = timestamp
+        return update.to_event(received_at_ms, origin)

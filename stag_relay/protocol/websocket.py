@@ -393,6 +393,11 @@ def text_frame(text: bytes) -> bytes:
     return encode_frame(OP_TEXT, text)
 
 
+def binary_frame(payload: bytes) -> bytes:
+    """A binary message of ``payload``."""
+    return encode_frame(OP_BINARY, payload)
+
+
 def ping_frame(payload: bytes = b"") -> bytes:
     return encode_frame(OP_PING, payload)
 

@@ -35,6 +35,9 @@ PACKET_TYPES: Final = ("pose", "mesh", "unknown")
 # websocket.max_message_size, the connection is closed with 1009. No packet is refused
 # for its rate: websocket.max_packets_per_second slows the reading down instead.
 PACKET_STATUSES: Final = ("ok", "invalid", "duplicate", "too_large")
+# The client dialects: the relay's own packets (/ws/streamkit) and the StreamKit
+# iOS SDK's (/api/v1/ws).
+DIALECTS: Final = ("streamkit", "sdk")
 # Why an upgrade was answered with an HTTP error instead: 401, 403, 503 (full), 503.
 REFUSAL_REASONS: Final = ("unauthorized", "origin", "capacity", "draining")
 # Why the relay closed a connection to protect the others: max_invalid_packets in a row
@@ -129,13 +132,14 @@ class RelayMetrics:
             self._exposed.register(_LocalCollector(self))
         self.packets = Counter(
             "relay_packets",
-            "StreamKit packets received, by type and status",
-            ["type", "status"],
+            "StreamKit packets received, by type, status and client dialect",
+            ["type", "status", "dialect"],
             registry=r,
         )
         for t in PACKET_TYPES:
             for s in PACKET_STATUSES:
-                self.packets.labels(t, s)
+                for d in DIALECTS:
+                    self.packets.labels(t, s, d)
         self.connections_active = Gauge(
             "relay_connections_active",
             "Open WebSocket connections",
@@ -306,11 +310,12 @@ class RelayMetrics:
                 bucket.inc(count)
                 break
 
-    def packet(self, packet_type: str, status: str) -> Counter:
-        """The counter child for one (type, status); unknown types count as ``unknown``."""
+    def packet(self, packet_type: str, status: str, dialect: str = "streamkit") -> Counter:
+        """The counter child for one (type, status, dialect); unknown types count as
+        ``unknown``."""
         if packet_type not in PACKET_TYPES:
             packet_type = "unknown"
-        return self.packets.labels(packet_type, status)
+        return self.packets.labels(packet_type, status, dialect)
 
     def render(self, accept_header: str | None) -> tuple[bytes, str]:
         """The exposition body and its content type, negotiated from ``Accept``."""

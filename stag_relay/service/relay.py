@@ -29,12 +29,20 @@ from stag_relay.pipeline.gate import Gate
 from stag_relay.pipeline.meshpool import open_mesh_pipeline
 from stag_relay.pipeline.sender import Shipment, StagSender
 from stag_relay.protocol.batching import BatchPolicy
+from stag_relay.protocol.connection import Dialect, SeedDialect
 from stag_relay.protocol.events import Batch
 from stag_relay.protocol.http import HttpRequest, HttpResponse, error_response, json_response
 from stag_relay.protocol.mesh import MeshSettings
+from stag_relay.protocol.sdk import SDK_PATH, SdkDialect, session_from_query
 from stag_relay.protocol.sessions import Sessions
 from stag_relay.service.config import Config, redact_url
-from stag_relay.service.metrics import DROP_REASONS, PACKET_STATUSES, PACKET_TYPES, RelayMetrics
+from stag_relay.service.metrics import (
+    DIALECTS,
+    DROP_REASONS,
+    PACKET_STATUSES,
+    PACKET_TYPES,
+    RelayMetrics,
+)
 from stag_relay.service.systemd import Notifier, StatusSnapshot, run_watchdog
 from stag_relay.service.tls import TlsError, reload_certificate, server_context
 from stag_relay.service.workers import (
@@ -59,6 +67,17 @@ _MAX_SWEEP_INTERVAL: Final = 30.0
 _FULL_RETRY_AFTER: Final = "5"
 
 log = structlog.get_logger("stag_relay.app")
+
+
+def _wall_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def _dialect(request: HttpRequest) -> Dialect:
+    """Each WebSocket path's client dialect (the front door admitted the request)."""
+    if request.path == SDK_PATH:
+        return SdkDialect(session_from_query(request.query), _wall_ms)
+    return SeedDialect()
 
 
 def default_relay_id() -> str:
@@ -110,6 +129,7 @@ class Relay:
             sessions=self.sessions,
             events=self._events_send,
             metrics=self.metrics,
+            dialect=_dialect,
         )
         self.policy = BatchPolicy(
             max_size=worker_batch_size(config.batch.max_size, worker),
@@ -139,7 +159,7 @@ class Relay:
                 "/status": self.access.protect(self._status),
                 "/metrics": self.access.protect(self._metrics),
             },
-            websocket_paths={WEBSOCKET_PATH},
+            websocket_paths={WEBSOCKET_PATH, SDK_PATH},
             admit=self._admit,
             serve_websocket=self._serve_websocket,
             handshake_timeout=config.server.handshake_timeout,
@@ -373,6 +393,11 @@ class Relay:
         refusal = self.access.admit(request)
         if refusal is not None:
             return refusal
+        if request.path == SDK_PATH:
+            try:
+                session_from_query(request.query)
+            except ValueError as exc:
+                return error_response(400, str(exc))
         if self._websockets >= self.config.server.max_connections:
             self.metrics.connections_refused.labels("capacity").inc()
             return error_response(
@@ -507,8 +532,14 @@ class Relay:
             },
             "packets": {
                 packet_type: {
-                    status: int(
-                        sample("relay_packets_total", {"type": packet_type, "status": status})
+                    status: sum(
+                        int(
+                            sample(
+                                "relay_packets_total",
+                                {"type": packet_type, "status": status, "dialect": dialect},
+                            )
+                        )
+                        for dialect in DIALECTS
                     )
                     for status in PACKET_STATUSES
                 }

@@ -90,6 +90,21 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         help="also stream a growing N-triangle Draco mesh per connection, once a second",
     )
     parser.add_argument(
+        "--dialect",
+        choices=("streamkit", "sdk"),
+        default="streamkit",
+        help="what the clients speak: the relay's own packets (default) or the StreamKit "
+        "iOS SDK's messages",
+    )
+    parser.add_argument(
+        "--format",
+        dest="stag_format",
+        choices=("batch", "spatial-event"),
+        default="batch",
+        help="what the relay sends STAG (stag.format), and the stand-in reads: batches "
+        "(default) or one SpatialEvent per request, as the public STAGs ingest",
+    )
+    parser.add_argument(
         "--batch-size", type=int, help="the relay's batch.max_size (default: its own)"
     )
     parser.add_argument(
@@ -112,7 +127,7 @@ async def _demo(args: argparse.Namespace, console: Any) -> int:
     from rich.live import Live
 
     view = _View()
-    sink = Sink(SinkSettings(host="127.0.0.1", port=0))
+    sink = Sink(SinkSettings(host="127.0.0.1", port=0, wire_format=args.stag_format))
     async with trio.open_nursery() as nursery:
         await nursery.start(sink.run)
         relay = await nursery.start(_run_relay, args, sink.url, view)
@@ -156,6 +171,7 @@ async def _run_relay(
         RELAY_SERVER_HOST="127.0.0.1",
         RELAY_SERVER_PORT="0",
         RELAY_STAG_URL=stag_url,
+        RELAY_STAG_FORMAT=args.stag_format,
         RELAY_LOG_FORMAT="json",
     )
     if args.batch_size is not None:
@@ -206,6 +222,8 @@ async def _run_loadgen(
         str(args.rate),
         "--duration",
         f"{args.duration}s",
+        "--dialect",
+        args.dialect,
         "--progress",
         "jsonl",
         "--session-prefix",

@@ -133,16 +133,15 @@ def sdk_message(kind: str, session_id: str, inner: dict[str, Any], now_ms: int) 
     return orjson.dumps({"type": kind, "sessionId": session_id, "data": data, "timestamp": now_ms})
 
 
-def sdk_anchor_update(session_id: str, frame: int, now: float) -> bytes:
-    """The SDK's ``anchor_update`` for the camera pose. ARKit frame times differ from
-    frame to frame; ``frame`` microseconds are added so that a flood's poses, many per
-    millisecond, stay distinct (the relay tells resends apart by the timestamp)."""
+def sdk_anchor_update(session_id: str, at: float, now: float) -> bytes:
+    """The SDK's ``anchor_update`` for the camera pose taken at ``at`` (Unix seconds),
+    sent at ``now``."""
     inner = {
         "id": SDK_CAMERA_ANCHOR,
         "pose": {
             "position": [0.5, 1.5, -2.0],
             "rotation": [0.0, 0.0, 0.0, 1.0],
-            "timestamp": now - APPLE_EPOCH_OFFSET + frame * 1e-6,
+            "timestamp": at - APPLE_EPOCH_OFFSET,
         },
     }
     return sdk_message("anchor_update", session_id, inner, int(now * 1000))
@@ -383,6 +382,8 @@ class _Connection(asyncio.Protocol):
         self.lost: asyncio.Future[None] = loop.create_future()
         self._writable: asyncio.Future[None] | None = None
         self.frame = 0
+        # The SDK dialect: the time of the last pose sent (Unix seconds).
+        self.pose_time = 0.0
         self.pose_sent = 0
         # Packets sent (pose and mesh), and of those acknowledged or refused.
         self.sent = 0
@@ -743,7 +744,10 @@ class LoadGenerator:
             session, now = self.session_ids[conn.index], time.time()
             for _ in range(k):
                 frame += 1
-                message = sdk_anchor_update(session, frame, now)
+                # The relay tells an SDK pose from a resend by its timestamp (whole
+                # milliseconds): a flood's poses, many a millisecond, are spread 1 ms apart.
+                conn.pose_time = max(now, conn.pose_time + 0.001)
+                message = sdk_anchor_update(session, conn.pose_time, now)
                 frames.append(encode_masked_frame(message, randbytes(4), _OPCODE_BINARY))
             conn.frame = frame
             return b"".join(frames)

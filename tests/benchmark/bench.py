@@ -29,7 +29,12 @@ client in the same repeat, bare first, so slow drift hits both alike.
    Skipped when DracoPy is missing; ``MESH_RELAY_ENV`` is the hook for the mesh
    pipeline's settings.
 
-5. backpressure (only with ``--only backpressure``: minutes): 1,000 connections at
+5. dialects: 200 connections x 30 Hz poses for 10 s, each with a 2,000-triangle mesh
+   every 4 s, once in the relay's own dialect and once in the StreamKit SDK's
+   (``loadgen --dialect sdk``): CPU of the relay's process tree per event, SDK over
+   seed, and pose p99. Targets: <= 1.2 x and <= 20 ms.
+
+6. backpressure (only with ``--only backpressure``: minutes): 1,000 connections at
    10 Hz for 120 s while the stand-in takes 2 s per request (batches of 100, so STAG
    takes 200 events a second: full backpressure). The relay's RSS at its highest
    against the same relay holding 1,000 idle connections. Target <= 64 MiB more.
@@ -408,6 +413,13 @@ PACED_OPTIONS: Final = [
     *("--connections", str(PACED_CONNECTIONS), "--rate", f"{PACED_RATE:g}"),
     *("--duration", f"{PACED_SECONDS:g}s"),
 ]
+# The SDK's dialect beside the seed one: 200 clients streaming poses at 30 Hz, each
+# with a mesh every 4 s (an ARKit scene mesh updates every few seconds).
+DIALECT_CONNECTIONS: Final = 200
+DIALECT_RATE: Final = 30.0
+DIALECT_MESH_TRIANGLES: Final = 2000
+DIALECT_MESH_RATE: Final = "0.25"
+TARGET_SDK_CPU_RATIO: Final = 1.2
 # Issue 8 compares one worker with two, on this 2-core machine.
 WORKER_COUNTS: Final = (1, 2)
 
@@ -743,6 +755,47 @@ def mesh(pin: Pinning, connections: int) -> dict[str, Any]:
     return result
 
 
+def dialects(pin: Pinning) -> dict[str, Any]:
+    """The same paced load in the relay's own dialect and in the StreamKit SDK's: CPU
+    per event (the relay's whole process tree: meshes are checked in workers) and
+    pose p99, side by side in one repeat."""
+    options = [
+        *("--connections", str(DIALECT_CONNECTIONS), "--rate", f"{DIALECT_RATE:g}"),
+        *("--duration", f"{PACED_SECONDS:g}s"),
+        *("--mesh-triangles", str(DIALECT_MESH_TRIANGLES), "--mesh-rate", DIALECT_MESH_RATE),
+    ]
+    settings = {
+        "RELAY_BATCH_MAX_SIZE": str(BATCH_MAX_SIZE),
+        "RELAY_BATCH_TIMEOUT": PACED_BATCH_TIMEOUT,
+    }
+    result: dict[str, Any] = {}
+    for dialect in ("streamkit", "sdk"):
+        with relay_with_sink(pin, pin_relay=False, **settings) as (relay, port, _, sink_url):
+            loadgen = Loadgen(port, pin, *options, "--dialect", dialect)
+            loadgen.connected()
+            cpu0 = relay.cpu_seconds()
+            summary = loadgen.done()
+            stats = wait_for_events(sink_url, summary["sent"])
+            relay_cpu = relay.cpu_seconds() - cpu0
+        pose = stats["latency_ms_by_type"].get("pose", {})
+        result[dialect] = {
+            "sent": summary["sent"],
+            "mesh_sent": summary["mesh_sent"],
+            "events_delivered": stats["events"],
+            "lost": summary["sent"] - stats["events"],
+            "error_replies": summary["errors"],
+            "cpu_us_per_event": round(relay_cpu / max(stats["events"], 1) * 1e6, 2),
+            "pose_p99_ms": pose.get("p99"),
+        }
+    seed, sdk = result["streamkit"], result["sdk"]
+    if seed["cpu_us_per_event"]:
+        result["sdk_cpu_ratio"] = round(sdk["cpu_us_per_event"] / seed["cpu_us_per_event"], 3)
+    result["nothing_lost"] = all(
+        result[d]["lost"] == 0 and result[d]["error_replies"] == 0 for d in ("streamkit", "sdk")
+    )
+    return result
+
+
 def _client_cpu(summary: dict[str, Any]) -> float:
     return round(float(summary["client_cpu_seconds"]) / max(int(summary["sent"]), 1) * 1e6, 2)
 
@@ -820,6 +873,14 @@ MEDIANS: Final[dict[str, list[tuple[str, ...]]]] = {
         ),
         ("flood_speedup",),
     ],
+    "dialects": [
+        ("streamkit", "cpu_us_per_event"),
+        ("sdk", "cpu_us_per_event"),
+        ("sdk_cpu_ratio",),
+        ("streamkit", "pose_p99_ms"),
+        ("sdk", "pose_p99_ms"),
+        ("sdk", "lost"),
+    ],
     "mesh": [
         ("pose_only", "pose_p99_ms"),
         ("with_mesh", "pose_p99_ms"),
@@ -887,6 +948,23 @@ def targets(workloads: dict[str, Any]) -> list[dict[str, Any]]:
         goal = f">= {1 - share:g}" if better == "higher" else f"<= {1 + share:g}"
         met = versus >= 1 - share if better == "higher" else versus <= 1 + share
         add(f"{workload} {figure}: this tree / baseline", versus, goal, met)
+    if "dialects" in workloads and "median" in workloads["dialects"]:
+        d = workloads["dialects"]
+        ratio = d["median"]["sdk_cpu_ratio"]
+        lost = all(run["nothing_lost"] for run in d["runs"])
+        add(
+            "SDK dialect: CPU per event / seed dialect's",
+            ratio,
+            f"<= {TARGET_SDK_CPU_RATIO}",
+            None if ratio is None else ratio <= TARGET_SDK_CPU_RATIO and lost,
+        )
+        p99 = d["median"]["sdk.pose_p99_ms"]
+        add(
+            "SDK dialect: pose p99 (ms)",
+            p99,
+            f"<= {TARGET_P99_MS:g}",
+            None if p99 is None else p99 <= TARGET_P99_MS,
+        )
     if "mesh" in workloads and "median" in workloads["mesh"]:
         m = workloads["mesh"]["median"]
         ratio = m["pose_p99_ratio"]
@@ -1042,7 +1120,9 @@ def _main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3, help="repeats per workload (3)")
     parser.add_argument(
-        "--only", default="flood,paced,idle,mesh,workers", help="workloads to run, comma-separated"
+        "--only",
+        default="flood,paced,idle,mesh,dialects,workers",
+        help="workloads to run, comma-separated",
     )
     parser.add_argument("--idle-connections", type=int, default=IDLE_CONNECTIONS)
     parser.add_argument(
@@ -1100,6 +1180,7 @@ def _main() -> int:
         "paced": lambda: paced(pin),
         "idle": lambda: idle(pin, args.idle_connections),
         "mesh": lambda: mesh(pin, args.mesh_connections),
+        "dialects": lambda: dialects(pin),
         "workers": lambda: workers(pin),
         "backpressure": lambda: backpressure(
             pin, args.backpressure_connections, args.backpressure_seconds
@@ -1108,14 +1189,15 @@ def _main() -> int:
     for name in chosen:
         if name not in runners:
             parser.error(
-                f"unknown workload {name!r} (flood, paced, idle, mesh, workers, backpressure)"
+                f"unknown workload {name!r} "
+                "(flood, paced, idle, mesh, dialects, workers, backpressure)"
             )
-        if name == "mesh":
+        if name in ("mesh", "dialects"):
             try:
                 import DracoPy  # noqa: F401
             except ImportError:
-                results["workloads"]["mesh"] = {"skipped": "DracoPy is not installed"}
-                print("mesh: skipped, DracoPy is not installed", flush=True)
+                results["workloads"][name] = {"skipped": "DracoPy is not installed"}
+                print(f"{name}: skipped, DracoPy is not installed", flush=True)
                 continue
         runs = []
         for repeat in range(1, args.repeats + 1):

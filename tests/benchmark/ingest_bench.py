@@ -1,9 +1,10 @@
 """CPU per request of the STAG client (stag_relay.pipeline.httpclient) against httpx, in isolation.
 
-Posts the same batches of pose events to the STAG stand-in (tests/support/stag_server.py,
-in a child process, so its CPU is not counted) and reports the client process's CPU
-time (user + system) per request and per event, for each client, in alternating rounds
-so slow drift of a shared machine hits both. Run it under the benchmark lock:
+Posts the same batches of pose events to the STAG stand-in (the sink, through
+tests/support/stag_server.py, in a child process, so its CPU is not counted) and
+reports the client process's CPU time (user + system) per request and per event, for
+each client, in alternating rounds so slow drift of a shared machine hits both. Run it
+under the benchmark lock:
 
     flock /tmp/bench.lock python tests/benchmark/ingest_bench.py --requests 1000 --rounds 3
 """

@@ -98,7 +98,9 @@ async def test_a_client_over_the_rate_is_slowed_down_and_loses_nothing(
         # Nothing refused, nothing answered, nobody closed; the wait is on record.
         assert client.replies == []
         assert client.closed_with is None
-        assert sample(gate, "relay_packets_total", type="pose", status="ok") == 51
+        assert (
+            sample(gate, "relay_packets_total", type="pose", status="ok", dialect="streamkit") == 51
+        )
         assert sample(gate, "relay_throttled_seconds_total") >= 2.9
         nursery.cancel_scope.cancel()
 
@@ -139,7 +141,12 @@ async def test_max_invalid_packets_in_a_row_closes_with_1008(
         await client.send(INVALID)
         await trio.testing.wait_all_tasks_blocked()
         assert client.closed_with == 1008
-        assert sample(gate, "relay_packets_total", type="unknown", status="invalid") == 9
+        assert (
+            sample(
+                gate, "relay_packets_total", type="unknown", status="invalid", dialect="streamkit"
+            )
+            == 9
+        )
         assert sample(gate, "relay_policy_closes_total", reason="invalid_packets") == 1
     assert not gate.connections
 
@@ -162,7 +169,12 @@ async def test_an_invalid_flood_gets_bounded_replies_that_account_for_every_pack
         assert replies[-1]["code"] == "replies_suppressed"
         assert answered + sum(r.get("suppressed", 0) for r in replies) == 500
         assert sample(gate, "relay_error_replies_suppressed_total") == 500 - answered
-        assert sample(gate, "relay_packets_total", type="unknown", status="invalid") == 500
+        assert (
+            sample(
+                gate, "relay_packets_total", type="unknown", status="invalid", dialect="streamkit"
+            )
+            == 500
+        )
         assert client.closed_with is None
         nursery.cancel_scope.cancel()
 

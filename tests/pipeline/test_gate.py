@@ -162,9 +162,22 @@ async def test_a_read_full_of_packets_is_judged_and_counted_exactly(
         await trio.testing.wait_all_tasks_blocked()
         assert [e.frame_number for e in drain(events)] == list(range(1, 201))
         assert gate.events_in == 200
-        assert sample(gate, "relay_packets_total", type="pose", status="ok") == 200
-        assert sample(gate, "relay_packets_total", type="pose", status="duplicate") == 1
-        assert sample(gate, "relay_packets_total", type="unknown", status="invalid") == 1
+        assert (
+            sample(gate, "relay_packets_total", type="pose", status="ok", dialect="streamkit")
+            == 200
+        )
+        assert (
+            sample(
+                gate, "relay_packets_total", type="pose", status="duplicate", dialect="streamkit"
+            )
+            == 1
+        )
+        assert (
+            sample(
+                gate, "relay_packets_total", type="unknown", status="invalid", dialect="streamkit"
+            )
+            == 1
+        )
         # One observation per packet accepted, though they are observed per read.
         assert sample(gate, "relay_processing_duration_seconds_count") == 200
         assert sample(gate, "relay_processing_duration_seconds_sum") > 0
@@ -218,7 +231,7 @@ async def test_the_shutdown_deadline_counts_exactly_what_a_blocked_read_gives_up
     assert gate.events_in == 5
     assert len(drain(events)) == 5
     assert sample(gate, "relay_events_dropped_total", reason="shutdown") == 45
-    assert sample(gate, "relay_packets_total", type="pose", status="ok") == 5
+    assert sample(gate, "relay_packets_total", type="pose", status="ok", dialect="streamkit") == 5
 
 
 async def test_frames_sent_with_the_upgrade_request_are_read(
@@ -286,7 +299,10 @@ async def test_too_large_closes_with_1009_and_is_counted(
         await client.run()
         await gate.wait_idle()
     assert client.closed_with == 1009
-    assert sample(gate, "relay_packets_total", type="unknown", status="too_large") == 1
+    assert (
+        sample(gate, "relay_packets_total", type="unknown", status="too_large", dialect="streamkit")
+        == 1
+    )
 
 
 @pytest.mark.parametrize(

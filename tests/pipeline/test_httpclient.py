@@ -1,4 +1,5 @@
-"""The STAG client's HTTP/1.1 layer against real sockets: a scripted trio server.
+"""The STAG client's HTTP/1.1 layer against real sockets: the sink, serving each
+connection with the test's own handler (tests/support/raw_http.py).
 
 Keep-alive and reconnection, every way an answer can go wrong (truncated, garbage,
 oversized, too slow, early), TLS, and URL handling. Tests about time run on trio's

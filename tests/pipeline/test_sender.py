@@ -1,5 +1,6 @@
-"""The STAG client against a real HTTP server (the stand-in in tests/support; a scripted
-trio server, tests/support/raw_http.py, where an answer must misbehave at the byte level).
+"""The STAG client against a real HTTP server: the sink (stag_relay.tools.sink), in a
+thread (tests/support/stag_server.py) or, where an answer must misbehave at the byte
+level, with the test's own connection handler (tests/support/raw_http.py).
 
 Real sockets run in real time, so retries use tiny delays and the tests wait for
 outcomes (the stand-in's condition variable, the sender's state), never for a time.
@@ -31,6 +32,7 @@ from stag_relay.service.config import StagConfig
 from stag_relay.service.metrics import RelayMetrics
 from tests.support.raw_http import Peer, RawServer, serve_all
 from tests.support.stag_server import StagServer
+from tests.support.waiting import wait_until
 
 VERSION = "1.2.3"
 RELAY_ID = "relay-test"
@@ -80,17 +82,6 @@ def sample(metrics: RelayMetrics, name: str, **labels: str) -> float:
 def server() -> Iterator[StagServer]:
     with StagServer() as s:
         yield s
-
-
-async def wait_until(predicate: Callable[[], bool], what: str) -> None:
-    """Poll a condition on the sender's state; trio checkpoints let the sender progress."""
-    with trio.move_on_after(GUARD) as scope:
-        # The sender has no event to wait on for "failed N times", and the test should not
-        # need one added: polling its state is the honest way to wait for it.
-        while not predicate():  # noqa: ASYNC110
-            await trio.sleep(0.001)
-    if scope.cancelled_caught:
-        pytest.fail(f"timed out waiting for {what}")
 
 
 class Run:
@@ -375,7 +366,7 @@ async def test_connection_refused_then_stag_comes_up(
     with structlog.testing.capture_logs() as logs:
         run = run_sender(sender)
         await run.send.send(Shipment(to_wire(batch("b", 0, 3))))
-        await wait_until(lambda: failures(sender) >= 3, "3 failures")
+        await wait_until(lambda: failures(sender) >= 3, what="3 failures")
         assert sender.status()["reachable"] is False
         assert sender.held_events() == 3
         with server:
@@ -603,7 +594,7 @@ async def test_a_wrong_ingest_path_holds_the_batches_until_stag_serves_it(
         await run.send.send(Shipment(to_wire(batch("a", 0, 3))))
         await run.send.send(Shipment(to_wire(batch("b", 3, 2))))
         # Both batches refused several times each: still held, nothing dropped.
-        await wait_until(lambda: failures(sender) >= 10, "10 refusals")
+        await wait_until(lambda: failures(sender) >= 10, what="10 refusals")
         status = sender.status()
         assert status["state"] == "misconfigured"
         assert status["last_status"] == 404
@@ -636,7 +627,7 @@ async def test_a_wrong_ingest_path_holds_the_batches_until_stag_serves_it(
     [error] = [e for e in logs if e["event"] == CONFIG_LOG]
     assert error["url"] == server.url + "/v2/ingest"
     assert error["status"] == 404
-    assert error["answer"] == '{"error":"not found"}'
+    assert error["answer"] == '{"error":"no such endpoint: /v2/ingest"}'
     assert "stag.ingest_path" in error["fix"]
     [cleared] = [e for e in logs if e["event"] == CLEARED_LOG]
     assert cleared["status"] == 200
@@ -654,7 +645,7 @@ async def test_a_wrong_api_key_holds_the_batch_until_stag_takes_it(
     with structlog.testing.capture_logs() as logs:
         run = run_sender(sender)
         await run.send.send(Shipment(to_wire(batch("k", 0, 4))))
-        await wait_until(lambda: failures(sender) >= 3, "3 refusals")
+        await wait_until(lambda: failures(sender) >= 3, what="3 refusals")
         assert (sender.state(), sender.status()["last_status"]) == ("misconfigured", 401)
         assert misconfigured_gauge(metrics)["401"] == 1
         server.require_api_key("old-key")  # STAG takes the relay's key again
@@ -665,7 +656,7 @@ async def test_a_wrong_api_key_holds_the_batch_until_stag_takes_it(
     assert state_lines(logs) == [(CONFIG_LOG, "error"), (CLEARED_LOG, "info")]
     [error] = [e for e in logs if e["event"] == CONFIG_LOG]
     assert error["status"] == 401
-    assert error["answer"] == '{"error":"invalid or missing API key"}'
+    assert error["answer"] == '{"error":"missing or wrong X-API-Key"}'
     assert "stag.api_key" in error["fix"]
     # The key itself is never logged.
     assert "old-key" not in repr(logs)
@@ -681,7 +672,7 @@ async def test_other_configuration_answers_are_held_and_retried(
     with structlog.testing.capture_logs() as logs:
         run = run_sender(sender)
         await run.send.send(Shipment(to_wire(batch("c", 0, 2))))
-        await wait_until(lambda: failures(sender) >= 3, "3 refusals")
+        await wait_until(lambda: failures(sender) >= 3, what="3 refusals")
         assert sender.state() == "misconfigured"
         assert misconfigured_gauge(metrics)[str(status)] == 1
         server.reset()
@@ -707,13 +698,16 @@ async def test_an_outage_inside_an_episode_does_not_end_it(
     server.fail_next(404, times=2)
     server.fail_next(502, times=2)
     server.drop_next()
+    # The retry after the drop waits while the test looks at the sender.
+    server.hold_next()
     with structlog.testing.capture_logs() as logs:
         run = run_sender(sender)
         await run.send.send(Shipment(to_wire(batch("r", 0, 1))))
-        await wait_until(lambda: len(server.requests()) >= 5, "5 requests")
-        await wait_until(lambda: failures(sender) >= 5, "5 failures")
+        await wait_until(lambda: len(server.requests()) >= 5, what="5 requests")
+        await wait_until(lambda: failures(sender) >= 5, what="5 failures")
         assert (sender.state(), sender.status()["last_status"]) == ("misconfigured", 502)
         assert misconfigured_gauge(metrics)["404"] == 1
+        server.resume()
         await run.send.aclose()
         with trio.fail_after(GUARD):
             await run.done.wait()
@@ -793,9 +787,9 @@ async def test_an_answer_to_a_request_sent_before_the_episode_does_not_end_it(
             await send.send(
                 Shipment(to_wire(batch("first", 0, 1)), on_delivered=first_delivered.set)
             )
-            await wait_until(lambda: requests == 1, "the first request")
+            await wait_until(lambda: requests == 1, what="the first request")
             await send.send(Shipment(to_wire(batch("second", 1, 1))))
-            await wait_until(lambda: sender.state() == "misconfigured", "the 404")
+            await wait_until(lambda: sender.state() == "misconfigured", what="the 404")
             misconfigured_seen.set()
             await first_delivered.wait()
             # /status shows the answer that counts: the refusal, not that late 200.

@@ -465,7 +465,9 @@ class BinaryJson:
     """A dialect unlike the seed one: binary messages only, its own ping, its own replies,
     the session fixed at the upgrade."""
 
+    name = "binary-json"
     mark_binary = True
+    acknowledges = False
 
     def __init__(self, session_id: str) -> None:
         self.session_id = session_id

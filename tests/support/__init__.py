@@ -1,1 +1,1 @@
-"""Test helpers shared by the unit and integration tests (and ``stag-relay sink``)."""
+"""Helpers the tests share; tests import these, never each other."""

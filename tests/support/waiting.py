@@ -14,16 +14,21 @@ DEFAULT_TIMEOUT = 60.0
 T = TypeVar("T")
 
 
-async def wait_until(predicate: Callable[[], object], *, limit: float = DEFAULT_TIMEOUT) -> None:
-    """Return once ``predicate()`` is true; fail the test after ``limit`` seconds.
+async def wait_until(
+    predicate: Callable[[], object], *, limit: float = DEFAULT_TIMEOUT, what: str | None = None
+) -> None:
+    """Return once ``predicate()`` is true; fail the test after ``limit`` seconds,
+    saying it waited for ``what`` (the predicate by default).
 
     A poll, not a sleep that hopes: it returns the moment the condition holds and
-    fails loudly if it never does. For state owned by other threads or processes,
-    where there is no trio.Event to wait on.
+    fails loudly if it never does. For state owned by other threads or processes, or
+    that a task keeps without an event to wait on (the checkpoints let it progress).
     """
-    with trio.fail_after(limit):
+    with trio.move_on_after(limit) as scope:
         while not predicate():  # noqa: ASYNC110
             await trio.sleep(0.01)
+    if scope.cancelled_caught:
+        raise AssertionError(f"timed out after {limit} s waiting for {what or predicate}")
 
 
 def poll_until(predicate: Callable[[], T], *, limit: float = DEFAULT_TIMEOUT) -> T:

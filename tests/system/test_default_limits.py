@@ -127,4 +127,11 @@ def test_a_burst_of_garbage_around_valid_packets_is_answered_and_the_connection_
     events = stag.wait_for_events(100, timeout=REPLY_TIMEOUT)
     assert sorted(e["frame_number"] for e in events) == list(range(1, 101))
     assert policy_closes(port) == 0
-    assert metric(port, "relay_packets_total", {"type": "unknown", "status": "invalid"}) == 900
+    assert (
+        metric(
+            port,
+            "relay_packets_total",
+            {"type": "unknown", "status": "invalid", "dialect": "streamkit"},
+        )
+        == 900
+    )

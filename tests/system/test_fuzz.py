@@ -86,7 +86,7 @@ def packets_counted(relay: Relay) -> int:
     sample = relay.metrics.registry.get_sample_value
     return int(
         sum(
-            sample("relay_packets_total", {"type": t, "status": s}) or 0
+            sample("relay_packets_total", {"type": t, "status": s, "dialect": "streamkit"}) or 0
             for t in PACKET_TYPES
             for s in PACKET_STATUSES
         )
@@ -100,13 +100,13 @@ async def finish(relay: Relay, stag: StagServer, good: WellBehaved) -> None:
         await relay.gate.wait_idle()
     ok = (
         relay.metrics.registry.get_sample_value(
-            "relay_packets_total", {"type": "pose", "status": "ok"}
+            "relay_packets_total", {"type": "pose", "status": "ok", "dialect": "streamkit"}
         )
         or 0
     )
     ok += (
         relay.metrics.registry.get_sample_value(
-            "relay_packets_total", {"type": "mesh", "status": "ok"}
+            "relay_packets_total", {"type": "mesh", "status": "ok", "dialect": "streamkit"}
         )
         or 0
     )

@@ -94,7 +94,12 @@ async def test_truncated_and_bit_flipped_draco_get_answers_and_others_keep_flowi
 
     errors = await trio.to_thread.run_sync(send)
     samples = relay.metrics.registry.get_sample_value
-    invalid = samples("relay_packets_total", {"type": "mesh", "status": "invalid"}) or 0
+    invalid = (
+        samples(
+            "relay_packets_total", {"type": "mesh", "status": "invalid", "dialect": "streamkit"}
+        )
+        or 0
+    )
     assert errors == invalid > 0
     # The pose after all of it arrived too: the relay kept serving.
     events = await trio.to_thread.run_sync(stag.wait_for_events, len(hostile) - errors + 1)

@@ -28,7 +28,8 @@ def metric_samples(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], f
 
 
 def packets_metric(samples: dict, packet_type: str, status: str) -> float:
-    return samples[("relay_packets_total", (("status", status), ("type", packet_type)))]
+    labels = (("dialect", "streamkit"), ("status", status), ("type", packet_type))
+    return samples[("relay_packets_total", labels)]
 
 
 async def start_relay(nursery: trio.Nursery, stag: StagServer, **sections: dict) -> Relay:

@@ -57,7 +57,7 @@ EPISODES: dict[str, Episode] = {
         lambda stag: stag.move_ingest_path("/v2/ingest"),
         lambda stag: stag.move_ingest_path("/ingest"),
         404,
-        b'{"error":"not found"}',
+        b'{"error":"no such endpoint: /ingest"}',
         "stag.ingest_path",
     ),
     # STAG now wants a key the relay does not send: stag.api_key is wrong meanwhile.
@@ -65,7 +65,7 @@ EPISODES: dict[str, Episode] = {
         lambda stag: stag.require_api_key("rotated"),
         lambda stag: stag.require_api_key(None),
         401,
-        b'{"error":"invalid or missing API key"}',
+        b'{"error":"missing or wrong X-API-Key"}',
         "stag.api_key",
     ),
 }

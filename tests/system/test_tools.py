@@ -9,6 +9,7 @@ import threading
 
 import httpx
 import orjson
+import pytest
 import trio
 
 from stag_relay.service.relay import Relay
@@ -222,7 +223,12 @@ async def test_sink_command_line_writes_its_summary() -> None:
     assert b"sink listening on http://127.0.0.1:" in result.stderr
 
 
-async def test_demo_runs_the_whole_pipeline_and_ends_by_itself() -> None:
+@pytest.mark.parametrize(
+    ("dialect", "stag_format"), [("streamkit", "batch"), ("sdk", "spatial-event")]
+)
+async def test_demo_runs_the_whole_pipeline_and_ends_by_itself(
+    dialect: str, stag_format: str
+) -> None:
     result = await trio.run_process(
         [
             sys.executable,
@@ -234,6 +240,10 @@ async def test_demo_runs_the_whole_pipeline_and_ends_by_itself() -> None:
             "2",
             "--rate",
             "20",
+            "--dialect",
+            dialect,
+            "--format",
+            stag_format,
         ],
         capture_stdout=True,
         capture_stderr=True,

@@ -515,7 +515,14 @@ def test_a_dead_workers_counts_stay_in_the_totals_and_its_gauges_leave(
 
             poll_until(only_survivors_counted)
             assert metric(port, "relay_events_sent_total") == held
-            assert metric(port, "relay_packets_total", {"type": "pose", "status": "ok"}) == held
+            assert (
+                metric(
+                    port,
+                    "relay_packets_total",
+                    {"type": "pose", "status": "ok", "dialect": "streamkit"},
+                )
+                == held
+            )
             poll_until(lambda: worker_pids(port).get(0, victim["pid"]) != victim["pid"])
         # The replacement counts its own channel once, the dead worker's is gone.
         assert metric(port, "relay_channel_capacity") == 200
@@ -523,7 +530,14 @@ def test_a_dead_workers_counts_stay_in_the_totals_and_its_gauges_leave(
         total = held + 100
         stag.wait_for_events(total)
         poll_until(lambda: metric(port, "relay_events_sent_total") == total)
-        assert metric(port, "relay_packets_total", {"type": "pose", "status": "ok"}) == total
+        assert (
+            metric(
+                port,
+                "relay_packets_total",
+                {"type": "pose", "status": "ok", "dialect": "streamkit"},
+            )
+            == total
+        )
         # Histograms add up over every worker that ever ran, the dead one included.
         assert metric(port, "relay_batch_size_sum") == total
         assert metric(port, "relay_batch_size_count") == metric(port, "relay_batches_sent_total")

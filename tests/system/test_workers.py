@@ -53,7 +53,12 @@ def test_connections_land_on_both_workers_and_every_event_arrives_once(
     assert len(stag.events()) == len(set(stag.event_ids())) == expected
     # /metrics on whichever worker answers shows the whole relay.
     poll_until(lambda: metric(port, "relay_events_sent_total") == expected)
-    assert metric(port, "relay_packets_total", {"type": "pose", "status": "ok"}) == expected
+    assert (
+        metric(
+            port, "relay_packets_total", {"type": "pose", "status": "ok", "dialect": "streamkit"}
+        )
+        == expected
+    )
     doc = status(port)
     assert doc["events"]["sent"] == expected
     assert doc["packets"]["pose"]["ok"] == expected

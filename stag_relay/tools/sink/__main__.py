@@ -1,0 +1,5 @@
+import sys
+
+from stag_relay.tools.sink.cli import main
+
+sys.exit(main())
