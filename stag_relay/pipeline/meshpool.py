@@ -48,7 +48,7 @@ import structlog
 import trio
 import trio_parallel  # type: ignore[import-untyped]
 
-from stag_relay.pipeline.meshworker import decode_job, init_worker, run_job, worker_pid
+from stag_relay.pipeline.meshworker import check_job, init_worker, run_job, worker_pid
 from stag_relay.protocol.events import MeshUpdate
 from stag_relay.protocol.mesh import MeshError, MeshJob, MeshOutcome, MeshSettings
 from stag_relay.protocol.packets import MeshData
@@ -266,12 +266,12 @@ async def open_mesh_pipeline(
     no relay deltas). ``work`` is the job function run in the workers: a module-level
     function (workers import it by name); unset,
     :func:`stag_relay.pipeline.meshworker.run_job` or, without ``deltas``,
-    :func:`~stag_relay.pipeline.meshworker.decode_job`; in tests, a wrapper around them.
+    :func:`~stag_relay.pipeline.meshworker.check_job`; in tests, a wrapper around them.
     """
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
     if work is None:
-        work = run_job if deltas else decode_job
+        work = run_job if deltas else check_job
     init = functools.partial(init_worker, settings, settings.max_state_bytes // workers)
     async with AsyncExitStack() as stack:
         # A context starts no process until its first job.

@@ -70,23 +70,19 @@ def run_job(job: MeshJob) -> MeshOutcome:
     return _worker_store.update(job)
 
 
-def decode_job(job: MeshJob) -> MeshOutcome:
+def check_job(job: MeshJob) -> MeshOutcome:
     """The worker's entry point when meshes always go full (``stag.format:
-    spatial-event``): decode and check ``job``'s mesh with the limits :func:`run_job`
-    applies, and nothing else. No diff, and no base held: none would ever be used."""
+    spatial-event``): decode and check ``job``'s mesh in its encoding, with the limits
+    :func:`run_job` applies, and nothing else. No diff, and no base held: none would
+    ever be used."""
     if _worker_store is None:
         raise RuntimeError("init_worker() has not run in this process")
-    from stag_relay.protocol.geometry import decode_mesh  # loaded by init_worker
+    from stag_relay.protocol.geometry import decode_job  # loaded by init_worker
 
     settings = _worker_store.settings
     started = time.perf_counter()
     try:
-        mesh = decode_mesh(
-            job.vertices,
-            job.faces,
-            max_vertices=settings.max_vertices,
-            max_faces=settings.max_faces,
-        )
+        mesh = decode_job(job, max_vertices=settings.max_vertices, max_faces=settings.max_faces)
     except MeshError as exc:
         return MeshOutcome(error=exc.message, decode_seconds=time.perf_counter() - started)
     except MemoryError:

@@ -29,6 +29,7 @@ from stag_relay.protocol.geometry import apply_mesh_diff, decode_mesh, triangles
 from stag_relay.protocol.mesh import MeshError, MeshJob, MeshOutcome, MeshSettings
 from stag_relay.protocol.packets import MeshData
 from tests.support.procfs import HAVE_PROC, children, cmdline
+from tests.support.sdk import mesh_buffer, sdk_compress
 
 
 def crash_or_hang(job: MeshJob) -> MeshOutcome:
@@ -172,13 +173,17 @@ async def test_without_deltas_every_mesh_goes_full_with_the_clients_buffers() ->
                 vertex_count=decode_mesh(vertices).vertex_count,
                 face_count=decode_mesh(vertices).face_count,
             )
+        # The SDK's buffer is decoded in its own encoding, and goes as the SDK sent it.
+        buffer = b64(sdk_compress(mesh_buffer([(0, 0, 0), (1, 0, 0), (0, 1, 0)], [0, 1, 2])))
+        sdk = await mesh_pipeline.process("s", "e5", MeshData("m", buffer, "", "sdk"))
+        assert sdk == MeshUpdate("m", False, buffer, "", vertex_count=3, face_count=1)
         with pytest.raises(MeshError, match=r"^\$\.data\.mesh\.vertices: not Draco data$"):
             await mesh_pipeline.process("s", "e9", MeshData("a", b64(b"nope"), ""))
         with pytest.raises(MeshError, match="too large"):
             await mesh_pipeline.process("s", "e10", MeshData("b", b64(decompression_bomb()), ""))
-        assert sample(registry, "relay_mesh_updates_total", kind="full") == 4
+        assert sample(registry, "relay_mesh_updates_total", kind="full") == 5
         assert sample(registry, "relay_mesh_updates_total", kind="delta") == 0
-        assert sample(registry, "relay_mesh_decode_seconds_count") == 6
+        assert sample(registry, "relay_mesh_decode_seconds_count") == 7
         assert sample(registry, "relay_mesh_state_bytes") == 0
 
 
