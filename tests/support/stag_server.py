@@ -21,7 +21,7 @@ from typing import Any
 
 import trio
 
-from stag_relay.tools.sink import Exchange, Ledger, Reply, Sink, SinkSettings
+from stag_relay.tools.sink import Exchange, Ledger, Reply, Sink, SinkSettings, WireFormat
 
 __all__ = ["DEFAULT_WAIT", "ReceivedRequest", "Reply", "StagServer"]
 
@@ -40,10 +40,18 @@ class StagServer:
     everything recorded is kept.
     """
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 0, *, ingest_path: str = "/ingest"):
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        ingest_path: str = "/ingest",
+        wire_format: WireFormat | None = None,
+    ):
+        """``wire_format``: how it reads bodies (the sink's; unset, the batch format)."""
         self.host = host
         self._cond = threading.Condition()
-        self._ledger = Ledger(ingest_path=ingest_path, keep=True)
+        self._ledger = Ledger(ingest_path=ingest_path, wire_format=wire_format, keep=True)
         self._sink = Sink(
             SinkSettings(host=host, port=port),
             ledger=self._ledger,

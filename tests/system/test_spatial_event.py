@@ -1,4 +1,4 @@
-"""A spatial-event relay process: seed clients in, the public STAGs' SpatialEvents out.
+"""A spatial-event relay: seed and SDK clients in, the public STAGs' SpatialEvents out.
 
 What arrives is checked against what both STAGs' Go types and gin bindings take
 (tabularxr/stag and tabularxr/Stag, pkg/api/types.go): every pose exactly once as an
@@ -7,6 +7,7 @@ anchor, meshes full with the client's buffers, integers as JSON integers.
 
 from __future__ import annotations
 
+import base64
 import functools
 import signal
 import threading
@@ -14,9 +15,23 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import trio
+
+from stag_relay.service.relay import Relay
+from stag_relay.tools.sink import SpatialEventFormat
 from tests.support.clients import connect_relay, mesh_packet, pose_packet
 from tests.support.meshes import scan_step
-from tests.support.relays import RelayProcess
+from tests.support.relays import RelayProcess, make_config
+from tests.support.sdk import (
+    ANCHOR_ID,
+    ANCHOR_UPDATE,
+    MESH_ID,
+    MESH_UPDATE_DELTA,
+    MESH_UPDATE_FULL,
+    MESH_V1_VERTICES_GZ,
+    POSE_UNIX_SECONDS,
+    SESSION_ID,
+)
 from tests.support.stag_server import StagServer
 from tests.support.waiting import poll_until
 
@@ -53,11 +68,10 @@ def test_seed_clients_arrive_as_spatial_events_once_each(tmp_path: Path) -> None
     # relay.yaml, which names stag.ingest_path (/ingest) and so keeps it for any format.
     config = tmp_path / "relay.yaml"
     config.write_text("{}\n")
-    with StagServer(ingest_path=INGEST) as stag:
-        # The stand-in takes batches; told to answer 200 to everything, it records each
-        # SpatialEvent as sent. A short outage first: retries must not duplicate.
+    # The sink as the public STAGs: their bindings enforced (400 otherwise), answered
+    # as tabularxr/stag answers. A short outage first: retries must not duplicate.
+    with StagServer(ingest_path=INGEST, wire_format=SpatialEventFormat()) as stag:
         stag.fail_next(503, times=3)
-        stag.reject_all(200, body=b'{"message":"Event ingested successfully"}')
         relay = RelayProcess(
             {
                 "RELAY_CONFIG": str(config),
@@ -107,10 +121,7 @@ def test_seed_clients_arrive_as_spatial_events_once_each(tmp_path: Path) -> None
                 client.join(120)
                 assert not client.is_alive()
 
-            def items() -> int:
-                return sum(len(e["anchors"]) + len(e["meshes"]) for e in taken())
-
-            poll_until(lambda: items() >= len(SESSIONS) * (POSES + MESHES), limit=120)
+            stag.wait_for_events(len(SESSIONS) * (POSES + MESHES), timeout=120)
             relay.proc.send_signal(signal.SIGTERM)
             assert relay.wait() == 0
         finally:
@@ -118,6 +129,7 @@ def test_seed_clients_arrive_as_spatial_events_once_each(tmp_path: Path) -> None
 
         requests = stag.requests()
         events = taken()
+        assert events == stag.batches()
 
     assert [r.status for r in requests[:3]] == [503, 503, 503]
     assert {r.path for r in requests} == {INGEST}
@@ -162,3 +174,39 @@ def test_seed_clients_arrive_as_spatial_events_once_each(tmp_path: Path) -> None
         assert mesh["is_delta"] is False
         assert mesh["vertices"] == scans[mesh["timestamp"] - BASE_MS - POSES - 1]
         assert mesh["anchor_id"] == "room"
+
+
+async def test_the_sdks_updates_arrive_as_spatial_events(nursery: trio.Nursery) -> None:
+    with StagServer(ingest_path=INGEST, wire_format=SpatialEventFormat()) as stag:
+        config = make_config(
+            stag.url, stag={"format": "spatial-event", "ingest_path": INGEST}, batch={"max_size": 1}
+        )
+        relay = Relay(config)
+        await nursery.start(relay.run)
+
+        def talk() -> None:
+            with connect_relay(relay.ports[0], f"/api/v1/ws?session_id={SESSION_ID}") as ws:
+                for message in (ANCHOR_UPDATE, MESH_UPDATE_FULL, MESH_UPDATE_DELTA):
+                    ws.send(message)
+
+        await trio.to_thread.run_sync(talk)
+        await trio.to_thread.run_sync(stag.wait_for_events, 3, 30.0)
+        events = stag.batches()
+
+    for event in events:
+        _check_bindings(event)
+    [anchor] = [a for e in events for a in e["anchors"]]
+    assert anchor["id"] == ANCHOR_ID
+    assert anchor["session_id"] == SESSION_ID
+    # The SDK's seconds since 2001-01-01, in Unix milliseconds.
+    assert anchor["timestamp"] == round(POSE_UNIX_SECONDS * 1000)
+    meshes = [m for e in events for m in e["meshes"]]
+    [full] = [m for m in meshes if not m["is_delta"]]
+    [delta] = [m for m in meshes if m["is_delta"]]
+    # Decoded in a worker only to check it; STAG gets the SDK's buffer as it was.
+    assert full["id"] == MESH_ID
+    assert base64.b64decode(full["vertices"]) == MESH_V1_VERTICES_GZ
+    assert "delta_data" not in full
+    # The SDK's own delta, never decoded.
+    assert (delta["id"], delta["base_mesh_id"]) == (MESH_ID, MESH_ID)
+    assert delta["delta_data"]
