@@ -298,6 +298,11 @@ def _http_url(value: object) -> str:
     return text
 
 
+def _ingest_path(value: object) -> str:
+    """A path starting with "/", or empty for the output format's own."""
+    return "" if _text(value) == "" else _url_path(value)
+
+
 def _url_path(value: object) -> str:
     text = _text(value)
     if not text.startswith("/"):
@@ -421,7 +426,13 @@ class AuthConfig:
 
 
 # Where both public STAGs take SpatialEvents: the ingest path of stag.format spatial-event.
+BATCH_INGEST_PATH: Final = "/ingest"
 SPATIAL_EVENT_INGEST_PATH: Final = "/api/v1/ingest"
+
+
+def format_ingest_path(stag_format: str) -> str:
+    """Where each ``stag.format`` is POSTed unless ``stag.ingest_path`` says otherwise."""
+    return SPATIAL_EVENT_INGEST_PATH if stag_format == "spatial-event" else BATCH_INGEST_PATH
 
 
 @attrs.frozen
@@ -435,9 +446,14 @@ class StagConfig:
     # batch: the relay's own batches; spatial-event: one SpatialEvent per session of a
     # batch, what tabularxr/stag and tabularxr/Stag ingest.
     format: str = attrs.field(default="batch", metadata=_rule(_one_of("batch", "spatial-event")))
-    # Unset, the format's own: /ingest for batch, SPATIAL_EVENT_INGEST_PATH for
-    # spatial-event (see _structure).
-    ingest_path: str = attrs.field(default="/ingest", metadata=_rule(_url_path))
+    # Unset or empty, the format's own: /ingest for batch, /api/v1/ingest for
+    # spatial-event (an empty value is resolved in _structure).
+    ingest_path: str = attrs.field(metadata=_rule(_ingest_path))
+
+    @ingest_path.default
+    def _format_ingest_path(self) -> str:
+        return format_ingest_path(self.format)
+
     timeout: float = attrs.field(default=10.0, metadata=_DURATION)
     api_key: str = attrs.field(
         default="", metadata=_rule(_secret), repr=lambda key: "'***'" if key else "''"
@@ -806,10 +822,9 @@ def _structure(settings: Mapping[str, _Setting], problems: list[str]) -> Config 
             f" ({maximum.where if maximum else 'default'}); make retry_initial <= retry_max"
         )
         return None
-    if stag.format == "spatial-event" and "stag.ingest_path" not in settings:
-        config = attrs.evolve(
-            config, stag=attrs.evolve(stag, ingest_path=SPATIAL_EVENT_INGEST_PATH)
-        )
+    if not stag.ingest_path:
+        path = format_ingest_path(stag.format)
+        config = attrs.evolve(config, stag=attrs.evolve(stag, ingest_path=path))
     tls_problem = _check_tls(config.server, describe)
     if tls_problem is not None:
         problems.append(tls_problem)

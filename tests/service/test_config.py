@@ -657,3 +657,11 @@ def test_cpus_follow_a_cgroup_quota(tmp_path: Path) -> None:
     (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("-1\n")
     assert _cgroup_cpu_quota(tmp_path) is None
     assert _cgroup_cpu_quota(tmp_path / "nothing") is None
+
+
+def test_the_shipped_relay_yaml_with_spatial_event_posts_where_those_stags_listen() -> None:
+    loaded = load(
+        config_path=str(REPO_ROOT / "relay.yaml"), environ={"RELAY_STAG_FORMAT": "spatial-event"}
+    )
+    assert loaded.stag.ingest_path == "/api/v1/ingest"
+    assert load(environ={"RELAY_STAG_INGEST_PATH": ""}).stag.ingest_path == "/ingest"
