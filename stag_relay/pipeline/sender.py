@@ -42,7 +42,7 @@ from stag_relay.protocol.retry import (
     misconfiguration_hint,
 )
 from stag_relay.protocol.spatial_event import Contradicted, SpatialEventError
-from stag_relay.service.config import StagConfig, redact_url
+from stag_relay.service.config import StagConfig, format_ingest_path, redact_url
 from stag_relay.service.metrics import RelayMetrics
 
 logger = structlog.get_logger("stag_relay.stag")
@@ -102,7 +102,9 @@ class StagSender:
         self._metrics = metrics
         self._relay_id = relay_id
         self._tls = tls
-        self._url = config.url.rstrip("/") + config.ingest_path
+        self._url = config.url.rstrip("/") + (
+            config.ingest_path or format_ingest_path(config.format)
+        )
         # spatial-event: a batch goes as one request per session, each a SpatialEvent.
         self._per_session = config.format == "spatial-event"
         self._rejection = (

@@ -35,7 +35,7 @@ from stag_relay.protocol.http import HttpRequest, HttpResponse, error_response, 
 from stag_relay.protocol.mesh import MeshSettings
 from stag_relay.protocol.sdk import SDK_PATH, SdkDialect, session_from_query
 from stag_relay.protocol.sessions import Sessions
-from stag_relay.service.config import Config, redact_url
+from stag_relay.service.config import Config, format_ingest_path, redact_url
 from stag_relay.service.metrics import (
     DIALECTS,
     DROP_REASONS,
@@ -517,7 +517,8 @@ class Relay:
             },
             "stag": {
                 "url": redact_url(self.config.stag.url),
-                "ingest_path": self.config.stag.ingest_path,
+                "ingest_path": self.config.stag.ingest_path
+                or format_ingest_path(self.config.stag.format),
                 **stag,
             },
             # null when delivery.spool_path is empty (memory only).

@@ -13,6 +13,7 @@ from websockets.exceptions import InvalidStatus
 from websockets.sync.client import ClientConnection
 
 from stag_relay.service.relay import Relay
+from stag_relay.tools.sink import SpatialEventFormat
 from tests.support.clients import connect_relay, pose_packet
 from tests.support.relays import http_get, make_config
 from tests.support.sdk import (
@@ -23,6 +24,8 @@ from tests.support.sdk import (
     MESH_UPDATE_FULL,
     MESH_V1_VERTICES_GZ,
     PING,
+    POSE_POSITION,
+    POSE_ROTATION,
     POSE_UNIX_SECONDS,
     SESSION_ID,
     anchor_inner,
@@ -36,8 +39,8 @@ from tests.support.stag_server import StagServer
 SDK_PATH = f"/api/v1/ws?session_id={SESSION_ID}"
 
 
-async def start_relay(nursery: trio.Nursery, stag: StagServer, **sections: Any) -> Relay:
-    relay = Relay(make_config(stag.url, **sections))
+async def start_relay(nursery: trio.Nursery, server: StagServer, **sections: Any) -> Relay:
+    relay = Relay(make_config(server.url, **sections))
     await nursery.start(relay.run)
     return relay
 
@@ -171,3 +174,98 @@ async def test_the_upgrade_names_the_session_and_the_dialects_stay_apart(
     assert (
         packets(relay, "unknown", "invalid", "sdk") + packets(relay, "pose", "invalid", "sdk") == 2
     )
+
+
+async def test_an_sdk_stream_through_a_stag_outage_arrives_once_each_as_sent(
+    nursery: trio.Nursery,
+) -> None:
+    """What the SDK's Swift code writes, to a spatial-event relay and a stand-in that
+    holds every body to the public STAGs' bindings; STAG is down for 1.5 s mid-stream."""
+    poses, meshes = 300, 6
+    pose_ms = [round(POSE_UNIX_SECONDS * 1000) + 17 * n for n in range(poses)]
+    buffers = [
+        sdk_compress(
+            mesh_buffer([(0.0, 0.0, 0.0), (1.0, 0.0, 0.0), (0.0, float(n), 1.0)], [0, 1, 2])
+        )
+        for n in range(1, meshes + 1)
+    ]
+    with StagServer(ingest_path="/api/v1/ingest", wire_format=SpatialEventFormat()) as stag:
+        relay = await start_relay(
+            nursery,
+            stag,
+            stag={"format": "spatial-event", "ingest_path": ""},
+            batch={"max_size": 20},
+        )
+
+        def stream() -> tuple[dict[str, Any], int | None]:
+            with connect_relay(relay.ports[0], SDK_PATH) as ws:
+                for n, ms in enumerate(pose_ms):
+                    if n == poses // 3:
+                        stag.fail_for(503, 1.5)
+                    inner = anchor_inner(POSE_POSITION, POSE_ROTATION, ms / 1000)
+                    ws.send(wsmessage("anchor_update", inner, timestamp=ms + 1))
+                    if n % (poses // meshes) == 0:
+                        k = n // (poses // meshes)
+                        mesh = mesh_inner(buffers[k], mesh_id=f"MESH-{k}")
+                        ws.send(wsmessage("mesh_update", mesh, timestamp=ms + 2))
+                ws.send(PING)
+                pong = receive_binary(ws)
+                ws.close(1000)
+                return pong, ws.close_code
+
+        pong, close_code = await trio.to_thread.run_sync(stream)
+        assert pong["type"] == "pong"
+        assert close_code == 1000
+        await trio.to_thread.run_sync(stag.wait_for_events, poses + meshes, 60.0)
+        bodies = stag.batches()
+
+    anchors = [a for body in bodies for a in body["anchors"]]
+    assert sorted(a["timestamp"] for a in anchors) == pose_ms
+    assert {a["id"] for a in anchors} == {ANCHOR_ID}
+    assert {a["session_id"] for a in anchors} | {b["session_id"] for b in bodies} == {SESSION_ID}
+    sent_meshes = {m["id"]: m for body in bodies for m in body["meshes"]}
+    assert sorted(sent_meshes) == [f"MESH-{k}" for k in range(meshes)]
+    for k in range(meshes):
+        assert base64.b64decode(sent_meshes[f"MESH-{k}"]["vertices"]) == buffers[k]
+    assert packets(relay, "pose", "ok", "sdk") == poses
+    assert relay.metrics.registry.get_sample_value(
+        "relay_stag_requests_total", {"outcome": "retry"}
+    )
+
+
+@pytest.mark.parametrize(
+    ("inner", "path"),
+    [
+        (
+            b'{"id":"m","anchorId":"a","vertices":"%%%","faces":"","compressionLevel":5,'
+            b'"isDelta":false}',
+            "$.data.vertices",
+        ),
+        (mesh_inner(b"\x78\x9c not deflate at all"), "$.data.vertices"),
+        (
+            mesh_inner(sdk_compress(mesh_buffer([(0.0, 0.0, 0.0)] * 3, [0, 1, 2])[:-4])),
+            "$.data.vertices",
+        ),
+        (
+            anchor_inner(POSE_POSITION, (0.0, 0.0, 0.0, 3.0), POSE_UNIX_SECONDS),
+            "$.data.pose.rotation",
+        ),
+    ],
+    ids=["bad base64", "bad deflate", "wrong counts", "bad quaternion"],
+)
+async def test_bad_sdk_input_gets_its_error_and_the_connection_lives(
+    nursery: trio.Nursery, stag: StagServer, inner: bytes, path: str
+) -> None:
+    relay = await start_relay(nursery, stag, batch={"max_size": 1})
+    kind = "mesh_update" if b"vertices" in inner else "anchor_update"
+
+    def talk() -> list[dict[str, Any]]:
+        with connect_relay(relay.ports[0], SDK_PATH) as ws:
+            ws.send(wsmessage(kind, inner, timestamp=1))
+            error = receive_binary(ws)
+            ws.send(PING)
+            return [error, receive_binary(ws)]
+
+    error, pong = await trio.to_thread.run_sync(talk)
+    assert (error["type"], pong["type"]) == ("error", "pong")
+    assert path in json.loads(base64.b64decode(error["data"]))["message"]
