@@ -121,7 +121,7 @@ def parse_packet(raw: bytes | str) -> Packet:
     try:
         obj = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
-        raise PacketError(f"$: not valid JSON ({_clip(str(exc), 80)})") from None
+        raise PacketError(f"$: not valid JSON ({clip(str(exc), 80)})") from None
     if type(obj) is not dict:
         raise PacketError("$: not a JSON object")
     # Read the context first so that every error, whatever field it is about,
@@ -226,7 +226,7 @@ def check_coordinate(v: Any, path: str) -> float:
     if t is float or t is int:
         if -_COORD_LIMIT <= v <= _COORD_LIMIT:
             return float(v)
-        raise FieldError(f"{path}: expected a number with |v| <= {_COORD_LIMIT:g}, got {_echo(v)}")
+        raise FieldError(f"{path}: expected a number with |v| <= {_COORD_LIMIT:g}, got {echo(v)}")
     raise FieldError(_mismatch(path, "a number", v))
 
 
@@ -270,11 +270,11 @@ def _mismatch(path: str, expected: str, value: Any, qualifier: str = "") -> str:
     if expected.startswith("a string of") and type(value) is str:
         return f"{path}: expected {expected}, got {len(value)} characters"
     if qualifier and type(value) is int:
-        return f"{path}: expected {expected} {qualifier}, got {_echo(value)}"
-    return f"{path}: expected {expected}, got {_echo(value)}"
+        return f"{path}: expected {expected} {qualifier}, got {echo(value)}"
+    return f"{path}: expected {expected}, got {echo(value)}"
 
 
-def _echo(value: Any) -> str:
+def echo(value: Any) -> str:
     """A short JSON-like rendering of a wire value for an error message."""
     if type(value) is dict:
         return "an object"
@@ -285,8 +285,8 @@ def _echo(value: Any) -> str:
             return orjson.dumps(value[:_ECHO_CHARS]).decode()[:-1] + '..."'
         return orjson.dumps(value).decode()
     # Numbers, booleans, null: orjson renders them as the client wrote them.
-    return _clip(orjson.dumps(value).decode(), _ECHO_CHARS)
+    return clip(orjson.dumps(value).decode(), _ECHO_CHARS)
 
 
-def _clip(text: str, limit: int) -> str:
+def clip(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[:limit] + "..."

@@ -44,6 +44,8 @@ from stag_relay.protocol.packets import (
     check_coordinate,
     check_id,
     check_rotation,
+    clip,
+    echo,
 )
 from stag_relay.protocol.sessions import id_hasher, next_event_id
 from stag_relay.protocol.websocket import Binary, binary_frame
@@ -63,7 +65,6 @@ _INT64_LIMIT: Final = 2**63
 # |seconds since 2001| beyond this would overflow int64 milliseconds.
 _MAX_REFERENCE_SECONDS: Final = 9e15
 _MAX_COMPRESSION_LEVEL: Final = 9
-_ECHO_CHARS: Final = 40
 _PACKET_TYPES: Final[dict[MessageKind, Literal["pose", "mesh", "unknown"]]] = {
     "anchor_update": "pose",
     "mesh_update": "mesh",
@@ -256,9 +257,9 @@ def parse_message(raw: bytes | str, *, binary: bool, session_id: str) -> Message
     try:
         obj = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
-        raise SdkError(f"$: not valid JSON ({_clip(str(exc), 80)})") from None
+        raise SdkError(f"$: not valid JSON ({clip(str(exc), 80)})") from None
     if type(obj) is not dict:
-        raise SdkError("$: expected a JSON object (a WSMessage), got " + _echo(obj))
+        raise SdkError("$: expected a JSON object (a WSMessage), got " + echo(obj))
     message_type = obj.get("type")
     kind = _KINDS.get(message_type, "unknown") if type(message_type) is str else "unknown"
     trace = _read_context(obj, binary)
@@ -292,8 +293,8 @@ def _structure(
             raise FieldError(_expected(path, "a string", named))
         if named != session_id:
             raise FieldError(
-                f"{path}: names session {_echo(named)}, but this connection streams session "
-                f"{_echo(session_id)} (the URL's session_id); "
+                f"{path}: names session {echo(named)}, but this connection streams session "
+                f"{echo(session_id)} (the URL's session_id); "
                 "send each session on its own connection"
             )
     raw_trace, trace_path = _field(obj, "traceId", "trace_id", "$.", not binary)
@@ -303,7 +304,7 @@ def _structure(
         message_type = obj.get("type", MISSING)
         if type(message_type) is str:
             raise SdkError(
-                f'$.type: unknown message type {_echo(message_type)}; expected "anchor_update",'
+                f'$.type: unknown message type {echo(message_type)}; expected "anchor_update",'
                 ' "mesh_update" or "ping"',
                 UNKNOWN_TYPE,
                 kind,
@@ -336,11 +337,11 @@ def _inner(data: Any, binary: bool) -> dict[str, Any]:
         inner = orjson.loads(decoded)
     except orjson.JSONDecodeError as exc:
         raise FieldError(
-            f"$.data: the base64 does not hold JSON ({_clip(str(exc), 80)}); "
+            f"$.data: the base64 does not hold JSON ({clip(str(exc), 80)}); "
             "encode the update with JSONEncoder, then base64"
         ) from None
     if type(inner) is not dict:
-        raise FieldError("$.data: expected base64 of a JSON object, got " + _echo(inner))
+        raise FieldError("$.data: expected base64 of a JSON object, got " + echo(inner))
     return inner
 
 
@@ -477,24 +478,7 @@ def _b64encode(data: bytes) -> str:
 def _expected(path: str, expected: str, value: Any) -> str:
     if value is MISSING:
         return f"{path}: missing, expected {expected}"
-    return f"{path}: expected {expected}, got {_echo(value)}"
-
-
-def _echo(value: Any) -> str:
-    """A short JSON-like rendering of a wire value for an error message."""
-    if type(value) is dict:
-        return "an object"
-    if type(value) is list:
-        return f"an array of {len(value)}"
-    if type(value) is str:
-        if len(value) > _ECHO_CHARS:
-            return orjson.dumps(value[:_ECHO_CHARS]).decode()[:-1] + '..."'
-        return orjson.dumps(value).decode()
-    return _clip(orjson.dumps(value).decode(), _ECHO_CHARS)
-
-
-def _clip(text: str, limit: int) -> str:
-    return text if len(text) <= limit else text[:limit] + "..."
+    return f"{path}: expected {expected}, got {echo(value)}"
 
 
 # --- replies -----------------------------------------------------------------------
