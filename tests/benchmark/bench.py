@@ -30,9 +30,9 @@ client in the same repeat, bare first, so slow drift hits both alike.
    pipeline's settings.
 
 5. dialects: 200 connections x 30 Hz poses for 10 s, each with a 2,000-triangle mesh
-   every 4 s, once in the relay's own dialect and once in the StreamKit SDK's
-   (``loadgen --dialect sdk``): CPU of the relay's process tree per event, SDK over
-   seed, and pose p99. Targets: <= 1.2 x and <= 20 ms.
+   every 4 s, batch.max_size 50, once in the relay's own dialect and once in the
+   StreamKit SDK's (``loadgen --dialect sdk``): CPU of the relay's process tree per
+   event, SDK over seed, and pose p99. Targets: <= 1.2 x and <= 20 ms.
 
 6. backpressure (only with ``--only backpressure``: minutes): 1,000 connections at
    10 Hz for 120 s while the stand-in takes 2 s per request (batches of 100, so STAG
