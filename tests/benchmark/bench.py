@@ -99,7 +99,7 @@ TARGET_RSS_PER_CONNECTION: Final = 32 * 1024
 TARGET_BACKPRESSURE_GROWTH_MIB: Final = 64
 BACKPRESSURE_CONNECTIONS: Final = 1000
 BACKPRESSURE_SECONDS: Final = 120.0
-# Issue 4: a spool may cost at most this share of the memory-only flood throughput.
+# A spool may cost at most this share of the memory-only flood throughput.
 TARGET_SPOOL_COST: Final = 0.25
 # Relay settings for the mesh workload, beyond the batch settings (the mesh
 # pipeline's keys, e.g. RELAY_MESH_WORKERS, once it has them).
@@ -423,7 +423,7 @@ DIALECT_MESH_RATE: Final = "0.25"
 # itself; batches of 50 fill in 8 ms, as the paced workload's 100 do at 12,000 a second.
 DIALECT_BATCH_MAX_SIZE: Final = 50
 TARGET_SDK_CPU_RATIO: Final = 1.2
-# Issue 8 compares one worker with two, on this 2-core machine.
+# One worker against two, on this 2-core machine.
 WORKER_COUNTS: Final = (1, 2)
 
 
@@ -457,7 +457,7 @@ def flood(pin: Pinning) -> dict[str, Any]:
         and result["relay"]["packets_not_ok"] == 0
         and result["relay"]["error_replies"] == 0
     )
-    # The same flood into a relay with a spool (issue 4: the spool's cost): every
+    # The same flood into a relay with a spool (the spool's cost): every
     # batch is then committed to SQLite before it is sent, and deleted after.
     with tempfile.TemporaryDirectory(prefix="stag-bench-spool-") as spool_dir:
         spooled, _ = _relay_flood(
@@ -595,7 +595,7 @@ def _relay_paced(
 
 
 def workers(pin: Pinning) -> dict[str, Any]:
-    """Issue 8: the flood and the paced load through 1 and through 2 worker processes.
+    """The flood and the paced load through 1 and through 2 worker processes.
 
     Nothing is pinned (two workers need both CPUs, which the client and the stand-in
     share with them); CPU is the whole relay's, supervisor and workers.
