@@ -242,6 +242,50 @@ async def test_the_batcher_wakes_once_per_batch_not_per_event(
     assert steps.count <= 15
 
 
+async def test_a_shielded_put_outlives_cancellation_until_aborted() -> None:
+    """Draining cancels the reader; its put of what it read waits on regardless, and
+    only the shutdown deadline (abort_put) gives up what did not go in."""
+    send, receive = open_event_queue(2)
+    events = [event(0, n) for n in range(5)]
+    outcome: list[str] = []
+    task: list[trio.lowlevel.Task] = []
+
+    async def put() -> None:
+        task.append(trio.lowlevel.current_task())
+        with trio.CancelScope() as scope:
+            scope.cancel()
+            try:
+                await send.put_shielded(events)
+                outcome.append("in")
+            except trio.ClosedResourceError:
+                outcome.append("aborted")
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(put)
+        await trio.testing.wait_all_tasks_blocked()
+        assert outcome == []
+        # Two taken: two more go in, and the put waits on with the last one.
+        assert [receive.receive_nowait().frame_number for _ in range(2)] == [0, 1]
+        await trio.testing.wait_all_tasks_blocked()
+        assert outcome == []
+        assert send.abort_put(task[0])
+        assert not send.abort_put(task[0])
+    assert outcome == ["aborted"]
+    assert [e.frame_number for e in events] == [4]
+    assert send.statistics().tasks_waiting_send == 0
+    assert [e.frame_number for e in drain(receive)] == [2, 3]
+
+
+async def test_a_shielded_put_that_fits_returns_at_once() -> None:
+    send, receive = open_event_queue(5)
+    events = [event(0, n) for n in range(3)]
+    with trio.CancelScope() as scope:
+        scope.cancel()
+        await send.put_shielded(events)
+    assert events == []
+    assert len(drain(receive)) == 3
+
+
 def test_send_nowait_would_block_when_full() -> None:
     send, _receive = open_event_queue(1)
     send.send_nowait(event(0, 1))
