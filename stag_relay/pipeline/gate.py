@@ -32,7 +32,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Final, cast
 from urllib.parse import parse_qs
 
@@ -338,7 +338,13 @@ class Connection:
         await self._end(ending)
 
     async def _read(self, data: bytes | bytearray) -> Ending:
-        receive_some = self.stream.receive_some
+        stream = self.stream
+        receive_some: Callable[[int], Awaitable[bytes | bytearray]] = stream.receive_some
+        if type(stream) is trio.SocketStream:
+            # The socket itself: SocketStream.receive_some adds a conflict detector and
+            # an error-translating context manager to every read, and this is the
+            # relay's hottest loop. Its errors are ours to translate (below).
+            receive_some = stream.socket.recv
         core = self.core
         events = self.gate.events
         while True:
@@ -353,7 +359,7 @@ class Connection:
             size = PRESSED_RECEIVE_BYTES if events.pressed() else RECEIVE_BYTES
             try:
                 data = await receive_some(size)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                 data = b""
             if not data:
                 return _GONE
