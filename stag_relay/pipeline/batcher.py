@@ -79,8 +79,10 @@ class Batcher:
                     except trio.EndOfChannel:
                         break
                     if waited is None:
-                        # The scope fired at the policy's deadline: the open batch is due.
-                        await self._send(events, batches, policy.flush())
+                        # The scope fired at the policy's deadline: the open batch is
+                        # due, with what arrived for it while we slept.
+                        batch = self._take_arrived(events)
+                        await self._send(events, batches, batch or policy.flush())
                         continue
                     event = waited
                 except trio.EndOfChannel:
@@ -90,12 +92,36 @@ class Batcher:
                     await self._send(events, batches, batch)
             await self._send(events, batches, policy.flush())
 
+    def _take_arrived(self, events: EventSource) -> Batch | None:
+        """Events already queued into the open batch, until it is full (that batch)
+        or the queue is empty (None)."""
+        policy = self._policy
+        now = self._clock()
+        while True:
+            try:
+                event = events.receive_nowait()
+            except (trio.WouldBlock, trio.EndOfChannel):
+                return None
+            batch = policy.add(event, now)
+            if batch is not None:
+                return batch
+
     async def _wait_for_event(self, events: EventSource) -> Event | None:
-        """The next event, or ``None`` if the open batch's deadline comes first."""
-        deadline = self._policy.deadline
+        """The next event, or ``None`` if the open batch's deadline comes first.
+
+        With a batch open and a source that can wait for several events, sleep until
+        what fills the batch has arrived (or the deadline): the batch is cut at the
+        same moment as if each event had been taken as it came, for one wake-up per
+        batch instead of one per event. Only the open batch's first event needs its
+        arrival time, and it is taken as it comes."""
+        policy = self._policy
+        deadline = policy.deadline
         if deadline is None:
             return await events.receive()
         with trio.move_on_at(deadline):
+            wait_for = getattr(events, "wait_for", None)
+            if wait_for is not None:
+                await wait_for(policy.max_size - policy.pending)
             return await events.receive()
         return None
 

@@ -4,7 +4,8 @@ A connection hands over every event of one socket read at once (``put``), so the
 queue costs one operation per read instead of one per event; the batcher takes
 events one at a time, as from a trio memory channel, whose receive side this
 mirrors (``receive``, ``receive_nowait``, ``statistics``, ``EndOfChannel`` once
-the send side is closed and the queue is empty).
+the send side is closed and the queue is empty), and ``wait_for``, with which the
+batcher sleeps until a batch's worth has arrived rather than waking per event.
 
 The bound is in events, not in reads: ``websocket.buffer_size`` is the most the
 queue ever holds, and a put that does not fit takes what fits and waits for room
@@ -44,6 +45,9 @@ class _Queue:
         # still has to put (they leave its list as they go in).
         self.waiting: deque[tuple[trio.lowlevel.Task, list[Event]]] = deque()
         self.receivers = trio.lowlevel.ParkingLot()
+        # A parked receiver is woken once the queue holds this many events: the
+        # batcher with an open batch asks for what fills it, not for each event.
+        self.wanted = 1
         self.send_closed = False
 
     def move(self, events: list[Event]) -> None:
@@ -57,7 +61,7 @@ class _Queue:
         else:
             self.events.extend(events[:room])
             del events[:room]
-        if self.receivers:
+        if self.receivers and len(self.events) >= self.wanted:
             self.receivers.unpark()
 
     def serve_waiting(self) -> None:
@@ -110,6 +114,33 @@ class EventSender:
             return trio.lowlevel.Abort.SUCCEEDED
 
         await trio.lowlevel.wait_task_rescheduled(abort)
+
+    async def put_shielded(self, events: list[Event]) -> None:
+        """``put``, but cancellation does not interrupt it (as inside a shielded cancel
+        scope, without the cost of one per put): only ``abort_put`` or ``close`` end
+        the wait early, with ``trio.ClosedResourceError``; what is then still in
+        ``events`` never entered the queue."""
+        self.put_nowait(events)
+        if not events:
+            await trio.lowlevel.cancel_shielded_checkpoint()
+            return
+        self._queue.waiting.append((trio.lowlevel.current_task(), events))
+
+        def abort(_: trio.lowlevel.RaiseCancelT) -> trio.lowlevel.Abort:
+            return trio.lowlevel.Abort.FAILED
+
+        await trio.lowlevel.wait_task_rescheduled(abort)
+
+    def abort_put(self, task: trio.lowlevel.Task) -> bool:
+        """End ``task``'s waiting put with ``trio.ClosedResourceError`` (the shutdown
+        deadline); False if it is not waiting."""
+        waiting = self._queue.waiting
+        for entry in waiting:
+            if entry[0] is task:
+                waiting.remove(entry)
+                trio.lowlevel.reschedule(task, outcome.Error(trio.ClosedResourceError()))
+                return True
+        return False
 
     def pressed(self) -> bool:
         """Senders wait for room, or the queue is three quarters full: connections
@@ -182,6 +213,21 @@ class EventReceiver:
                 return self.receive_nowait()
             except trio.WouldBlock:
                 continue
+
+    async def wait_for(self, count: int) -> None:
+        """Return once the queue holds ``count`` events (or is full), or the send side
+        is closed; take them with ``receive_nowait``. Puts of fewer do not wake us."""
+        queue = self._queue
+        count = max(1, min(count, queue.capacity))
+        if len(queue.events) >= count or queue.send_closed:
+            await trio.lowlevel.checkpoint()
+            return
+        queue.wanted = count
+        try:
+            while len(queue.events) < count and not queue.send_closed:
+                await queue.receivers.park()
+        finally:
+            queue.wanted = 1
 
     def statistics(self) -> QueueStatistics:
         return _statistics(self._queue)

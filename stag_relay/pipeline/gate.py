@@ -32,7 +32,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Final, cast
 from urllib.parse import parse_qs
 
@@ -289,8 +289,10 @@ class Connection:
         self._wake: trio.Event | None = None
         # Set once the writer has sent the close frame (created when one is queued).
         self._close_written: trio.Event | None = None
-        # Puts shielded from draining; the shutdown deadline cancels them.
-        self._send_scopes: set[trio.CancelScope] = set()
+        # What draining does not interrupt and the shutdown deadline does: mesh-lane
+        # sends in shielded scopes (cancelled), and the tasks in a queue put (the
+        # reader, the mesh lane; aborted with EventSender.abort_put).
+        self._send_scopes: set[trio.CancelScope | trio.lowlevel.Task] = set()
         # The mesh lane, started with the first mesh: meshes read and handed to it,
         # not yet in the queue.
         self._lane_send: trio.MemorySendChannel[tuple[Event, MeshData]] | None = None
@@ -315,8 +317,11 @@ class Connection:
         self._read_scope.cancel()
 
     def abort_send(self) -> None:
-        for scope in list(self._send_scopes):
-            scope.cancel()
+        for waiting in list(self._send_scopes):
+            if isinstance(waiting, trio.CancelScope):
+                waiting.cancel()
+            else:
+                self.gate.events.abort_put(waiting)
 
     # -- the reader -------------------------------------------------------------------
 
@@ -333,7 +338,13 @@ class Connection:
         await self._end(ending)
 
     async def _read(self, data: bytes | bytearray) -> Ending:
-        receive_some = self.stream.receive_some
+        stream = self.stream
+        receive_some: Callable[[int], Awaitable[bytes | bytearray]] = stream.receive_some
+        if type(stream) is trio.SocketStream:
+            # The socket itself: SocketStream.receive_some adds a conflict detector and
+            # an error-translating context manager to every read, and this is the
+            # relay's hottest loop. Its errors are ours to translate (below).
+            receive_some = stream.socket.recv
         core = self.core
         events = self.gate.events
         while True:
@@ -348,7 +359,7 @@ class Connection:
             size = PRESSED_RECEIVE_BYTES if events.pressed() else RECEIVE_BYTES
             try:
                 data = await receive_some(size)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                 data = b""
             if not data:
                 return _GONE
@@ -482,14 +493,14 @@ class Connection:
             self.tally.ok_mesh.inc(meshes)
 
     async def _shielded_put(self, events: list[Event]) -> None:
+        task = trio.lowlevel.current_task()
+        self._send_scopes.add(task)
         try:
-            with trio.CancelScope(shield=True) as scope:
-                self._send_scopes.add(scope)
-                await self.gate.events.put(events)
+            await self.gate.events.put_shielded(events)
         except (trio.ClosedResourceError, trio.BrokenResourceError):
             pass
         finally:
-            self._send_scopes.discard(scope)
+            self._send_scopes.discard(task)
         if events:
             self.gate.metrics.events_dropped.labels("shutdown").inc(len(events))
 

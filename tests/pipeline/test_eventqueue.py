@@ -150,6 +150,142 @@ async def test_a_waiting_receiver_wakes_for_a_put_and_for_close() -> None:
     assert got == [7, "end"]
 
 
+async def test_wait_for_sleeps_through_smaller_puts() -> None:
+    """The batcher with an open batch waits for what fills it: puts of fewer events
+    do not wake it; the put that makes up the count, a full queue, or close does."""
+    send, receive = open_event_queue(5)
+    woke: list[int] = []
+
+    async def waiter(count: int) -> None:
+        await receive.wait_for(count)
+        woke.append(receive.statistics().current_buffer_used)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(waiter, 3)
+        await trio.testing.wait_all_tasks_blocked()
+        send.put_nowait([event(0, 0)])
+        send.put_nowait([event(0, 1)])
+        await trio.testing.wait_all_tasks_blocked()
+        assert woke == []
+        send.put_nowait([event(0, 2), event(0, 3)])
+        await trio.testing.wait_all_tasks_blocked()
+        assert woke == [4]
+        # More than the queue holds: woken once it is full.
+        drain(receive)
+        nursery.start_soon(waiter, 50)
+        await trio.testing.wait_all_tasks_blocked()
+        send.put_nowait([event(1, n) for n in range(4)])
+        await trio.testing.wait_all_tasks_blocked()
+        assert woke == [4]
+        send.put_nowait([event(1, 4)])
+        await trio.testing.wait_all_tasks_blocked()
+        assert woke == [4, 5]
+        drain(receive)
+        nursery.start_soon(waiter, 2)
+        await trio.testing.wait_all_tasks_blocked()
+        send.close()
+    assert woke == [4, 5, 0]
+    # A later plain receive is woken by a single event again.
+    send2, receive2 = open_event_queue(5)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(receive2.receive)
+        await trio.testing.wait_all_tasks_blocked()
+        send2.put_nowait([event(0, 0)])
+
+
+async def test_the_batcher_wakes_once_per_batch_not_per_event(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Events put one at a time: the batcher takes the first as it comes (its time
+    starts the deadline), then sleeps until the batch is full; the batches and the
+    moments they are cut are those of taking each event as it came."""
+    send, receive = open_event_queue(100)
+    batches_send, batches_recv = trio.open_memory_channel[Batch](10)
+    batcher_task: list[trio.lowlevel.Task] = []
+
+    class Steps(trio.abc.Instrument):
+        count = 0
+
+        def before_task_step(self, task: trio.lowlevel.Task) -> None:
+            if task in batcher_task:
+                self.count += 1
+
+    steps = Steps()
+
+    async def run_batcher() -> None:
+        batcher_task.append(trio.lowlevel.current_task())
+        await Batcher(make_policy(10, 1.0), RelayMetrics()).run(receive, batches_send)
+
+    cuts: list[tuple[float, list[int]]] = []
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(run_batcher)
+        await trio.testing.wait_all_tasks_blocked()
+        trio.lowlevel.add_instrument(steps)
+        start = trio.current_time()
+        for n in range(25):
+            send.put_nowait([event(0, n)])
+            await trio.sleep(0.01)
+        while len(cuts) < 3:
+            batch = await batches_recv.receive()
+            cuts.append((trio.current_time() - start, [e.frame_number for e in batch.events]))
+        trio.lowlevel.remove_instrument(steps)
+        send.close()
+    assert [frames for _, frames in cuts] == [
+        list(range(10)),
+        list(range(10, 20)),
+        list(range(20, 25)),
+    ]
+    # The last batch is cut at its deadline: 1 s after its first event, put at 0.20.
+    assert cuts[2][0] == pytest.approx(1.2)
+    # A few steps per batch (its first event, full or due, the hand-over's
+    # checkpoints), not one or more per event.
+    assert steps.count <= 15
+
+
+async def test_a_shielded_put_outlives_cancellation_until_aborted() -> None:
+    """Draining cancels the reader; its put of what it read waits on regardless, and
+    only the shutdown deadline (abort_put) gives up what did not go in."""
+    send, receive = open_event_queue(2)
+    events = [event(0, n) for n in range(5)]
+    outcome: list[str] = []
+    task: list[trio.lowlevel.Task] = []
+
+    async def put() -> None:
+        task.append(trio.lowlevel.current_task())
+        with trio.CancelScope() as scope:
+            scope.cancel()
+            try:
+                await send.put_shielded(events)
+                outcome.append("in")
+            except trio.ClosedResourceError:
+                outcome.append("aborted")
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(put)
+        await trio.testing.wait_all_tasks_blocked()
+        assert outcome == []
+        # Two taken: two more go in, and the put waits on with the last one.
+        assert [receive.receive_nowait().frame_number for _ in range(2)] == [0, 1]
+        await trio.testing.wait_all_tasks_blocked()
+        assert outcome == []
+        assert send.abort_put(task[0])
+        assert not send.abort_put(task[0])
+    assert outcome == ["aborted"]
+    assert [e.frame_number for e in events] == [4]
+    assert send.statistics().tasks_waiting_send == 0
+    assert [e.frame_number for e in drain(receive)] == [2, 3]
+
+
+async def test_a_shielded_put_that_fits_returns_at_once() -> None:
+    send, receive = open_event_queue(5)
+    events = [event(0, n) for n in range(3)]
+    with trio.CancelScope() as scope:
+        scope.cancel()
+        await send.put_shielded(events)
+    assert events == []
+    assert len(drain(receive)) == 3
+
+
 def test_send_nowait_would_block_when_full() -> None:
     send, _receive = open_event_queue(1)
     send.send_nowait(event(0, 1))
