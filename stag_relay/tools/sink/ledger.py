@@ -323,6 +323,17 @@ class WireFormat(Protocol):
         ...
 
 
+def _json_object(body: bytes) -> dict[str, Any] | str:
+    """The body as a JSON object, or why it is not one (for the 400)."""
+    try:
+        document = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return "body is not JSON"
+    if type(document) is not dict:
+        return "body is not a JSON object"
+    return document
+
+
 class BatchFormat:
     """The relay's batch: ``{"batch_id": ..., "events": [...]}``, POSTed to ``/ingest``."""
 
@@ -330,12 +341,9 @@ class BatchFormat:
     default_path: str = DEFAULT_INGEST_PATH
 
     def parse(self, body: bytes) -> Delivery | str:
-        try:
-            batch = orjson.loads(body)
-        except orjson.JSONDecodeError:
-            return "body is not JSON"
-        if type(batch) is not dict:
-            return "body is not a JSON object"
+        batch = _json_object(body)
+        if isinstance(batch, str):
+            return batch
         events = batch.get("events")
         batch_id = batch.get("batch_id")
         if type(events) is not list or type(batch_id) is not str:
@@ -371,12 +379,9 @@ class SpatialEventFormat:
     default_path: str = SPATIAL_EVENT_PATH
 
     def parse(self, body: bytes) -> Delivery | str:
-        try:
-            event = orjson.loads(body)
-        except orjson.JSONDecodeError:
-            return "body is not JSON"
-        if type(event) is not dict:
-            return "body is not a JSON object"
+        event = _json_object(body)
+        if isinstance(event, str):
+            return event
         problem = _required(event, _EVENT_FIELDS, "")
         if problem is not None:
             return problem
