@@ -7,43 +7,17 @@ client is wsproto driven by hand; it answers close frames so closes complete.
 
 from __future__ import annotations
 
-from typing import Any
-
 import trio
 import trio.testing
 
-from stag_relay.pipeline.eventqueue import EventReceiver, open_event_queue
 from stag_relay.pipeline.gate import SEND_TIMEOUT, Gate
-from stag_relay.protocol.events import Event as SpatialEvent
 from stag_relay.protocol.limits import BURST_SECONDS, ERROR_REPLY_BURST
-from stag_relay.protocol.sessions import Sessions
-from stag_relay.service.metrics import RelayMetrics
 from tests.support.clients import pose_packet
+from tests.support.gates import build_gate, drain, sample
 from tests.support.memory_ws import MemoryClient, StreamPair
 from tests.support.memory_ws import connect as open_client
-from tests.support.relays import make_config
 
 INVALID = '{"session_id": "s", "frame_number": -1}'
-
-
-def build_gate(
-    **websocket: Any,
-) -> tuple[Gate, EventReceiver]:
-    config = make_config("http://127.0.0.1:9", websocket=websocket)
-    send, receive = open_event_queue(10_000)
-    metrics = RelayMetrics()
-    gate = Gate(
-        websocket=config.websocket,
-        handshake_timeout=config.server.handshake_timeout,
-        sessions=Sessions(ttl=300.0, max_sessions=100),
-        events=send,
-        metrics=metrics,
-    )
-    return gate, receive
-
-
-def sample(gate: Gate, name: str, **labels: str) -> float:
-    return gate.metrics.registry.get_sample_value(name, labels) or 0.0
 
 
 async def connect(
@@ -57,15 +31,6 @@ async def connect(
     if reading:
         nursery.start_soon(client.run)
     return client
-
-
-def drain(events: EventReceiver) -> list[SpatialEvent]:
-    received = []
-    while True:
-        try:
-            received.append(events.receive_nowait())
-        except trio.WouldBlock:
-            return received
 
 
 async def test_a_client_over_the_rate_is_slowed_down_and_loses_nothing(

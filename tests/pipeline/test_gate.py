@@ -15,33 +15,20 @@ import trio
 import trio.testing
 from wsproto.events import Ping, Pong, TextMessage
 
-from stag_relay.pipeline.eventqueue import EventReceiver, open_event_queue
+from stag_relay.pipeline.eventqueue import EventReceiver
 from stag_relay.pipeline.gate import PRESSED_RECEIVE_BYTES, Gate
 from stag_relay.protocol.events import Event as SpatialEvent
-from stag_relay.protocol.sessions import Sessions
-from stag_relay.service.config import Config
-from stag_relay.service.metrics import RelayMetrics
+from tests.support import gates
 from tests.support.clients import pose_packet
 from tests.support.frames import CLOSE, TEXT, client_frame
+from tests.support.gates import drain, sample
 from tests.support.memory_ws import MemoryClient, connect, open_front
-from tests.support.relays import make_config
 
 INTERVAL = 30.0
 
 
 def build_gate(capacity: int, **websocket: Any) -> tuple[Gate, EventReceiver]:
-    config: Config = make_config(
-        "http://127.0.0.1:9", websocket={"heartbeat_interval": INTERVAL, **websocket}
-    )
-    send, receive = open_event_queue(capacity)
-    gate = Gate(
-        websocket=config.websocket,
-        handshake_timeout=config.server.handshake_timeout,
-        sessions=Sessions(ttl=300.0, max_sessions=100),
-        events=send,
-        metrics=RelayMetrics(),
-    )
-    return gate, receive
+    return gates.build_gate(capacity, **{"heartbeat_interval": INTERVAL, **websocket})
 
 
 def heartbeat_timeouts(gate: Gate) -> float | None:
@@ -128,19 +115,6 @@ async def test_error_reply_names_the_field(autojump_clock: trio.testing.MockCloc
         assert reply["code"] == "invalid_packet"
         assert reply["message"].startswith("$.frame_number")
         nursery.cancel_scope.cancel()
-
-
-def sample(gate: Gate, name: str, **labels: str) -> float:
-    return gate.metrics.registry.get_sample_value(name, labels) or 0.0
-
-
-def drain(events: EventReceiver) -> list[SpatialEvent]:
-    received = []
-    while True:
-        try:
-            received.append(events.receive_nowait())
-        except trio.WouldBlock:
-            return received
 
 
 def frames(client: MemoryClient, *texts: str) -> bytes:
