@@ -123,7 +123,8 @@ class MeshHandoff:
 PacketKind = Literal["pose", "mesh", "unknown"]
 
 
-@attrs.frozen
+# Not frozen, for the cost of building one per socket read (events.Event says why).
+@attrs.define(slots=True)
 class Read:
     """What one read brought."""
 

@@ -15,7 +15,8 @@ import orjson
 EventType = Literal["pose", "mesh"]
 
 
-@attrs.frozen(slots=True)
+# Not frozen, for the cost of building one per packet (see Event).
+@attrs.define(slots=True)
 class Anchor:
     """A pose anchor: where the device was, in the client's world frame."""
 
@@ -117,7 +118,10 @@ class MeshUpdate:
         return doc
 
 
-@attrs.frozen(slots=True)
+# Not frozen, though nothing changes one once built: a frozen class sets each field
+# through object.__setattr__ (0.75 against 0.2 us for nine fields), and one is built
+# per packet.
+@attrs.define(slots=True)
 class Event:
     """One spatial event: what one accepted packet becomes.
 

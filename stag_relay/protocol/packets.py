@@ -49,7 +49,8 @@ _MISSING: Final[Any] = object()
 MISSING: Final[Any] = _MISSING
 
 
-@attrs.frozen(slots=True)
+# Not frozen, for the cost of building one per packet (events.Event says why).
+@attrs.define(slots=True)
 class Pose:
     """A device pose as the client sent it (the rotation is not normalised here)."""
 
@@ -74,7 +75,8 @@ class MeshData:
     encoding: MeshEncoding = "draco"
 
 
-@attrs.frozen(slots=True)
+# Not frozen, for the cost of building one per packet (events.Event says why).
+@attrs.define(slots=True)
 class Packet:
     """One valid StreamKit packet. Exactly one of ``pose`` and ``mesh`` is set, per ``type``."""
 

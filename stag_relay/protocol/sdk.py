@@ -103,7 +103,8 @@ class SdkError(PacketError):
         self.trace_id = trace_id
 
 
-@attrs.frozen(slots=True)
+# Not frozen, for the cost of building one per packet (events.Event says why).
+@attrs.define(slots=True)
 class AnchorUpdate:
     """A device pose: ``timestamp`` is the pose's own time in Unix ms.
 
