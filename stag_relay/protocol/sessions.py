@@ -66,7 +66,7 @@ def id_hasher(session_id: str, type: str) -> HASH:
 def next_event_id(hasher: HASH, frame_number: int) -> str:
     """:func:`event_id` for the session and type ``hasher`` was made for by :func:`id_hasher`."""
     h = hasher.copy()
-    h.update(str(frame_number).encode())
+    h.update(b"%d" % frame_number)
     # The uuid's 32 hex digits are the first 32 of the digest with two digits replaced,
     # so the string is built from hexdigest() without a uuid.UUID or an int.
     x = h.hexdigest()

@@ -7,6 +7,8 @@ session or connection id, so the series count stays bounded whatever clients sen
 
 from __future__ import annotations
 
+from bisect import bisect_left
+
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Final, Protocol
@@ -305,10 +307,8 @@ class RelayMetrics:
         transform. Same result as the loop: ``_count`` stays one per packet.
         """
         histogram._sum.inc(amount * count)
-        for bound, bucket in zip(histogram._upper_bounds, histogram._buckets, strict=True):
-            if amount <= bound:
-                bucket.inc(count)
-                break
+        # The first bucket whose bound is >= amount (the last bound is +Inf).
+        histogram._buckets[bisect_left(histogram._upper_bounds, amount)].inc(count)
 
     def packet(self, packet_type: str, status: str, dialect: str = "streamkit") -> Counter:
         """The counter child for one (type, status, dialect); unknown types count as
