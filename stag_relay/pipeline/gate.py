@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import os
 import time
 from collections.abc import Awaitable, Callable
 from typing import Final, cast
@@ -239,6 +240,32 @@ class Gate:
             self._idle.set()
 
 
+def _socket_reader(stream: trio.SocketStream) -> Callable[[int], Awaitable[bytes]]:
+    """Reads of a plain TCP connection: wait until its socket is readable, then one read.
+
+    ``SocketStream.receive_some`` first tries a read, and waits only when that fails;
+    a client that paces its messages has sent nothing new when the relay comes back
+    for more, so that first try is a failed syscall, a raised ``BlockingIOError`` and
+    an async context manager per message, on the relay's hottest loop. Waiting first
+    costs nothing when data is there already (the wait returns at the next
+    scheduler pass, the checkpoint a read owes the other connections anyway). Its
+    errors are the caller's to translate, as ``OSError`` or ``trio.ClosedResourceError``.
+    """
+    fd = stream.socket.fileno()
+    wait_readable = trio.lowlevel.wait_readable
+    read = os.read
+
+    async def receive(size: int) -> bytes:
+        while True:
+            await wait_readable(fd)
+            try:
+                return read(fd, size)
+            except BlockingIOError:
+                continue
+
+    return receive
+
+
 def _wants_acks(query: str) -> bool:
     return bool(query) and any(value in ("1", "true") for value in parse_qs(query).get("ack", ()))
 
@@ -341,10 +368,7 @@ class Connection:
         stream = self.stream
         receive_some: Callable[[int], Awaitable[bytes | bytearray]] = stream.receive_some
         if type(stream) is trio.SocketStream:
-            # The socket itself: SocketStream.receive_some adds a conflict detector and
-            # an error-translating context manager to every read, and this is the
-            # relay's hottest loop. Its errors are ours to translate (below).
-            receive_some = stream.socket.recv
+            receive_some = _socket_reader(stream)
         core = self.core
         events = self.gate.events
         while True:
