@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import copy
 from typing import Any
 
@@ -11,6 +12,7 @@ import pytest
 from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 
+from stag_relay.protocol import packets as packets_module
 from stag_relay.protocol.packets import MeshData, Packet, PacketError, Pose, parse_packet
 
 # --- strategies for valid packets -------------------------------------------------
@@ -706,3 +708,65 @@ def test_packets_with_junk_in_any_field_never_raise_anything_else(
         paths += ["data.mesh", "data.mesh.anchor_id", "data.mesh.vertices", "data.mesh.faces"]
     field = data.draw(st.sampled_from(paths))
     _parses_or_rejects(orjson.dumps(_mutate(obj, field, data.draw(_packet_like))))
+
+
+# --- the pose fast path ------------------------------------------------------------
+
+
+def _checked_in_full(obj: dict[str, Any]) -> Packet | None:
+    """What the full checks make of a pose packet (None: they reject it)."""
+    number = obj.get("frame_number")
+    frame_number = number if type(number) is int and 0 <= number < 2**63 else None
+    try:
+        return packets_module._structure(obj, frame_number, "pose")
+    except packets_module.FieldError:
+        return None
+
+
+_near_coordinate = st.one_of(
+    st.floats(-1000.01, 1000.01), st.integers(-1001, 1001), st.sampled_from([1000.0001, True])
+)
+_near_component = st.one_of(st.floats(-1.1, 1.1), st.integers(-1, 1), st.just(False))
+# For each field of a pose packet, values on both sides of its rules, and junk.
+_POSE_FIELD_VALUES: dict[str, st.SearchStrategy[Any]] = {
+    "session_id": st.text(max_size=130),
+    "frame_number": st.one_of(st.integers(-2, 2), st.integers(2**63 - 2, 2**64 - 1)),
+    "timestamp": st.integers(-2, 2),
+    "data": _packet_like,
+    "data.pose": _packet_like,
+    "data.pose.x": _near_coordinate,
+    "data.pose.y": _near_coordinate,
+    "data.pose.z": _near_coordinate,
+    "data.pose.rotation": st.lists(_near_component, min_size=3, max_size=5),
+    "data.pose.rotation.0": _near_component,
+    "data.pose.rotation.3": _near_component,
+}
+
+
+@settings(max_examples=1000)
+@given(pose_packets(), st.data())
+def test_the_pose_fast_path_agrees_with_the_full_checks(
+    obj: dict[str, Any], data: st.DataObject
+) -> None:
+    """``_valid_pose`` accepts only what the full checks accept, as the same packet; it
+    may leave to them what it cannot decide (an id with non-printable characters)."""
+    for _ in range(data.draw(st.integers(0, 2))):
+        field = data.draw(st.sampled_from(sorted(_POSE_FIELD_VALUES)))
+        removal = st.nothing() if field[-1].isdigit() else st.just(_DELETE)
+        value = data.draw(st.one_of(_POSE_FIELD_VALUES[field], _packet_like, removal))
+        # A second change may name a field the first one took away: then only the first.
+        with contextlib.suppress(TypeError, KeyError, IndexError, ValueError):
+            obj = _mutate(obj, field, value)
+    obj = orjson.loads(orjson.dumps(obj))
+    fast = packets_module._valid_pose(obj)
+    full = _checked_in_full(obj)
+    if fast is not None:
+        assert fast == full
+    elif full is not None:
+        assert not full.session_id.isprintable()
+
+
+@given(pose_packets())
+def test_valid_poses_take_the_fast_path(obj: dict[str, Any]) -> None:
+    assume(obj["session_id"].isprintable())
+    assert packets_module._valid_pose(orjson.loads(orjson.dumps(obj))) == _expected(obj)
