@@ -34,7 +34,7 @@ import itertools
 import os
 import time
 from collections.abc import Awaitable, Callable
-from typing import Final, cast
+from typing import Final
 from urllib.parse import parse_qs
 
 import attrs
@@ -421,8 +421,28 @@ class Connection:
 
     async def _handle(self, data: bytes | bytearray) -> Ending | None:
         """Feed one read to the core, count what it says, and hand its events over."""
+        read = self._take(data)
+        steps = read.steps
+        if steps:
+            if read.meshes:
+                await self._hand_over(steps)
+            else:
+                # Nothing for the mesh lane: every step is an event. Most reads fit in
+                # the queue at once, and then nothing here waits.
+                events: list[Event] = steps  # type: ignore[assignment]
+                count = len(events)
+                self.gate.events.put_nowait(events)
+                if events:
+                    await self._deliver(events, read.mesh_events, count)
+                else:
+                    self._delivered(count, read.mesh_events)
+        return read.ending
+
+    def _take(self, data: bytes | bytearray) -> Read:
+        """What the core makes of one read, counted and logged."""
         core = self.core
         bound = core.session_id is not None
+        # The processing time is the real one (trio's clock may be a test's MockClock).
         started = time.perf_counter()
         # Every packet of a read arrived at once, as far as anyone can tell.
         read = core.receive(data, trio.current_time(), time.time_ns() // 1_000_000)
@@ -443,13 +463,7 @@ class Connection:
                     reason=ending.policy,
                     code=ending.code,
                 )
-        if read.steps:
-            if read.meshes:
-                await self._hand_over(read.steps)
-            else:
-                # Nothing for the mesh lane: every step is an event.
-                await self._deliver(cast("list[Event]", read.steps), read.mesh_events)
-        return ending
+        return read
 
     def _count(self, read: Read, elapsed: float) -> None:
         """The read's tallies into the metrics, once per read (each inc takes a lock)."""
@@ -489,16 +503,17 @@ class Connection:
         if events:
             await self._deliver(events, _mesh_events(events))
 
-    async def _deliver(self, events: list[Event], meshes: int) -> None:
-        """Put ``events`` (``meshes`` of them mesh events) into the queue, waiting for room.
+    async def _deliver(self, events: list[Event], meshes: int, count: int | None = None) -> None:
+        """Put ``events`` (``meshes`` of them mesh events) into the queue, waiting for room;
+        ``count``: how many there were before a ``put_nowait`` that took the first of them.
 
         Shielded: draining stops reading but must not lose a packet already read;
         only the shutdown deadline (abort_send) cancels it, and what it gave up is
         counted as dropped.
         """
-        gate = self.gate
-        count = len(events)
-        gate.events.put_nowait(events)
+        if count is None:
+            count = len(events)
+            self.gate.events.put_nowait(events)
         if events:
             # Not reading the client is our doing: its packets bunch up meanwhile.
             self.core.wait_begins(trio.current_time())
@@ -510,7 +525,11 @@ class Connection:
                 meshes -= sum(1 for event in events if event.type == "mesh")
         moved = count - len(events)
         events.clear()
-        gate.events_in += moved
+        self._delivered(moved, meshes)
+
+    def _delivered(self, moved: int, meshes: int) -> None:
+        """``moved`` events are in the queue, ``meshes`` of them mesh events."""
+        self.gate.events_in += moved
         if moved > meshes:
             self.tally.ok_pose.inc(moved - meshes)
         if meshes:

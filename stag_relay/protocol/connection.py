@@ -199,7 +199,8 @@ class ConnectionCore:
     def receive(self, data: bytes | bytearray, now: float, received_at_ms: int) -> Read:
         """Judge everything ``data`` completes. Every packet of a read arrived at once,
         as far as anyone can tell: they share ``received_at_ms``."""
-        self.handed_over()
+        if self._uncharged:
+            self.handed_over()
         items = self.frames.receive(data)
         if not items:
             return Read([])

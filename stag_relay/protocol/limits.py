@@ -67,14 +67,19 @@ class TokenBucket:
             return True
         return False
 
-    def spend(self, count: int, now: float) -> None:
-        """Take ``count`` tokens, going into debt if there are not that many."""
+    def spend(self, count: int, now: float) -> float:
+        """Take ``count`` tokens, going into debt if there are not that many; return
+        :meth:`ready_at`."""
         self._refill(now)
         self.tokens -= count
+        return self._ready_at(now)
 
     def ready_at(self, now: float) -> float:
         """When there is a token again: ``now`` if there is one already."""
         self._refill(now)
+        return self._ready_at(now)
+
+    def _ready_at(self, now: float) -> float:
         if self.tokens >= _WHOLE or self.paused_at is not None:
             return now
         return now + (1.0 - self.tokens) / self.rate
@@ -113,8 +118,7 @@ class ReadThrottle:
 
     def read(self, packets: int, now: float) -> float:
         """``packets`` were read at ``now``: when the connection may read again."""
-        self.bucket.spend(packets, now)
-        return self.bucket.ready_at(now)
+        return self.bucket.spend(packets, now)
 
     def pause(self, now: float) -> None:
         """The relay stopped reading this client (backpressure): not the client's doing."""
