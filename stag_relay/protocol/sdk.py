@@ -26,6 +26,7 @@ frames: the SDK ignores text frames.
 from __future__ import annotations
 
 import binascii
+import functools
 import math
 from collections.abc import Callable
 from typing import Any, Final, Literal
@@ -246,7 +247,13 @@ def sdk_event_id(session_id: str, type: str, item_id: str, timestamp: int) -> st
     produce the same name. Built with the seed's hashing shortcut: it runs for
     every pose.
     """
-    return next_event_id(id_hasher(session_id, f"{type}\x00{item_id}"), timestamp)
+    return next_event_id(_hasher(session_id, f"{type}\x00{item_id}"), timestamp)
+
+
+# A session streams one or a few anchors (the camera) for hours, so the hasher of
+# each (session, kind, id) is made once, not per pose. The cache's entries are never
+# changed (next_event_id copies one), and it is bounded: a few hundred bytes each.
+_hasher = functools.lru_cache(maxsize=4096)(id_hasher)
 
 
 def parse_message(raw: bytes | str, *, binary: bool, session_id: str) -> Message:
@@ -298,9 +305,11 @@ def _structure(
                 f"{echo(session_id)} (the URL's session_id); "
                 "send each session on its own connection"
             )
-    raw_trace, trace_path = _field(obj, "traceId", "trace_id", "$.", not binary)
-    if raw_trace is not MISSING and raw_trace is not None:
-        check_id(raw_trace, trace_path)
+    if trace is None:
+        # Absent, or invalid: _read_context could not tell which, and said neither.
+        raw_trace, trace_path = _field(obj, "traceId", "trace_id", "$.", not binary)
+        if raw_trace is not MISSING and raw_trace is not None:
+            check_id(raw_trace, trace_path)
     if kind == "unknown":
         message_type = obj.get("type", MISSING)
         if type(message_type) is str:
