@@ -30,14 +30,14 @@ PacketType = Literal["pose", "mesh"]
 _FRAME_LIMIT: Final = 2**63
 # The spec's bounds on identifiers: long enough for any UUID-based scheme, short
 # enough that a session id is never a payload.
-_ID_MAX_CHARS: Final = 128
+ID_MAX_CHARS: Final = 128
 # Positions are metres in the client's world frame; a kilometre is beyond any
 # room-scale or building-scale AR session, so a larger value is a client bug.
-_COORD_LIMIT: Final = 1000.0
+COORD_LIMIT: Final = 1000.0
 # A unit quaternion from float32 client maths drifts a little; a squared norm
 # outside [0.9, 1.1] is not drift but garbage. It is normalised downstream.
-_NORM_SQ_MIN: Final = 0.9
-_NORM_SQ_MAX: Final = 1.1
+NORM_SQ_MIN: Final = 0.9
+NORM_SQ_MAX: Final = 1.1
 # Values echoed in error messages are cut to this many characters so that an
 # 8 MiB string is never copied into a reply or a log line.
 _ECHO_CHARS: Final = 40
@@ -157,7 +157,7 @@ def _valid_pose(obj: dict[str, Any]) -> Packet | None:
     data = obj.get("data")
     if not (
         type(session_id) is str
-        and 0 < len(session_id) <= _ID_MAX_CHARS
+        and 0 < len(session_id) <= ID_MAX_CHARS
         and session_id.isprintable()
         and type(frame_number) is int
         and 0 <= frame_number < _FRAME_LIMIT
@@ -177,9 +177,9 @@ def _valid_pose(obj: dict[str, Any]) -> Packet | None:
         (type(x) is float or type(x) is int)
         and (type(y) is float or type(y) is int)
         and (type(z) is float or type(z) is int)
-        and -_COORD_LIMIT <= x <= _COORD_LIMIT
-        and -_COORD_LIMIT <= y <= _COORD_LIMIT
-        and -_COORD_LIMIT <= z <= _COORD_LIMIT
+        and -COORD_LIMIT <= x <= COORD_LIMIT
+        and -COORD_LIMIT <= y <= COORD_LIMIT
+        and -COORD_LIMIT <= z <= COORD_LIMIT
         and type(rotation) is list
         and len(rotation) == 4
     ):
@@ -190,7 +190,7 @@ def _valid_pose(obj: dict[str, Any]) -> Packet | None:
         and (type(b) is float or type(b) is int)
         and (type(c) is float or type(c) is int)
         and (type(d) is float or type(d) is int)
-        and _NORM_SQ_MIN <= a * a + b * b + c * c + d * d <= _NORM_SQ_MAX
+        and NORM_SQ_MIN <= a * a + b * b + c * c + d * d <= NORM_SQ_MAX
     ):
         return None
     return Packet(
@@ -248,8 +248,8 @@ def _structure_pose(pose: Any) -> Pose:
 
 def check_id(value: Any, path: str) -> str:
     """An identifier: 1 to 128 characters, no control characters (``_MISSING`` if absent)."""
-    if type(value) is not str or not 0 < len(value) <= _ID_MAX_CHARS:
-        raise FieldError(_mismatch(path, f"a string of 1 to {_ID_MAX_CHARS} characters", value))
+    if type(value) is not str or not 0 < len(value) <= ID_MAX_CHARS:
+        raise FieldError(_mismatch(path, f"a string of 1 to {ID_MAX_CHARS} characters", value))
     # isprintable() is false for every control character; the regex only runs
     # for the rare id that also holds other non-printables (e.g. U+00A0).
     if not value.isprintable() and _CONTROL.search(value):
@@ -271,10 +271,10 @@ def check_rotation(rotation: Any, path: str) -> tuple[float, float, float, float
     # orjson never yields NaN or infinities and caps integers at 64 bits, so the
     # squares are finite or +inf, and +inf fails the bound: no separate check.
     norm_sq = a * a + b * b + c * c + d * d
-    if not _NORM_SQ_MIN <= norm_sq <= _NORM_SQ_MAX:
+    if not NORM_SQ_MIN <= norm_sq <= NORM_SQ_MAX:
         raise FieldError(
             f"{path}: expected a squared norm within "
-            f"[{_NORM_SQ_MIN}, {_NORM_SQ_MAX}], got {norm_sq:.4g}"
+            f"[{NORM_SQ_MIN}, {NORM_SQ_MAX}], got {norm_sq:.4g}"
         )
     return (float(a), float(b), float(c), float(d))
 
@@ -289,9 +289,9 @@ def check_coordinate(v: Any, path: str) -> float:
     """A position coordinate: a number (not a bool) within the room-scale bound."""
     t = type(v)
     if t is float or t is int:
-        if -_COORD_LIMIT <= v <= _COORD_LIMIT:
+        if -COORD_LIMIT <= v <= COORD_LIMIT:
             return float(v)
-        raise FieldError(f"{path}: expected a number with |v| <= {_COORD_LIMIT:g}, got {echo(v)}")
+        raise FieldError(f"{path}: expected a number with |v| <= {COORD_LIMIT:g}, got {echo(v)}")
     raise FieldError(_mismatch(path, "a number", v))
 
 
@@ -299,10 +299,10 @@ def _structure_mesh(mesh: Any) -> MeshData:
     if type(mesh) is not dict:
         raise FieldError(_mismatch("$.data.mesh", "an object", mesh))
     anchor_id = mesh.get("anchor_id", _MISSING)
-    if type(anchor_id) is not str or not 0 < len(anchor_id) <= _ID_MAX_CHARS:
+    if type(anchor_id) is not str or not 0 < len(anchor_id) <= ID_MAX_CHARS:
         raise FieldError(
             _mismatch(
-                "$.data.mesh.anchor_id", f"a string of 1 to {_ID_MAX_CHARS} characters", anchor_id
+                "$.data.mesh.anchor_id", f"a string of 1 to {ID_MAX_CHARS} characters", anchor_id
             )
         )
     vertices = mesh.get("vertices", _MISSING)

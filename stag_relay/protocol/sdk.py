@@ -38,7 +38,11 @@ import orjson
 from stag_relay.protocol import events
 from stag_relay.protocol.connection import Reply
 from stag_relay.protocol.packets import (
+    COORD_LIMIT,
+    ID_MAX_CHARS,
     MISSING,
+    NORM_SQ_MAX,
+    NORM_SQ_MIN,
     FieldError,
     MeshData,
     PacketError,
@@ -269,12 +273,105 @@ def parse_message(raw: bytes | str, *, binary: bool, session_id: str) -> Message
     if type(obj) is not dict:
         raise SdkError("$: expected a JSON object (a WSMessage), got " + echo(obj))
     message_type = obj.get("type")
+    if binary and message_type == "anchor_update":
+        update = _valid_anchor_update(obj, session_id)
+        if update is not None:
+            return update
     kind = _KINDS.get(message_type, "unknown") if type(message_type) is str else "unknown"
     trace = _read_context(obj, binary)
     try:
         return _structure(obj, kind, trace, binary, session_id)
     except FieldError as exc:
         raise SdkError(str(exc), INVALID_MESSAGE, kind, trace) from None
+
+
+def _valid_anchor_update(obj: dict[str, Any], session_id: str) -> AnchorUpdate | None:
+    """A valid ``anchor_update`` in a binary frame in one pass, or None: then
+    ``_structure`` finds what is wrong.
+
+    Nearly every message of the SDK is a pose, and the checks below are the full
+    ones' for a binary frame (the same rules, inline, without their calls and
+    paths). tests/protocol/test_sdk.py checks that the two agree on any input.
+    """
+    timestamp = obj.get("timestamp")
+    named = obj.get("sessionId")
+    trace = obj.get("traceId")
+    data = obj.get("data")
+    if not (
+        type(timestamp) is int
+        and 0 < timestamp < _INT64_LIMIT
+        and (named is None or named == session_id)
+        and (
+            trace is None
+            or (type(trace) is str and 0 < len(trace) <= ID_MAX_CHARS and trace.isprintable())
+        )
+        and type(data) is str
+    ):
+        return None
+    decoded = _standard_b64(data)
+    if decoded is None:
+        return None
+    try:
+        inner = orjson.loads(decoded)
+    except orjson.JSONDecodeError:
+        return None
+    if type(inner) is not dict:
+        return None
+    anchor_id = inner.get("id")
+    pose = inner.get("pose")
+    metadata = inner.get("metadata")
+    if not (
+        type(anchor_id) is str
+        and 0 < len(anchor_id) <= ID_MAX_CHARS
+        and anchor_id.isprintable()
+        and type(pose) is dict
+        and (metadata is None or type(metadata) is dict)
+    ):
+        return None
+    position = pose.get("position")
+    rotation = pose.get("rotation")
+    seconds = pose.get("timestamp")
+    if not (
+        type(position) is list
+        and len(position) == 3
+        and type(rotation) is list
+        and len(rotation) == 4
+        and (type(seconds) is float or type(seconds) is int)
+        and -_MAX_REFERENCE_SECONDS < seconds < _MAX_REFERENCE_SECONDS
+    ):
+        return None
+    x, y, z = position
+    a, b, c, d = rotation
+    if not (
+        (type(x) is float or type(x) is int)
+        and (type(y) is float or type(y) is int)
+        and (type(z) is float or type(z) is int)
+        and -COORD_LIMIT <= x <= COORD_LIMIT
+        and -COORD_LIMIT <= y <= COORD_LIMIT
+        and -COORD_LIMIT <= z <= COORD_LIMIT
+        and (type(a) is float or type(a) is int)
+        and (type(b) is float or type(b) is int)
+        and (type(c) is float or type(c) is int)
+        and (type(d) is float or type(d) is int)
+        and NORM_SQ_MIN <= a * a + b * b + c * c + d * d <= NORM_SQ_MAX
+    ):
+        return None
+    # As _reference_date_ms: scaled first, the offset added as an integer.
+    ms: int = round(seconds * 1000) + REFERENCE_DATE_UNIX_MS
+    if not 0 < ms < _INT64_LIMIT:
+        return None
+    return AnchorUpdate(
+        session_id,
+        anchor_id,
+        float(x),
+        float(y),
+        float(z),
+        (float(a), float(b), float(c), float(d)),
+        ms,
+        timestamp,
+        trace,
+        metadata,
+    )
 
 
 def _read_context(obj: dict[str, Any], binary: bool) -> str | None:
@@ -465,19 +562,27 @@ def _b64decode(text: Any, path: str) -> bytes:
     """Standard base64 (RFC 4648 section 4) with canonical padding, as Swift writes Data."""
     if type(text) is not str:
         raise FieldError(_expected(path, "base64 text", text))
-    try:
-        decoded = binascii.a2b_base64(text, strict_mode=True)
-    except ValueError:  # binascii.Error, or non-ASCII text
-        decoded = None
-    # strict_mode still accepts surplus padding ("AAAA="): the decoded length
-    # pins the padding to what the data needs.
-    padding = (text[-2:] == "==") + (text[-1:] == "=")
-    n = len(text)
-    if decoded is None or n % 4 or len(decoded) != n // 4 * 3 - padding:
+    decoded = _standard_b64(text)
+    if decoded is None:
         raise FieldError(
             f"{path}: not standard base64; use the RFC 4648 alphabet (A-Z a-z 0-9 + /) "
             "with = padding and no line breaks"
         )
+    return decoded
+
+
+def _standard_b64(text: str) -> bytes | None:
+    """:func:`_b64decode` without the error: None for what is not standard base64."""
+    try:
+        decoded = binascii.a2b_base64(text, strict_mode=True)
+    except ValueError:  # binascii.Error, or non-ASCII text
+        return None
+    # strict_mode still accepts surplus padding ("AAAA="): the decoded length
+    # pins the padding to what the data needs.
+    padding = (text[-2:] == "==") + (text[-1:] == "=")
+    n = len(text)
+    if n % 4 or len(decoded) != n // 4 * 3 - padding:
+        return None
     return decoded
 
 

@@ -8,7 +8,6 @@ session or connection id, so the series count stays bounded whatever clients sen
 from __future__ import annotations
 
 from bisect import bisect_left
-
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Final, Protocol

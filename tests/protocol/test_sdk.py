@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import random
 import struct
 import uuid
@@ -11,7 +12,7 @@ from typing import Any
 
 import orjson
 import pytest
-from hypothesis import assume, given
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from stag_relay.protocol import sdk
@@ -562,3 +563,117 @@ def test_an_error_reply_for_an_invalid_message_is_ready_made() -> None:
     payload = encode_error(SESSION_ID, 1, error.code, error.message, error.trace_id)
     inner = orjson.loads(base64.b64decode(orjson.loads(payload)["data"]))
     assert inner["message"].startswith("$.data.pose.rotation:")
+
+
+# --- the anchor_update fast path ----------------------------------------------------------
+
+
+def _checked_in_full(outer: dict[str, Any]) -> AnchorUpdate | None:
+    """What the full checks make of a binary frame's anchor_update (None: refused)."""
+    try:
+        parsed = sdk._structure(
+            outer, "anchor_update", sdk._read_context(outer, True), True, SESSION_ID
+        )
+    except PacketError:  # SdkError
+        return None
+    except sdk.FieldError:
+        return None
+    assert isinstance(parsed, AnchorUpdate)
+    return parsed
+
+
+_near_coordinate = st.one_of(
+    st.sampled_from([1000, -1000.0, 1000.0001, -1000.0001, 1001, True, None, "1"]),
+    st.floats(-1000.01, 1000.01),
+    st.integers(-1001, 1001),
+)
+_near_component = st.one_of(st.floats(-1.1, 1.1), st.integers(-1, 1), st.just(False))
+_junk = st.one_of(
+    st.none(), st.booleans(), st.integers(-3, 3), st.floats(), st.text(max_size=8), st.just({})
+)
+_ids = st.one_of(st.text(max_size=130), st.sampled_from(["", "a\u00a0b", "a\nb", "x" * 129]))
+# For each field, values on both sides of its rules; "" paths are the outer message's.
+_OUTER_VALUES: dict[str, st.SearchStrategy[Any]] = {
+    "timestamp": st.one_of(st.integers(-2, 2), st.integers(2**63 - 2, 2**64 - 1), _junk),
+    "sessionId": st.one_of(st.just(SESSION_ID), st.just("another"), _junk),
+    "traceId": st.one_of(_ids, _junk),
+    "data": st.one_of(st.sampled_from(["", "AAAA=", "e30=", "W10=", "bnVsbA=="]), _junk),
+}
+_INNER_VALUES: dict[str, st.SearchStrategy[Any]] = {
+    "id": st.one_of(_ids, _junk),
+    "metadata": st.one_of(st.just({"k": 1}), _junk),
+    "pose": _junk,
+    "pose.position": st.one_of(st.lists(_near_coordinate, min_size=2, max_size=4), _junk),
+    "pose.position.0": _near_coordinate,
+    "pose.position.1": _near_coordinate,
+    "pose.position.2": _near_coordinate,
+    "pose.rotation": st.one_of(st.lists(_near_component, min_size=3, max_size=5), _junk),
+    "pose.rotation.1": _near_component,
+    "pose.rotation.3": _near_component,
+    "pose.timestamp": st.one_of(
+        st.floats(-1e16, 1e16), st.sampled_from([9e15, -9e15, -978_307_200.0]), _junk
+    ),
+}
+_GONE = object()
+
+
+def _set(obj: dict[str, Any], field: str, value: Any) -> None:
+    *parents, key = field.split(".")
+    target: Any = obj
+    for part in parents:
+        target = target[int(part)] if isinstance(target, list) else target[part]
+    if isinstance(target, list):
+        target[int(key)] = value
+    elif value is _GONE:
+        target.pop(key, None)
+    else:
+        target[key] = value
+
+
+@settings(max_examples=1000)
+@given(
+    position=st.tuples(_f32_coordinates, _f32_coordinates, _f32_coordinates),
+    rotation=_unit_quaternions(),
+    pose_ms=st.integers(978_307_200_000, 4_102_444_800_000),
+    trace=st.sampled_from([None, *TRACE_IDS]),
+    data=st.data(),
+)
+def test_the_anchor_update_fast_path_agrees_with_the_full_checks(
+    position: tuple[float, float, float],
+    rotation: tuple[float, float, float, float],
+    pose_ms: int,
+    trace: str | None,
+    data: st.DataObject,
+) -> None:
+    """``_valid_anchor_update`` accepts only what the full checks accept, as the same
+    update; it may leave to them what it cannot decide (ids with non-printables)."""
+    outer = _outer(
+        wsmessage(
+            "anchor_update",
+            anchor_inner(position, rotation, pose_ms / 1000),
+            timestamp=1_700_000_000_000,
+            trace_id=trace,
+        )
+    )
+    inner = orjson.loads(base64.b64decode(outer["data"]))
+    for _ in range(data.draw(st.integers(0, 2))):
+        if data.draw(st.booleans()):
+            field = data.draw(st.sampled_from(sorted(_OUTER_VALUES)))
+            target, choices = outer, _OUTER_VALUES
+        else:
+            field = data.draw(st.sampled_from(sorted(_INNER_VALUES)))
+            target, choices = inner, _INNER_VALUES
+        removal = st.nothing() if field[-1].isdigit() else st.just(_GONE)
+        value = data.draw(st.one_of(choices[field], removal))
+        # A second change may name a field the first one took away: then only the first.
+        with contextlib.suppress(TypeError, KeyError, IndexError, AttributeError):
+            _set(target, field, value)
+        if target is inner and outer.get("data") is not None and type(outer["data"]) is str:
+            outer["data"] = base64.b64encode(orjson.dumps(inner)).decode()
+    outer = orjson.loads(orjson.dumps(outer))
+    fast = sdk._valid_anchor_update(outer, SESSION_ID)
+    full = _checked_in_full(outer)
+    if fast is not None:
+        assert fast == full
+    elif full is not None:
+        assert not (full.anchor_id.isprintable() and (full.trace_id or "x").isprintable())
