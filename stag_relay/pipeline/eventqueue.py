@@ -44,6 +44,8 @@ class _Queue:
         # Senders waiting for room, first come first served, each with the events it
         # still has to put (they leave its list as they go in).
         self.waiting: deque[tuple[trio.lowlevel.Task, list[Event]]] = deque()
+        # How many events the waiting senders hold, all together.
+        self.held = 0
         self.receivers = trio.lowlevel.ParkingLot()
         # A parked receiver is woken once the queue holds this many events: the
         # batcher with an open batch asks for what fills it, not for each event.
@@ -70,7 +72,9 @@ class _Queue:
         waiting = self.waiting
         while waiting and len(self.events) < self.capacity:
             task, events = waiting[0]
+            before = len(events)
             self.move(events)
+            self.held -= before - len(events)
             if events:
                 return
             waiting.popleft()
@@ -108,9 +112,11 @@ class EventSender:
         task = trio.lowlevel.current_task()
         entry = (task, events)
         queue.waiting.append(entry)
+        queue.held += len(events)
 
         def abort(_: trio.lowlevel.RaiseCancelT) -> trio.lowlevel.Abort:
             queue.waiting.remove(entry)
+            queue.held -= len(events)
             return trio.lowlevel.Abort.SUCCEEDED
 
         await trio.lowlevel.wait_task_rescheduled(abort)
@@ -125,6 +131,7 @@ class EventSender:
             await trio.lowlevel.cancel_shielded_checkpoint()
             return
         self._queue.waiting.append((trio.lowlevel.current_task(), events))
+        self._queue.held += len(events)
 
         def abort(_: trio.lowlevel.RaiseCancelT) -> trio.lowlevel.Abort:
             return trio.lowlevel.Abort.FAILED
@@ -134,23 +141,31 @@ class EventSender:
     def abort_put(self, task: trio.lowlevel.Task) -> bool:
         """End ``task``'s waiting put with ``trio.ClosedResourceError`` (the shutdown
         deadline); False if it is not waiting."""
-        waiting = self._queue.waiting
-        for entry in waiting:
+        queue = self._queue
+        for entry in queue.waiting:
             if entry[0] is task:
-                waiting.remove(entry)
+                queue.waiting.remove(entry)
+                queue.held -= len(entry[1])
                 trio.lowlevel.reschedule(task, outcome.Error(trio.ClosedResourceError()))
                 return True
         return False
 
     def pressed(self) -> bool:
-        """Senders wait for room, or the queue is three quarters full: connections
-        should read little at a time (what they read and cannot put is held)."""
+        """Waiting senders hold a queue's worth of events already: connections should
+        read little at a time, since what they read and cannot put is held too.
+
+        Below that, a connection reads as much as it can: under a flood the queue is
+        full nearly all the time, and reading little while a few senders wait costs a
+        read, a task switch and a wait per few dozen packets instead of per few
+        hundred. Held events stay bounded either way: a queue's worth plus one large
+        read, then a small read's worth per waiting connection.
+        """
         queue = self._queue
-        return bool(queue.waiting) or len(queue.events) * 4 >= queue.capacity * 3
+        return queue.held >= queue.capacity
 
     def waiting_events(self) -> int:
         """Events senders hold while they wait for room."""
-        return sum(len(events) for _task, events in self._queue.waiting)
+        return self._queue.held
 
     def send_nowait(self, event: Event) -> None:
         """Put one event or raise ``trio.WouldBlock``."""
@@ -171,6 +186,7 @@ class EventSender:
         for task, _events in queue.waiting:
             trio.lowlevel.reschedule(task, outcome.Error(trio.ClosedResourceError()))
         queue.waiting.clear()
+        queue.held = 0
         queue.receivers.unpark_all()
 
     async def aclose(self) -> None:

@@ -335,3 +335,62 @@ def test_the_batcher_gets_every_event_in_each_senders_order(
             assert frames == list(range(sum(sizes)))
 
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+async def test_pressed_once_waiting_senders_hold_a_queue_s_worth() -> None:
+    """Connections read little only when what waiting senders hold (counted exactly as
+    puts wait, move in, are cancelled or aborted) reaches the queue's capacity."""
+    send, receive = open_event_queue(4)
+    first = [event(0, n) for n in range(6)]
+    second = [event(1, n) for n in range(3)]
+    started: list[list[Event]] = []
+
+    def held() -> int:
+        # The count is what the waiting puts' lists still hold.
+        assert send.waiting_events() == sum(len(events) for events in started)
+        return send.waiting_events()
+
+    async def put(events: list[Event]) -> None:
+        started.append(events)
+        await send.put(events)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(put, first)
+        await trio.testing.wait_all_tasks_blocked()
+        # The queue is full and 2 wait outside: below the queue's worth.
+        assert held() == 2 and not send.pressed()
+        nursery.start_soon(put, second)
+        await trio.testing.wait_all_tasks_blocked()
+        assert held() == 5 and send.pressed()
+        # Three taken: the first sender's last two go in, then one of the second's.
+        assert [e.event_id for e in (receive.receive_nowait() for _ in range(3))] == [
+            "0-0",
+            "0-1",
+            "0-2",
+        ]
+        assert held() == 2 and not send.pressed()
+        # The second put is cancelled: what it still has is no longer held.
+        nursery.cancel_scope.cancel()
+    assert send.waiting_events() == 0 and len(second) == 2
+
+
+async def test_an_aborted_or_closed_put_holds_nothing() -> None:
+    send, _receive = open_event_queue(1)
+    events = [event(0, n) for n in range(3)]
+    more = [event(1, n) for n in range(3)]
+    task: list[trio.lowlevel.Task] = []
+
+    async def put(events: list[Event]) -> None:
+        task.append(trio.lowlevel.current_task())
+        with pytest.raises(trio.ClosedResourceError):
+            await send.put_shielded(events)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(put, events)
+        nursery.start_soon(put, more)
+        await trio.testing.wait_all_tasks_blocked()
+        assert send.waiting_events() == 5 and send.pressed()
+        assert send.abort_put(task[0])
+        assert send.waiting_events() == 3
+        send.close()
+    assert send.waiting_events() == 0 and not send.pressed()

@@ -16,7 +16,7 @@ import trio.testing
 from wsproto.events import Ping, Pong, TextMessage
 
 from stag_relay.pipeline.eventqueue import EventReceiver
-from stag_relay.pipeline.gate import PRESSED_RECEIVE_BYTES, Gate
+from stag_relay.pipeline.gate import PRESSED_RECEIVE_BYTES, RECEIVE_BYTES, Gate
 from stag_relay.protocol.events import Event as SpatialEvent
 from tests.support import gates
 from tests.support.clients import pose_packet
@@ -307,26 +307,44 @@ async def test_a_bad_websocket_handshake_is_refused_before_the_gate(
     assert sample(gate, "relay_connections_total") == 0
 
 
-async def test_while_the_queue_is_full_a_connection_reads_little_at_a_time(
+async def test_what_waiting_connections_hold_outside_the_queue_stays_bounded(
     mock_clock: trio.testing.MockClock,
 ) -> None:
-    gate, events = build_gate(capacity=4)
+    """While the queue is full, a connection reads 64 KiB only as long as the waiting
+    connections hold less than a queue's worth; beyond, PRESSED_RECEIVE_BYTES at a time.
+    So what they hold is at most a queue's worth, one large read and a small read
+    each, however much the clients have sent."""
+    capacity = 4
+    gate, events = build_gate(capacity=capacity)
     async with trio.open_nursery() as nursery:
-        client = await connect(nursery, gate)
-        packets = [pose_packet("pressed", n) for n in range(1, 201)]
-        await client.send(*packets[:4])
+        clients = [await connect(nursery, gate) for _ in range(2)]
+        # More than one large read each.
+        packets = [
+            [pose_packet(f"pressed-{c}", n) for n in range(1, 801)] for c in range(len(clients))
+        ]
+        size = max(len(p) for p in packets[0])
+        assert len(packets[0]) * size > RECEIVE_BYTES
+        for client, sent in zip(clients, packets, strict=True):
+            await client.send(*sent)
         await trio.testing.wait_all_tasks_blocked()
-        assert gate.events.pressed()
-        await client.send(*packets[4:])
-        await trio.testing.wait_all_tasks_blocked()
-        # Each time room appears, the connection reads at most PRESSED_RECEIVE_BYTES:
-        # what it holds outside the queue is that read's few packets, never all 196.
-        per_read = PRESSED_RECEIVE_BYTES // len(packets[0]) + 1
-        assert per_read < 50
+        large = RECEIVE_BYTES // size + 1
+        small = PRESSED_RECEIVE_BYTES // size + 1
+        bound = capacity + large + len(clients) * small
+        assert bound < len(packets[0])
         received: list[SpatialEvent] = []
-        while len(received) < 200:
-            assert gate.events.waiting_events() <= per_read
-            received.append(await events.receive())
-            await trio.testing.wait_all_tasks_blocked()
-        assert [e.frame_number for e in received] == list(range(1, 201))
+        was_pressed = False
+        try:
+            while len(received) < 1600:
+                assert gate.events.waiting_events() <= bound
+                was_pressed = was_pressed or gate.events.pressed()
+                received.append(await events.receive())
+                await trio.testing.wait_all_tasks_blocked()
+        finally:
+            # Ends the puts waiting for room (they outlive cancellation), so that a
+            # failed check fails the test rather than hanging it.
+            gate.events.close()
+        assert was_pressed
+        for c in range(len(clients)):
+            frames = [e.frame_number for e in received if e.session_id == f"pressed-{c}"]
+            assert frames == list(range(1, 801))
         nursery.cancel_scope.cancel()
