@@ -6,8 +6,9 @@ each read to the connection's sans-I/O core (``protocol.connection``), which par
 every complete frame and packet of it and says what the read brought: the events go
 into the queue to the batcher in one operation, the meshes to the connection's mesh
 lane. When the queue is full the connection waits and stops reading its socket, so
-backpressure reaches the client over TCP (and reads only 4 KiB at a time while it
-lasts); ``websocket.max_packets_per_second`` works the same way: a connection over
+backpressure reaches the client over TCP (and reads only 4 KiB at a time once the
+waiting connections hold a queue's worth); ``websocket.max_packets_per_second`` works
+the same way: a connection over
 it waits before its next read. No packet is ever refused for a limit. The heartbeat
 knows that a connection we are not reading is not a dead peer. Invalid packets get
 an error reply and the connection stays open.
@@ -76,10 +77,10 @@ SEND_TIMEOUT: Final = 5.0
 # Meshes a connection may have waiting for its mesh lane: a client sends about one
 # per second beside 60 Hz poses; one more in hand keeps the lane busy, not the reader.
 MESH_LANE: Final = 1
-# While the event queue is (nearly) full, a connection reads this much at a time: a
-# few dozen poses held outside the queue per waiting connection instead of a 64 KiB
-# read's several hundred, so memory under backpressure follows websocket.buffer_size,
-# not the number of connections.
+# Once the connections waiting for room hold a queue's worth of events, a connection
+# reads this much at a time: a few dozen poses held outside the queue per waiting
+# connection instead of a 64 KiB read's several hundred, so memory under backpressure
+# follows websocket.buffer_size, not the number of connections (EventSender.pressed).
 PRESSED_RECEIVE_BYTES: Final = 4 * 1024
 # Frames longer than this go to the socket in pieces, each with its own SEND_TIMEOUT:
 # a slow reader is one whose socket takes nothing, not one behind on a long ack.
