@@ -169,10 +169,16 @@ def _valid_pose(obj: dict[str, Any]) -> Packet | None:
     pose = data.get("pose")
     if type(pose) is not dict:
         return None
-    x = pose.get("x")
-    y = pose.get("y")
-    z = pose.get("z")
-    rotation = pose.get("rotation")
+    checked = valid_pose(pose.get("x"), pose.get("y"), pose.get("z"), pose.get("rotation"))
+    if checked is None:
+        return None
+    return Packet(session_id, frame_number, timestamp, "pose", checked, None)
+
+
+def valid_pose(x: Any, y: Any, z: Any, rotation: Any) -> Pose | None:
+    """The pose, if ``check_coordinate`` and ``check_rotation`` pass all four values
+    (their rules, inline, for the fast paths of both dialects); None if not, and
+    then those checks say why."""
     if not (
         (type(x) is float or type(x) is int)
         and (type(y) is float or type(y) is int)
@@ -193,14 +199,7 @@ def _valid_pose(obj: dict[str, Any]) -> Packet | None:
         and NORM_SQ_MIN <= a * a + b * b + c * c + d * d <= NORM_SQ_MAX
     ):
         return None
-    return Packet(
-        session_id,
-        frame_number,
-        timestamp,
-        "pose",
-        Pose(float(x), float(y), float(z), (float(a), float(b), float(c), float(d))),
-        None,
-    )
+    return Pose(float(x), float(y), float(z), (float(a), float(b), float(c), float(d)))
 
 
 def _structure(

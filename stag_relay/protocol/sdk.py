@@ -38,11 +38,8 @@ import orjson
 from stag_relay.protocol import events
 from stag_relay.protocol.connection import Reply
 from stag_relay.protocol.packets import (
-    COORD_LIMIT,
     ID_MAX_CHARS,
     MISSING,
-    NORM_SQ_MAX,
-    NORM_SQ_MIN,
     FieldError,
     MeshData,
     PacketError,
@@ -51,6 +48,7 @@ from stag_relay.protocol.packets import (
     check_rotation,
     clip,
     echo,
+    valid_pose,
 )
 from stag_relay.protocol.sessions import id_hasher, next_event_id
 from stag_relay.protocol.websocket import Binary, binary_frame
@@ -329,32 +327,17 @@ def _valid_anchor_update(obj: dict[str, Any], session_id: str) -> AnchorUpdate |
     ):
         return None
     position = pose.get("position")
-    rotation = pose.get("rotation")
     seconds = pose.get("timestamp")
     if not (
         type(position) is list
         and len(position) == 3
-        and type(rotation) is list
-        and len(rotation) == 4
         and (type(seconds) is float or type(seconds) is int)
         and -_MAX_REFERENCE_SECONDS < seconds < _MAX_REFERENCE_SECONDS
     ):
         return None
     x, y, z = position
-    a, b, c, d = rotation
-    if not (
-        (type(x) is float or type(x) is int)
-        and (type(y) is float or type(y) is int)
-        and (type(z) is float or type(z) is int)
-        and -COORD_LIMIT <= x <= COORD_LIMIT
-        and -COORD_LIMIT <= y <= COORD_LIMIT
-        and -COORD_LIMIT <= z <= COORD_LIMIT
-        and (type(a) is float or type(a) is int)
-        and (type(b) is float or type(b) is int)
-        and (type(c) is float or type(c) is int)
-        and (type(d) is float or type(d) is int)
-        and NORM_SQ_MIN <= a * a + b * b + c * c + d * d <= NORM_SQ_MAX
-    ):
+    checked = valid_pose(x, y, z, pose.get("rotation"))
+    if checked is None:
         return None
     # As _reference_date_ms: scaled first, the offset added as an integer.
     ms: int = round(seconds * 1000) + REFERENCE_DATE_UNIX_MS
@@ -363,10 +346,10 @@ def _valid_anchor_update(obj: dict[str, Any], session_id: str) -> AnchorUpdate |
     return AnchorUpdate(
         session_id,
         anchor_id,
-        float(x),
-        float(y),
-        float(z),
-        (float(a), float(b), float(c), float(d)),
+        checked.x,
+        checked.y,
+        checked.z,
+        checked.rotation,
         ms,
         timestamp,
         trace,
