@@ -8,10 +8,9 @@ into the queue to the batcher in one operation, the meshes to the connection's m
 lane. When the queue is full the connection waits and stops reading its socket, so
 backpressure reaches the client over TCP (and reads only 4 KiB at a time once the
 waiting connections hold a queue's worth); ``websocket.max_packets_per_second`` works
-the same way: a connection over
-it waits before its next read. No packet is ever refused for a limit. The heartbeat
-knows that a connection we are not reading is not a dead peer. Invalid packets get
-an error reply and the connection stays open.
+the same way: a connection over it waits before its next read. No packet is ever
+refused for a limit. The heartbeat knows that a connection we are not reading is not
+a dead peer. Invalid packets get an error reply and the connection stays open.
 
 Everything the relay sends a client (replies, acknowledgements, pongs, pings,
 the close frame) waits in the connection's outbox (outbox.py), which cannot
