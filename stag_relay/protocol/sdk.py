@@ -38,7 +38,6 @@ import orjson
 from stag_relay.protocol import events
 from stag_relay.protocol.connection import Reply
 from stag_relay.protocol.packets import (
-    ID_MAX_CHARS,
     MISSING,
     FieldError,
     MeshData,
@@ -48,6 +47,7 @@ from stag_relay.protocol.packets import (
     check_rotation,
     clip,
     echo,
+    is_plain_id,
     valid_pose,
 )
 from stag_relay.protocol.sessions import id_hasher, next_event_id
@@ -299,10 +299,7 @@ def _valid_anchor_update(obj: dict[str, Any], session_id: str) -> AnchorUpdate |
         type(timestamp) is int
         and 0 < timestamp < _INT64_LIMIT
         and (named is None or named == session_id)
-        and (
-            trace is None
-            or (type(trace) is str and 0 < len(trace) <= ID_MAX_CHARS and trace.isprintable())
-        )
+        and (trace is None or is_plain_id(trace))
         and type(data) is str
     ):
         return None
@@ -319,9 +316,7 @@ def _valid_anchor_update(obj: dict[str, Any], session_id: str) -> AnchorUpdate |
     pose = inner.get("pose")
     metadata = inner.get("metadata")
     if not (
-        type(anchor_id) is str
-        and 0 < len(anchor_id) <= ID_MAX_CHARS
-        and anchor_id.isprintable()
+        is_plain_id(anchor_id)
         and type(pose) is dict
         and (metadata is None or type(metadata) is dict)
     ):
