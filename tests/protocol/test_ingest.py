@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from stag_relay.protocol.events import Anchor, Batch, Event, MeshUpdate, to_wire
+from stag_relay.protocol.events import Batch, Event, MeshUpdate, to_wire
 from stag_relay.protocol.ingest import BatchRequest, SessionRequest, requests_for
 from stag_relay.protocol.spatial_event import (
     DELIVERED,
@@ -17,18 +17,11 @@ from stag_relay.protocol.spatial_event import (
     encode_wire,
     spatial_event_id,
 )
+from tests.support.batches import pose_event
 
 
 def pose(session: str, n: int) -> Event:
-    return Event(
-        f"pose-{session}-{n}",
-        session,
-        n,
-        1_700_000_000_000 + n,
-        1_700_000_000_100 + n,
-        "pose",
-        (Anchor(f"anchor-{session}", 0.5, 1.0, -2.0, (0.0, 0.0, 0.0, 1.0), 1_700_000_000_000 + n),),
-    )
+    return pose_event(session, n, f"anchor-{session}")
 
 
 def batch_of(batch_id: str, sessions: list[str]) -> Batch:

@@ -23,6 +23,7 @@ from stag_relay.protocol.spatial_event import (
     encode_wire,
     spatial_event_id,
 )
+from tests.support.batches import pose_event
 from tests.support.meshes import draco_grid
 from tests.support.sdk import (
     ANCHOR_ID,
@@ -45,15 +46,7 @@ def _sdk_event(message: bytes) -> Event:
 
 
 def _pose(session: str, n: int, anchor: str = "anchor_seed") -> Event:
-    return Event(
-        f"pose-{session}-{n}",
-        session,
-        n,
-        1_700_000_000_000 + n,
-        1_700_000_000_100 + n,
-        "pose",
-        (Anchor(anchor, 0.5, 1.0, -2.0, (0.0, 0.0, 0.0, 1.0), 1_700_000_000_000 + n),),
-    )
+    return pose_event(session, n, anchor)
 
 
 def _seed_mesh(session: str, n: int) -> Event:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 
 from stag_relay.protocol.batching import BatchPolicy
-from stag_relay.protocol.events import Batch, Event
+from stag_relay.protocol.events import Anchor, Batch, Event
 
 
 def event(n: int) -> Event:
@@ -16,6 +16,19 @@ def event(n: int) -> Event:
         timestamp=1_634_567_890_000 + n,
         received_at=1_634_567_890_001 + n,
         type="pose",
+    )
+
+
+def pose_event(session: str, n: int, anchor: str) -> Event:
+    """Session ``session``'s pose number ``n``, at ``anchor``."""
+    return Event(
+        f"pose-{session}-{n}",
+        session,
+        n,
+        1_700_000_000_000 + n,
+        1_700_000_000_100 + n,
+        "pose",
+        (Anchor(anchor, 0.5, 1.0, -2.0, (0.0, 0.0, 0.0, 1.0), 1_700_000_000_000 + n),),
     )
 
 
