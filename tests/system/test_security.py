@@ -551,6 +551,9 @@ async def test_a_client_that_never_reads_is_dropped_and_blocks_nobody(
                     stag.wait_for_events(sent - 100)
         except (BrokenPipeError, ConnectionResetError):
             pass
+        except TimeoutError:
+            # Dropped while we waited: what it had not read yet will never reach STAG.
+            pass
         return sent
 
     flooding = trio.Event()
