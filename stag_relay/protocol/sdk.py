@@ -166,20 +166,23 @@ class AnchorUpdate:
 
 @attrs.frozen(slots=True)
 class MeshUpdate:
-    """A mesh: the SDK's buffers after base64, untouched.
+    """A mesh: the SDK's buffers as the standard base64 text they came in.
 
     A full mesh's ``vertices`` is the SDK's compressed mesh buffer (see
     :mod:`stag_relay.protocol.sdkmesh`); a delta's (``is_delta``) is the SDK's
-    own compressed diff, which nobody decodes. ``timestamp`` is the
-    WSMessage's: the SDK puts no time in a mesh.
+    own compressed diff, which nobody decodes. The text is checked here and kept
+    as sent (the canonical base64 of the bytes): the mesh workers and STAG take
+    base64, so decoding it only to encode it again would cost two passes over a
+    mesh of tens of kilobytes. ``timestamp`` is the WSMessage's: the SDK puts no
+    time in a mesh.
     """
 
     session_id: str
     mesh_id: str
     anchor_id: str
-    vertices: bytes
-    faces: bytes
-    normals: bytes | None
+    vertices: str
+    faces: str
+    normals: str | None
     compression_level: int
     is_delta: bool
     base_mesh_id: str | None
@@ -200,20 +203,19 @@ class MeshUpdate:
         mesh's buffer. None for the SDK's own delta, which nobody decodes."""
         if self.is_delta:
             return None
-        return MeshData(self.anchor_id, _b64encode(self.vertices), "", "sdk")
+        return MeshData(self.anchor_id, self.vertices, "", "sdk")
 
     def to_event(self, received_at_ms: int, origin: events.Origin | None = None) -> events.Event:
-        data = _b64encode(self.vertices)
         update = events.MeshUpdate(
             self.anchor_id,
             False,
-            "" if self.is_delta else data,
-            _b64encode(self.faces),
+            "" if self.is_delta else self.vertices,
+            self.faces,
             mesh_id=self.mesh_id,
-            normals=_b64encode(self.normals) if self.normals else "",
+            normals=self.normals or "",
             compression_level=self.compression_level,
             base_mesh_id=self.base_mesh_id,
-            delta_data=data if self.is_delta else "",
+            delta_data=self.vertices if self.is_delta else "",
         )
         return events.Event(
             self.event_id,
@@ -500,11 +502,11 @@ def _mesh(
     vertices_text = data.get("vertices", MISSING)
     if vertices_text == "":
         raise FieldError("$.data.vertices: empty, expected the compressed mesh as base64")
-    vertices = _b64decode(vertices_text, "$.data.vertices")
+    vertices = _b64text(vertices_text, "$.data.vertices")
     faces_text = data.get("faces", "")
-    faces = b"" if faces_text is None else _b64decode(faces_text, "$.data.faces")
+    faces = "" if faces_text is None else _b64text(faces_text, "$.data.faces")
     normals_text = data.get("normals")
-    normals = None if normals_text is None else _b64decode(normals_text, "$.data.normals")
+    normals = None if normals_text is None else _b64text(normals_text, "$.data.normals")
     return MeshUpdate(
         session_id,
         mesh_id,
@@ -547,6 +549,23 @@ def _b64decode(text: Any, path: str) -> bytes:
             "with = padding and no line breaks"
         )
     return decoded
+
+
+def _b64text(text: Any, path: str) -> str:
+    """:func:`_b64decode`'s checks, and the text as the canonical encoding of its bytes.
+
+    Standard base64 may set the unused low bits of its last character
+    (``"AB=="`` and ``"AA=="`` both decode to one zero byte); what goes on is the
+    canonical spelling, as if the bytes were encoded again. Only the last quantum
+    can differ, so only it is encoded again."""
+    decoded = _b64decode(text, path)
+    checked: str = text  # _b64decode took only a str
+    padding = len(checked) // 4 * 3 - len(decoded)
+    if padding:
+        tail = _b64encode(decoded[len(decoded) - 3 + padding :])
+        if checked[-4:] != tail:
+            checked = checked[:-4] + tail
+    return checked
 
 
 def _standard_b64(text: str) -> bytes | None:

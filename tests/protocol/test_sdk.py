@@ -54,6 +54,10 @@ def _parse(raw: bytes | str, *, binary: bool = True, session_id: str = SESSION_I
     return parse_message(raw, binary=binary, session_id=session_id)
 
 
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
 def _error(raw: bytes | str, *, binary: bool = True, session_id: str = SESSION_ID) -> SdkError:
     with pytest.raises(SdkError) as info:
         _parse(raw, binary=binary, session_id=session_id)
@@ -112,9 +116,9 @@ def test_a_full_mesh_update_keeps_the_sdk_s_buffers_untouched() -> None:
         session_id=SESSION_ID,
         mesh_id=MESH_ID,
         anchor_id=ANCHOR_ID,
-        vertices=MESH_V1_VERTICES_GZ,
-        faces=b"",
-        normals=MESH_V1_NORMALS_GZ,
+        vertices=_b64(MESH_V1_VERTICES_GZ),
+        faces="",
+        normals=_b64(MESH_V1_NORMALS_GZ),
         compression_level=5,
         is_delta=False,
         base_mesh_id=None,
@@ -127,7 +131,20 @@ def test_a_delta_mesh_update_names_its_base_and_keeps_the_sdk_s_diff() -> None:
     update = _parse(MESH_UPDATE_DELTA)
     assert isinstance(update, MeshUpdate)
     assert update.is_delta and update.base_mesh_id == MESH_ID and update.normals is None
-    assert update.vertices == sdk_compress(MESH_DELTA_JSON)
+    assert update.vertices == _b64(sdk_compress(MESH_DELTA_JSON))
+
+
+@pytest.mark.parametrize(
+    ("sent", "kept"),
+    [("AAAA", "AAAA"), ("AA==", "AA=="), ("AB==", "AA=="), ("AAB=", "AAA="), ("AP//", "AP//")],
+)
+def test_mesh_buffers_go_on_as_the_canonical_base64_of_their_bytes(sent: str, kept: str) -> None:
+    # Unused low bits set in the last character decode to the same bytes: what goes
+    # on spells them as an encoder would, so the text is the bytes' one encoding.
+    update = _parse(_mesh_with(vertices=sent, normals=sent, faces=sent))
+    assert isinstance(update, MeshUpdate)
+    assert (update.vertices, update.normals, update.faces) == (kept, kept, kept)
+    assert base64.b64decode(kept) == base64.b64decode(sent)
 
 
 def test_a_ping_parses() -> None:
