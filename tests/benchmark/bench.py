@@ -127,6 +127,10 @@ STALL: Final = 30.0
 
 # Every child started, so that an interrupted run leaves none behind.
 _CHILDREN: list[Child] = []
+# The CPUs this process may use before it pins itself to the client's CPUs: where a
+# child that is not pinned runs. Children inherit the parent's mask, so a child
+# started without one would share the client's CPUs instead of floating.
+_ALL_CPUS: Final = frozenset(os.sched_getaffinity(0))
 
 
 class Child:
@@ -154,10 +158,9 @@ class Child:
             text=True,
         )
         _CHILDREN.append(self)
-        if cpus:
-            # Right after the exec: the interpreter has no other thread yet, and
-            # threads started later inherit the mask.
-            os.sched_setaffinity(self.proc.pid, cpus)
+        # Right after the exec: the interpreter has no other thread yet, and
+        # threads and processes started later inherit the mask.
+        os.sched_setaffinity(self.proc.pid, cpus or _ALL_CPUS)
         self.stdout: list[str] = []
         self.stderr: list[str] = []
         self._cond = threading.Condition()
