@@ -23,7 +23,7 @@ import trio
 from prometheus_client import CollectorRegistry
 
 from stag_relay.pipeline.meshpool import MeshMetrics, MeshPipeline, open_mesh_pipeline
-from stag_relay.pipeline.meshworker import run_job
+from stag_relay.pipeline.meshworker import WORKER_NICENESS, run_job
 from stag_relay.protocol.events import Event, MeshUpdate
 from stag_relay.protocol.geometry import apply_mesh_diff, decode_mesh, triangles_equal
 from stag_relay.protocol.mesh import MeshError, MeshJob, MeshOutcome, MeshSettings
@@ -336,6 +336,19 @@ async def test_the_first_mesh_starts_every_workers_process() -> None:
         assert decoder_processes() - before == started
     # Stopped with the pipeline.
     assert not decoder_processes() & started
+
+
+@pytest.mark.skipif(not HAVE_PROC, reason="counts child processes in /proc (Linux)")
+async def test_workers_run_at_a_lower_cpu_priority_than_the_relay() -> None:
+    # The event loop's poses go first when a worker and the loop want the same CPU.
+    before = decoder_processes()
+    async with pipeline(workers=2) as (mesh_pipeline, _):
+        await mesh_pipeline.process("s", "e1", MeshData("a", scan(8), ""))
+        started = decoder_processes() - before
+        ours = os.getpriority(os.PRIO_PROCESS, 0)
+        expected = min(ours + WORKER_NICENESS, 19)
+        assert {os.getpriority(os.PRIO_PROCESS, pid) for pid in started} == {expected}
+        assert expected > ours
 
 
 @pytest.mark.skipif(not HAVE_PROC, reason="counts child processes in /proc (Linux)")
