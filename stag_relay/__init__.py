@@ -4,7 +4,25 @@ Layers (docs/architecture.md): ``protocol`` is pure; ``pipeline`` runs it in Tri
 ``service`` configures and wires them into the daemon; ``tools`` serve developers only.
 """
 
+import sys
+
 __version__ = "0.1.0"
+
+# structlog imports rich, when it is installed (the tools extra), for the console
+# renderer's tracebacks: the daemon would load a terminal library it never uses, and
+# log differently with the extra than without. Importing structlog here with rich
+# hidden makes it go without, as in a plain install; the tools, which use rich, import
+# it themselves afterwards.
+if "structlog" not in sys.modules:
+    _rich = sys.modules.get("rich")
+    sys.modules["rich"] = None  # type: ignore[assignment]  # import rich: ImportError
+    try:
+        import structlog  # noqa: F401
+    finally:
+        if _rich is None:
+            del sys.modules["rich"]
+        else:
+            sys.modules["rich"] = _rich
 
 
 def __getattr__(name: str) -> object:

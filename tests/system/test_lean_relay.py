@@ -10,14 +10,17 @@ the process has mapped (numpy's and DracoPy's C code) and its child processes.
 The relay runs as installed without the ``tools`` extra: a ``sitecustomize`` on
 its PYTHONPATH makes websockets, rich and httpx unimportable, as in a production
 install (the test environment has them). The relay's imports of them would fail
-it; the one attempt allowed is structlog's own: it imports rich when present, for
-its console tracebacks, and goes without it otherwise.
+it; the one attempt allowed is structlog's own: it tries rich for its console
+tracebacks, and ``stag_relay`` hides rich while structlog is imported, so it goes
+without it even where the extra is installed.
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -130,3 +133,19 @@ def test_a_pose_only_relay_loads_no_tool_and_no_geometry_and_starts_no_worker(
             poll_until(lambda: not any(cmdline(child) for child in decoders + trackers))
         finally:
             relay.kill()
+
+
+def test_structlog_leaves_rich_unloaded_even_with_the_tools_extra_installed() -> None:
+    # This environment has rich (the test extra brings the tools'); the daemon's
+    # logging must not load it, and the tools must still be able to.
+    pytest.importorskip("rich")
+    probe = (
+        "import sys, stag_relay.service.logs, structlog\n"
+        "print('rich' in sys.modules, structlog.dev.rich is None)\n"
+        "import rich.console\n"
+        "print('rich' in sys.modules)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert done.stdout.split() == ["False", "True", "True"]
