@@ -14,15 +14,17 @@ __version__ = "0.1.0"
 # hidden makes it go without, as in a plain install; the tools, which use rich, import
 # it themselves afterwards.
 if "structlog" not in sys.modules:
+    # What was there goes back: the module, a None someone else put there, or nothing.
+    _had_rich = "rich" in sys.modules
     _rich = sys.modules.get("rich")
     sys.modules["rich"] = None  # type: ignore[assignment]  # import rich: ImportError
     try:
         import structlog  # noqa: F401
     finally:
-        if _rich is None:
-            del sys.modules["rich"]
+        if _had_rich:
+            sys.modules["rich"] = _rich  # type: ignore[assignment]
         else:
-            sys.modules["rich"] = _rich
+            del sys.modules["rich"]
 
 
 def __getattr__(name: str) -> object:
