@@ -1,8 +1,8 @@
 """The gate: one task per WebSocket connection, reading and handing over its packets.
 
 The front door has checked the upgrade request; the gate answers it (101) and
-then reads the socket in the connection's own task, 64 KiB at a time, and feeds
-each read to the connection's sans-I/O core (``protocol.connection``), which parses
+then reads the socket, 64 KiB at a time, and feeds each read to the connection's
+sans-I/O core (``protocol.connection``), which parses
 every complete frame and packet of it and says what the read brought: the events go
 into the queue to the batcher in one operation, the meshes to the connection's mesh
 lane. When the queue is full the connection waits and stops reading its socket, so
@@ -22,6 +22,13 @@ socket accepts nothing for SEND_TIMEOUT.
 On drain (shutdown) the connection sends its close frame (1001) at once and goes
 on reading, unthrottled, what the client sent before it saw it, up to the client's
 own close frame: a packet in flight when the relay stops is not lost.
+
+Who reads: while a connection has nothing to wait for, the gate's poller
+(poller.py) reads its socket, beside every other such connection's, and judges
+each read at once (``Connection._polled``); the connection's own task is parked
+and is woken only for what needs it (a mesh for its lane, events that wait for
+room, the read throttle, the end). Plain TCP sockets on Linux; a TLS connection,
+or any connection where there is no epoll, reads in its own task.
 
 The tasks here only read, write, wait and hand over; what a read means, what the
 client is owed and when the heartbeat is due are the core's.
@@ -45,6 +52,8 @@ from prometheus_client import Counter
 from stag_relay.pipeline.eventqueue import EventSender
 from stag_relay.pipeline.front import ReplayStream
 from stag_relay.pipeline.meshpool import MeshPipeline
+from stag_relay.pipeline.poller import AVAILABLE as POLLER_AVAILABLE
+from stag_relay.pipeline.poller import Poller
 from stag_relay.protocol import websocket
 from stag_relay.protocol.connection import (
     TOO_MANY_SESSIONS,
@@ -161,6 +170,9 @@ class Gate:
         self.events_in = 0
         # The mesh pipeline (worker processes), once the app has started it.
         self.meshes: MeshPipeline | None = None
+        # The poller, while poll_sockets runs: connections with nothing to wait for
+        # follow it instead of reading their own sockets (poller.py says why).
+        self.poller: Poller[Ending | Taken] | None = None
         # Counter children every connection uses, bound once per dialect.
         self._tallies: dict[str, PacketTally] = {}
         self._ids = itertools.count(1)
@@ -201,6 +213,27 @@ class Gate:
                 self._closed(connection)
                 nursery.cancel_scope.cancel()
 
+    async def poll_sockets(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Read the sockets of connections with nothing to wait for, until cancelled
+        (without it, or where there is no epoll, each connection reads its own)."""
+        if not POLLER_AVAILABLE:
+            task_status.started()
+            return
+        with Poller[Ending | Taken](self._read_size) as poller:
+            self.poller = poller
+            task_status.started()
+            try:
+                await poller.run()
+            finally:
+                self.poller = None
+
+    def _read_size(self) -> int:
+        # While the queue is (nearly) full, what a read brings waits outside it: read
+        # little, so that is a few packets per connection, not a whole read's.
+        return PRESSED_RECEIVE_BYTES if self.events.pressed() else RECEIVE_BYTES
+
     def tally(self, dialect: str) -> PacketTally:
         tally = self._tallies.get(dialect)
         if tally is None:
@@ -233,6 +266,8 @@ class Gate:
 
     def _closed(self, connection: Connection) -> None:
         self.connections.discard(connection)
+        if self.poller is not None and connection.fd >= 0:
+            self.poller.forget(connection.fd)
         self.metrics.connections_active.dec()
         if connection.session_id is not None:
             self.sessions.detach(connection.session_id, trio.current_time())
@@ -268,6 +303,17 @@ def _socket_reader(stream: trio.SocketStream) -> Callable[[int], Awaitable[bytes
 
 def _wants_acks(query: str) -> bool:
     return bool(query) and any(value in ("1", "true") for value in parse_qs(query).get("ack", ()))
+
+
+@attrs.define(slots=True)
+class Taken:
+    """A read the poller judged that needs the connection's own task: a mesh for its
+    lane, an ending, events that wait for room, or the read throttle."""
+
+    read: Read
+    # How many events the read had before a put_nowait took the first of them
+    # (what is left in read.steps waits for room); None: nothing was put yet.
+    count: int | None = None
 
 
 # The client hung up without a close frame (end of stream, or a reset).
@@ -326,6 +372,8 @@ class Connection:
         self._lane_done: trio.Event | None = None
         self._in_lane = 0
         self._read_scope = trio.CancelScope()
+        # The socket, for the poller (-1: not a plain TCP socket, read by this task).
+        self.fd = stream.socket.fileno() if type(stream) is trio.SocketStream else -1
 
     @property
     def acks(self) -> bool:
@@ -369,8 +417,9 @@ class Connection:
         receive_some: Callable[[int], Awaitable[bytes | bytearray]] = stream.receive_some
         if type(stream) is trio.SocketStream:
             receive_some = _socket_reader(stream)
+        fd = self.fd
         core = self.core
-        events = self.gate.events
+        gate = self.gate
         while True:
             if data:
                 ending = await self._handle(data)
@@ -378,15 +427,45 @@ class Connection:
                     return ending
                 if core.read_again_at > trio.current_time():
                     await self._throttled()
-            # While the queue is (nearly) full, what a read brings waits outside it:
-            # read little, so that is a few packets per connection, not a whole read's.
-            size = PRESSED_RECEIVE_BYTES if events.pressed() else RECEIVE_BYTES
+            poller = gate.poller
+            if poller is not None and fd >= 0:
+                data = b""
+                taken = await poller.follow(fd, self._polled)
+                if taken is None:
+                    continue
+                if not isinstance(taken, Taken):
+                    return taken
+                ending = await self._finish(taken.read, taken.count)
+                if ending is not None:
+                    return ending
+                if core.read_again_at > trio.current_time():
+                    await self._throttled()
+                continue
             try:
-                data = await receive_some(size)
+                data = await receive_some(gate._read_size())
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                 data = b""
             if not data:
                 return _GONE
+
+    def _polled(self, data: bytes) -> Ending | Taken | None:
+        """One read the poller made for us: judged and queued at once when nothing in it
+        must wait (None); else what this connection's task must finish."""
+        if not data:
+            return _GONE
+        read = self._take(data)
+        if read.meshes or read.ending is not None:
+            return Taken(read)
+        events: list[Event] = read.steps  # type: ignore[assignment]
+        if events:
+            count = len(events)
+            self.gate.events.put_nowait(events)
+            if events:
+                return Taken(read, count)
+            self._delivered(count, read.mesh_events)
+        if self.core.read_again_at > trio.current_time():
+            return Taken(read)
+        return None
 
     async def _throttled(self) -> None:
         """Over websocket.max_packets_per_second: read nothing until the bucket has
@@ -421,21 +500,24 @@ class Connection:
 
     async def _handle(self, data: bytes | bytearray) -> Ending | None:
         """Feed one read to the core, count what it says, and hand its events over."""
-        read = self._take(data)
+        return await self._finish(self._take(data))
+
+    async def _finish(self, read: Read, count: int | None = None) -> Ending | None:
+        """Hand over what ``read`` brought; ``count`` as in :class:`Taken`."""
         steps = read.steps
-        if steps:
-            if read.meshes:
-                await self._hand_over(steps)
-            else:
-                # Nothing for the mesh lane: every step is an event. Most reads fit in
-                # the queue at once, and then nothing here waits.
-                events: list[Event] = steps  # type: ignore[assignment]
+        if read.meshes:
+            await self._hand_over(steps)
+        elif steps:
+            # Nothing for the mesh lane: every step is an event. Most reads fit in
+            # the queue at once, and then nothing here waits.
+            events: list[Event] = steps  # type: ignore[assignment]
+            if count is None:
                 count = len(events)
                 self.gate.events.put_nowait(events)
-                if events:
-                    await self._deliver(events, read.mesh_events, count)
-                else:
-                    self._delivered(count, read.mesh_events)
+            if events:
+                await self._deliver(events, read.mesh_events, count)
+            else:
+                self._delivered(count, read.mesh_events)
         return read.ending
 
     def _take(self, data: bytes | bytearray) -> Read:

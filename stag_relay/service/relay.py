@@ -235,6 +235,7 @@ class Relay:
             root.start_soon(self._deliver)
             root.start_soon(self._sweep_sessions)
             root.start_soon(self._abort_sends_when_cancelled)
+            root.start_soon(self.gate.poll_sockets)
             if self.worker is not None:
                 # Before serving: a worker that answered /status itself before the others
                 # could read its state would be listed by one worker and not the other

@@ -35,11 +35,12 @@ async def connect(
 
 async def test_a_client_over_the_rate_is_slowed_down_and_loses_nothing(
     mock_clock: trio.testing.MockClock,
+    pair: StreamPair,
 ) -> None:
     limit = 10
     gate, events = build_gate(max_packets_per_second=limit)
     async with trio.open_nursery() as nursery:
-        client = await connect(nursery, gate)
+        client = await connect(nursery, gate, pair)
         client.answer_pings = True
         # Five seconds' worth at once: the burst is read, then (once a token is back)
         # the rest in one read; all of it is judged and queued.
@@ -72,12 +73,13 @@ async def test_a_client_over_the_rate_is_slowed_down_and_loses_nothing(
 
 async def test_a_throttled_client_is_not_taken_for_a_dead_peer(
     mock_clock: trio.testing.MockClock,
+    pair: StreamPair,
 ) -> None:
     gate, events = build_gate(max_packets_per_second=1, heartbeat_interval=1.0)
     async with trio.open_nursery() as nursery:
         # The client answers every ping, but its pongs wait behind packets the relay
         # does not read yet: only a heartbeat that knows the throttle keeps it open.
-        client = await connect(nursery, gate)
+        client = await connect(nursery, gate, pair)
         client.answer_pings = True
         for n in range(1, 6):
             # A minute's worth each time: the reader waits about a minute between reads.
@@ -93,10 +95,11 @@ async def test_a_throttled_client_is_not_taken_for_a_dead_peer(
 
 async def test_max_invalid_packets_in_a_row_closes_with_1008(
     mock_clock: trio.testing.MockClock,
+    pair: StreamPair,
 ) -> None:
     gate, events = build_gate(max_invalid_packets=5)
     async with trio.open_nursery() as nursery:
-        client = await connect(nursery, gate)
+        client = await connect(nursery, gate, pair)
         # Four in a row, then a valid one: the streak starts over.
         await client.send(INVALID, INVALID, INVALID, INVALID, pose_packet("streak", 1))
         await client.send(INVALID, INVALID, INVALID, INVALID)
@@ -118,10 +121,11 @@ async def test_max_invalid_packets_in_a_row_closes_with_1008(
 
 async def test_an_invalid_flood_gets_bounded_replies_that_account_for_every_packet(
     mock_clock: trio.testing.MockClock,
+    pair: StreamPair,
 ) -> None:
     gate, _events = build_gate(max_invalid_packets=10_000)
     async with trio.open_nursery() as nursery:
-        client = await connect(nursery, gate)
+        client = await connect(nursery, gate, pair)
         await client.send(*[INVALID] * 500)
         await trio.testing.wait_all_tasks_blocked()
         # At once: no more replies than the burst allows.
@@ -146,10 +150,11 @@ async def test_an_invalid_flood_gets_bounded_replies_that_account_for_every_pack
 
 async def test_suppressed_replies_nothing_followed_are_reported_when_the_rate_allows(
     mock_clock: trio.testing.MockClock,
+    pair: StreamPair,
 ) -> None:
     gate, _events = build_gate(max_invalid_packets=10_000)
     async with trio.open_nursery() as nursery:
-        client = await connect(nursery, gate)
+        client = await connect(nursery, gate, pair)
         # The client reads every reply, but sends more bad packets than get answers.
         for _ in range(3):
             await client.send(*[INVALID] * 60)
@@ -165,13 +170,14 @@ async def test_suppressed_replies_nothing_followed_are_reported_when_the_rate_al
 
 async def test_a_client_that_does_not_read_is_dropped_and_blocks_nobody(
     autojump_clock: trio.testing.MockClock,
+    pair: StreamPair,
 ) -> None:
     gate, events = build_gate()
     async with trio.open_nursery() as nursery:
         # Lockstep: nothing the relay sends gets anywhere until the client reads,
         # and this one never reads again after its handshake.
         stalled = await connect(nursery, gate, trio.testing.lockstep_stream_pair, reading=False)
-        good = await connect(nursery, gate)
+        good = await connect(nursery, gate, pair)
         await stalled.send(pose_packet("stalled", 1), INVALID)
         await trio.testing.wait_all_tasks_blocked()
         # The relay is stuck sending that error reply; the other client is not.
@@ -192,6 +198,7 @@ async def test_a_client_that_does_not_read_is_dropped_and_blocks_nobody(
 
 async def test_acknowledgements_a_client_is_slow_to_read_merge_and_never_close_it(
     autojump_clock: trio.testing.MockClock,
+    pair: StreamPair,
 ) -> None:
     gate, _events = build_gate()
     async with trio.open_nursery() as nursery:

@@ -1,4 +1,5 @@
-"""A WebSocket client over an in-memory stream, for the gate's tests under trio's mock clock.
+"""A WebSocket client over an in-memory stream (or a real socket pair), for the gate's
+tests under trio's mock clock.
 
 wsproto driven by hand, so a test decides exactly when (and whether) pings are
 answered and what the client reads. The relay's end is the real front door handing
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -78,11 +80,19 @@ class MemoryClient:
             await self.stream.send_all(self.ws.send(TextMessage(data=text)))
 
 
-def open_front(
+def socket_stream_pair() -> tuple[trio.abc.Stream, trio.abc.Stream]:
+    """A connected pair of real sockets (Unix, in this process): the relay's end is a
+    ``trio.SocketStream``, which the gate's poller reads."""
+    server_sock, client_sock = trio.socket.socketpair()
+    return trio.SocketStream(server_sock), trio.SocketStream(client_sock)
+
+
+async def open_front(
     nursery: trio.Nursery, gate: Gate, pair: StreamPair = trio.testing.memory_stream_pair
 ) -> trio.abc.Stream:
-    """A front door handing upgrades to ``gate``, serving one in-memory connection;
-    returns the client's end of it."""
+    """A front door handing upgrades to ``gate``, serving one connection over ``pair``;
+    returns the client's end. Over real sockets the gate's poller runs (started here)
+    as long as a connection opened so is served."""
     server_end, client_end = pair()
     front = FrontDoor(
         endpoints={},
@@ -91,8 +101,43 @@ def open_front(
         serve_websocket=gate.serve,
         handshake_timeout=gate.handshake_timeout,
     )
-    nursery.start_soon(front.handle, server_end)
+    if type(server_end) is not trio.SocketStream:
+        nursery.start_soon(front.handle, server_end)
+        return client_end
+    polling = _polling.get(gate)
+    if polling is None:
+        polling = _polling[gate] = _Polling()
+        await nursery.start(polling.run, gate)
+    polling.served += 1
+
+    async def handle() -> None:
+        assert polling is not None
+        try:
+            await front.handle(server_end)
+        finally:
+            polling.served -= 1
+            if not polling.served:
+                polling.scope.cancel()
+                del _polling[gate]
+
+    nursery.start_soon(handle)
     return client_end
+
+
+class _Polling:
+    """A gate's poller in a test: stopped once no connection needs it, so that the
+    test's nursery can end."""
+
+    def __init__(self) -> None:
+        self.served = 0
+        self.scope = trio.CancelScope()
+
+    async def run(self, gate: Gate, *, task_status: trio.TaskStatus[None]) -> None:
+        with self.scope:
+            await gate.poll_sockets(task_status=task_status)
+
+
+_polling: weakref.WeakKeyDictionary[Gate, _Polling] = weakref.WeakKeyDictionary()
 
 
 async def connect(
@@ -103,6 +148,6 @@ async def connect(
     pipelined: bytes = b"",
 ) -> MemoryClient:
     """Open a connection served by ``gate`` and complete its handshake."""
-    client = MemoryClient(open_front(nursery, gate, pair))
+    client = MemoryClient(await open_front(nursery, gate, pair))
     await client.handshake(pipelined)
     return client
