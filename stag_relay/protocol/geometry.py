@@ -20,8 +20,6 @@ is the recipe STAG follows to rebuild it.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import time
 from collections import OrderedDict
 from collections.abc import Mapping
@@ -32,6 +30,7 @@ import DracoPy
 import numpy as np
 import numpy.typing as npt
 
+from stag_relay.protocol import b64
 from stag_relay.protocol.mesh import (
     DEFAULT_MAX_FACES,
     DEFAULT_MAX_VERTICES,
@@ -138,19 +137,17 @@ def decode_job(job: MeshJob, *, max_vertices: int, max_faces: int) -> DecodedMes
         # Imported here: sdkmesh builds on this module's DecodedMesh.
         from stag_relay.protocol.sdkmesh import decode_sdk_mesh
 
-        try:
-            buffer = base64.b64decode(job.vertices, validate=True)
-        except binascii.Error:
-            raise MeshError("$.data.vertices: not valid base64") from None
+        buffer = b64.decode(job.vertices)
+        if buffer is None:
+            raise MeshError("$.data.vertices: not valid base64")
         return decode_sdk_mesh(buffer, max_vertices=max_vertices, max_faces=max_faces)
     return decode_mesh(job.vertices, job.faces, max_vertices=max_vertices, max_faces=max_faces)
 
 
 def _decode_draco(text: str, path: str) -> Any:
-    try:
-        data = binascii.a2b_base64(text, strict_mode=True)
-    except (binascii.Error, ValueError):  # ValueError: non-ASCII text
-        raise MeshError(f"{path}: not standard base64") from None
+    data = b64.decode(text)
+    if data is None:
+        raise MeshError(f"{path}: not standard base64")
     if not data:
         raise MeshError(f"{path}: empty, expected Draco data")
     try:
@@ -349,14 +346,13 @@ def _void_rows(keys: UInt32Array) -> npt.NDArray[np.void]:
 
 def encode_removed(indices: npt.NDArray[Any]) -> str:
     """``removed_faces``: base64 of the indices as little-endian uint32 ("" for none)."""
-    return binascii.b2a_base64(np.asarray(indices, dtype="<u4").tobytes(), newline=False).decode()
+    return b64.encode(np.asarray(indices, dtype="<u4").tobytes())
 
 
 def decode_removed(text: str) -> UInt32Array:
-    try:
-        data = binascii.a2b_base64(text, strict_mode=True) if text else b""
-    except (binascii.Error, ValueError):
-        raise MeshError("removed_faces: not standard base64") from None
+    data = b64.decode(text)
+    if data is None:
+        raise MeshError("removed_faces: not standard base64")
     if len(data) % 4:
         raise MeshError(f"removed_faces: {len(data)} bytes, not a whole number of uint32")
     return np.frombuffer(data, dtype="<u4").astype(np.uint32)
@@ -404,7 +400,7 @@ def _encode_triangles(
     got = got_points[got_faces]
     if not np.array_equal(got.view(np.uint32), expected.view(np.uint32)):
         return None
-    return binascii.b2a_base64(data, newline=False).decode()
+    return b64.encode(data)
 
 
 def _b64_length(raw_bytes: int) -> int:

@@ -16,12 +16,13 @@ gate can put them in its error reply and in the metric label.
 
 from __future__ import annotations
 
-import binascii
 import re
 from typing import Any, Final, Literal, TypeGuard
 
 import attrs
 import orjson
+
+from stag_relay.protocol import b64
 
 PacketType = Literal["pose", "mesh"]
 
@@ -321,15 +322,7 @@ def _structure_mesh(mesh: Any) -> MeshData:
 
 def _is_base64(text: str) -> bool:
     """Standard (RFC 4648 section 4) base64 with canonical padding; "" is valid."""
-    try:
-        decoded = binascii.a2b_base64(text, strict_mode=True)
-    except ValueError:  # binascii.Error, or non-ASCII text
-        return False
-    # strict_mode still accepts surplus padding ("AAAA=", "AAAA===="): the
-    # decoded length pins the padding to what the data needs.
-    n = len(text)
-    padding = (text[-2:] == "==") + (text[-1:] == "=")
-    return n % 4 == 0 and len(decoded) == n // 4 * 3 - padding
+    return b64.decode(text) is not None
 
 
 def _mismatch(path: str, expected: str, value: Any, qualifier: str = "") -> str:

@@ -25,7 +25,6 @@ frames: the SDK ignores text frames.
 
 from __future__ import annotations
 
-import binascii
 import functools
 import math
 from collections.abc import Callable
@@ -35,7 +34,7 @@ from urllib.parse import parse_qs
 import attrs
 import orjson
 
-from stag_relay.protocol import events
+from stag_relay.protocol import b64, events
 from stag_relay.protocol.connection import Reply
 from stag_relay.protocol.packets import (
     MISSING,
@@ -305,7 +304,7 @@ def _valid_anchor_update(obj: dict[str, Any], session_id: str) -> AnchorUpdate |
         and type(data) is str
     ):
         return None
-    decoded = _standard_b64(data)
+    decoded = b64.decode(data)
     if decoded is None:
         return None
     try:
@@ -542,7 +541,7 @@ def _b64decode(text: Any, path: str) -> bytes:
     """Standard base64 (RFC 4648 section 4) with canonical padding, as Swift writes Data."""
     if type(text) is not str:
         raise FieldError(_expected(path, "base64 text", text))
-    decoded = _standard_b64(text)
+    decoded = b64.decode(text)
     if decoded is None:
         raise FieldError(
             f"{path}: not standard base64; use the RFC 4648 alphabet (A-Z a-z 0-9 + /) "
@@ -562,29 +561,10 @@ def _b64text(text: Any, path: str) -> str:
     checked: str = text  # _b64decode took only a str
     padding = len(checked) // 4 * 3 - len(decoded)
     if padding:
-        tail = _b64encode(decoded[len(decoded) - 3 + padding :])
+        tail = b64.encode(decoded[len(decoded) - 3 + padding :])
         if checked[-4:] != tail:
             checked = checked[:-4] + tail
     return checked
-
-
-def _standard_b64(text: str) -> bytes | None:
-    """:func:`_b64decode` without the error: None for what is not standard base64."""
-    try:
-        decoded = binascii.a2b_base64(text, strict_mode=True)
-    except ValueError:  # binascii.Error, or non-ASCII text
-        return None
-    # strict_mode still accepts surplus padding ("AAAA="): the decoded length
-    # pins the padding to what the data needs.
-    padding = (text[-2:] == "==") + (text[-1:] == "=")
-    n = len(text)
-    if n % 4 or len(decoded) != n // 4 * 3 - padding:
-        return None
-    return decoded
-
-
-def _b64encode(data: bytes) -> str:
-    return binascii.b2a_base64(data, newline=False).decode("ascii")
 
 
 def _expected(path: str, expected: str, value: Any) -> str:
@@ -617,7 +597,7 @@ def encode_error(
         "type": "error",
         "sessionId": session_id,
         "timestamp": now_ms,
-        "data": _b64encode(inner),
+        "data": b64.encode(inner),
     }
     if trace_id is not None:
         reply["traceId"] = trace_id
