@@ -113,6 +113,8 @@ class StagAnswer:
     body: bytes = b""
     # From Content-Type; None when it names none, or none Python knows.
     charset: str | None = None
+    # Where a redirect points, to say so in the log (redirects are not followed).
+    location: str | None = None
 
     def text(self) -> str:
         """The body as text: its charset, else UTF-8; undecodable bytes replaced."""
@@ -391,6 +393,7 @@ class IngestClient:
         status = 0
         retry_after: str | None = None
         charset: str | None = None
+        location: str | None = None
         chunks: list[bytes] = []
         kept = 0
         while True:
@@ -412,6 +415,8 @@ class IngestClient:
                 for name, value in event.headers:
                     if name == b"retry-after":
                         retry_after = value.decode("latin-1")
+                    elif name == b"location":
+                        location = value.decode("latin-1")
                     elif name == b"content-type":
                         charset = _charset(value)
             elif isinstance(event, h11.Data):
@@ -420,9 +425,10 @@ class IngestClient:
                 kept += min(len(event.data), room)
                 if len(event.data) > room:
                     # More than we keep: close instead of reading the rest.
-                    return StagAnswer(status, retry_after, b"".join(chunks), charset), False
+                    answer = StagAnswer(status, retry_after, b"".join(chunks), charset, location)
+                    return answer, False
             elif isinstance(event, h11.EndOfMessage):
-                answer = StagAnswer(status, retry_after, b"".join(chunks), charset)
+                answer = StagAnswer(status, retry_after, b"".join(chunks), charset, location)
                 reusable = http.our_state is h11.DONE and http.their_state is h11.DONE
                 return answer, reusable
             elif isinstance(event, h11.ConnectionClosed):

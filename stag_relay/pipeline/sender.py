@@ -417,6 +417,7 @@ class StagSender:
         self._show_misconfigured(status)
         if status not in self._misconfigured_logged:
             self._misconfigured_logged.add(status)
+            where = {} if answer.location is None else {"location": answer.location}
             logger.error(
                 "STAG answers that the relay's configuration is wrong;"
                 " holding batches and retrying until it is fixed",
@@ -424,6 +425,7 @@ class StagSender:
                 status=status,
                 answer=answer.text()[:_ANSWER_PREVIEW],
                 fix=misconfiguration_hint(status),
+                **where,
             )
 
     def _show_misconfigured(self, status: int | None) -> None:

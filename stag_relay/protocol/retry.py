@@ -57,9 +57,16 @@ MISCONFIGURED_STATUSES: Final[Mapping[int, str]] = {
         "a proxy between the relay and STAG wants credentials, and the relay sends"
         " none to proxies: point stag.url at STAG, or let the proxy admit the relay"
     ),
+    # A redirect (http:// to https://, a moved host or path) is not followed with a POST
+    # body: where it points is what stag.url should say. Every 3xx, 300-308, is one.
+    **dict.fromkeys(
+        range(300, 309),
+        "STAG's URL redirects (see location), and the relay does not follow redirects"
+        " with a batch: set stag.url and stag.ingest_path to where it points",
+    ),
 }
 # Only these carry a Retry-After worth obeying for us (RFC 9110 §10.2.3 also allows it on
-# 3xx, which we never retry).
+# 3xx, which says where to go, not when).
 RETRY_AFTER_STATUSES: Final = frozenset({429, 503})
 # A Retry-After longer than this is treated as this long. A far-future HTTP date (a skewed
 # clock, a bug) must not park a batch for hours while the relay looks healthy; retrying a
@@ -87,9 +94,8 @@ def classify_status(status: int) -> Verdict:
         # deploy; dropping the events would be silent loss, retrying shows up in
         # /status and the metrics while the channel fills.
         return Verdict.RETRY
-    # Other 4xx (400, 422, ...): they judge the batch, which will stay wrong. 3xx: we do not
-    # follow redirects with a POST body; stag.url needs fixing. 1xx never reaches us, and
-    # anything outside 100..599 is not HTTP.
+    # Other 4xx (400, 422, ...): they judge the batch, which will stay wrong. 1xx never
+    # reaches us, and anything outside 100..599 is not HTTP.
     return Verdict.REJECT
 
 

@@ -208,7 +208,8 @@ class RelayMetrics:
         self.stag_misconfigured = Gauge(
             "relay_stag_misconfigured",
             "1 while STAG answers that the relay's configuration is wrong (a wrong URL: 404,"
-            " 405; wrong credentials: 401, 403, 407), by that status; batches are held",
+            " 405, a redirect 3xx; wrong credentials: 401, 403, 407), by that status;"
+            " batches are held",
             ["status"],
             registry=r,
             multiprocess_mode="livemax",

@@ -461,14 +461,34 @@ async def test_credentials_in_the_url_go_as_basic_auth_and_stay_out_of_logs(
     assert "pa55word" not in repr(logs)
 
 
-@pytest.mark.parametrize("status", [301, 307, 308])
-async def test_redirects_are_rejected_not_followed(server: StagServer, status: int) -> None:
+@pytest.mark.parametrize("status", [301, 302, 307, 308])
+async def test_a_redirect_holds_the_batch_until_stag_url_is_where_it_points(
+    nursery: trio.Nursery, status: int
+) -> None:
+    # A proxy that moved STAG to https:// answers every POST with a redirect: the relay
+    # does not follow it with the batch, it keeps the batch and says where to point.
+    location = "https://stag.example/ingest"
+
+    async def redirect_twice(peer: Peer) -> None:
+        while await peer.request() is not None:
+            if len(stag.requests) <= 2:
+                await peer.answer(status, b"", headers=[("location", location)])
+            else:
+                await peer.answer()
+
+    stag = await RawServer(redirect_twice).start(nursery)
     metrics = RelayMetrics()
-    sender = StagSender(config(server.url), metrics, relay_id=RELAY_ID, version=VERSION)
-    server.fail_next(status)
-    await deliver(sender, batch("b", 0, 2))
-    assert [r.status for r in server.requests()] == [status]
-    assert sample(metrics, "relay_events_dropped_total", reason="rejected") == 2
+    sender = StagSender(config(stag.url), metrics, relay_id=RELAY_ID, version=VERSION)
+    with structlog.testing.capture_logs() as logs:
+        await deliver(sender, batch("b", 0, 2))
+    assert [json.loads(r.body)["batch_id"] for r in stag.requests] == ["b", "b", "b"]
+    assert sample(metrics, "relay_events_dropped_total", reason="rejected") == 0
+    assert sample(metrics, "relay_stag_requests_total", outcome="misconfigured") == 2
+    assert sender.status()["events_sent"] == 2
+    assert state_lines(logs) == [(CONFIG_LOG, "error"), (CLEARED_LOG, "info")]
+    [error] = [e for e in logs if e["event"] == CONFIG_LOG]
+    assert (error["status"], error["location"]) == (status, location)
+    assert "stag.url" in error["fix"]
 
 
 async def test_batches_share_kept_alive_connections(nursery: trio.Nursery) -> None:

@@ -66,11 +66,14 @@ def http_date(seconds_from_now: float) -> str:
         (415, Verdict.REJECT),
         (422, Verdict.REJECT),
         (499, Verdict.REJECT),
-        # Redirects are not followed with a POST body: stag.url is wrong.
-        (301, Verdict.REJECT),
-        (302, Verdict.REJECT),
-        (307, Verdict.REJECT),
-        (308, Verdict.REJECT),
+        # Redirects are not followed with a POST body: stag.url is wrong, the batch is kept.
+        (300, Verdict.MISCONFIGURED),
+        (301, Verdict.MISCONFIGURED),
+        (302, Verdict.MISCONFIGURED),
+        (303, Verdict.MISCONFIGURED),
+        (307, Verdict.MISCONFIGURED),
+        (308, Verdict.MISCONFIGURED),
+        (309, Verdict.REJECT),
         (100, Verdict.REJECT),
         (600, Verdict.REJECT),
         (0, Verdict.REJECT),
@@ -85,26 +88,30 @@ def test_every_status_has_exactly_one_verdict(status: int) -> None:
     verdict = classify_status(status)
     assert (verdict is Verdict.DELIVERED) == (200 <= status < 300)
     assert (verdict is Verdict.SPLIT) == (status == 413)
-    assert (verdict is Verdict.MISCONFIGURED) == (status in {401, 403, 404, 405, 407})
+    assert (verdict is Verdict.MISCONFIGURED) == (
+        status in {401, 403, 404, 405, 407} or 300 <= status <= 308
+    )
 
 
 @given(st.integers(min_value=100, max_value=599))
 def test_only_an_answer_that_judges_the_batch_loses_it(status: int) -> None:
     # The table by class. Final (the events are dropped, counted): the 4xx that say the
-    # batch is wrong, and redirects, which are not followed. Everything else is kept.
+    # batch is wrong. Everything else is kept, redirects too (they say stag.url is wrong).
     kept_4xx = {401, 403, 404, 405, 407, 408, 413, 429}
     verdict = classify_status(status)
     if 200 <= status < 300:
         assert verdict is Verdict.DELIVERED
     elif 500 <= status < 600:
         assert verdict is Verdict.RETRY
+    elif 300 <= status <= 308:
+        assert verdict is Verdict.MISCONFIGURED
     elif 400 <= status < 500 and status in kept_4xx:
         assert verdict in {Verdict.RETRY, Verdict.MISCONFIGURED, Verdict.SPLIT}
     else:
         assert verdict is Verdict.REJECT
 
 
-@pytest.mark.parametrize("status", [401, 403, 404, 405, 407])
+@pytest.mark.parametrize("status", [301, 308, 401, 403, 404, 405, 407])
 def test_configuration_answers_name_the_setting_to_fix(status: int) -> None:
     hint = misconfiguration_hint(status)
     assert hint is not None
