@@ -29,6 +29,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Final, Protocol, TypeVar
 
+import attrs
 import structlog
 import trio
 
@@ -68,8 +69,34 @@ TIDY_DELAY: Final = 0.1
 # room may come from elsewhere (an operator, another program).
 DISK_FULL_RETRY: Final = 1.0
 
+# While the spool stays full with when_full: drop_oldest, every new batch pushes an old
+# one out: a line per drop was hundreds a minute. The first drop is said at once, then
+# what was dropped since, at most this often; relay_events_dropped_total counts each.
+DROP_LOG_INTERVAL: Final = 10.0
+
 log = structlog.get_logger("stag_relay.delivery")
 T = TypeVar("T")
+
+
+@attrs.define
+class DropLog:
+    """What ``drop_oldest`` dropped since its last log line, and whether to write one."""
+
+    interval: float = DROP_LOG_INTERVAL
+    batches: int = 0
+    events: int = 0
+    logged_at: float = -math.inf
+
+    def dropped(self, batches: int, events: int, now: float) -> tuple[int, int] | None:
+        """Count a drop at ``now``; the (batches, events) for a line when one is due."""
+        self.batches += batches
+        self.events += events
+        if now - self.logged_at < self.interval:
+            return None
+        due = (self.batches, self.events)
+        self.batches = self.events = 0
+        self.logged_at = now
+        return due
 
 
 class MeshBases(Protocol):
@@ -110,6 +137,7 @@ class Delivery:
         self._limiter = trio.CapacityLimiter(1)
         self._changed = trio.Event()
         self._tidy_needed = trio.Event()
+        self._drop_log = DropLog()
 
     @property
     def dead_letters(self) -> int:
@@ -368,11 +396,16 @@ class Delivery:
         # The feeder may wait for them to be decided.
         self._wake()
         self._metrics.events_dropped.labels(dropped.reason).inc(dropped.events)
-        log.warning(
-            "spool full: dropped the oldest batches",
-            batches=dropped.batches,
-            events=dropped.events,
-        )
+        due = self._drop_log.dropped(dropped.batches, dropped.events, trio.current_time())
+        if due is not None:
+            batches, events = due
+            log.warning(
+                "spool full: dropped the oldest batches",
+                batches=batches,
+                events=events,
+                note=f"one line per {DROP_LOG_INTERVAL:g} s at most, with what was dropped"
+                " since the last; relay_events_dropped_total counts every one",
+            )
 
     async def _wait_for_disk(self, spool: Spool) -> None:
         """After a commit failed on a full disk: free room the way ``when_full`` says,

@@ -8,8 +8,10 @@ import threading
 from pathlib import Path
 from typing import Any
 
+import structlog
 import trio
 
+from stag_relay.pipeline.delivery import DROP_LOG_INTERVAL
 from stag_relay.service.relay import Relay
 from tests.support.clients import connect_relay, pose_packet
 from tests.support.delivery import AckingClient, dropped, frames_of, relay_env
@@ -156,10 +158,17 @@ async def test_full_spool_with_drop_oldest_counts_exactly_what_it_drops(
         client.wait_acked(set(range(1, total + 1)))
         client.close()
 
-    await trio.to_thread.run_sync(send_all)
+    started = trio.current_time()
+    with structlog.testing.capture_logs() as logs:
+        await trio.to_thread.run_sync(send_all)
+    dropping = trio.current_time() - started
     stag.resume()
     lost = dropped(relay, "spool_full")
     assert lost is not None and lost > 0
+    # Every new batch pushed an old one out: a line per drop would flood the log.
+    drop_lines = [e for e in logs if e["event"].startswith("spool full")]
+    assert 1 <= len(drop_lines) <= 1 + dropping // DROP_LOG_INTERVAL
+    assert (drop_lines[0]["batches"], drop_lines[0]["events"]) > (0, 0)
     await trio.to_thread.run_sync(stag.wait_for_events, total - int(lost), 120.0)
     # Settled: the spool is empty, and what arrived plus what was dropped is all.
     await wait_until(lambda: relay.delivery.spool is not None and not relay.delivery.spool.batches)
