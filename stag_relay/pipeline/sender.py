@@ -176,37 +176,30 @@ class StagSender:
                 url=self._url_for_logs,
             )
         # A request per slot at most, so the client keeps a connection per slot.
-        free = trio.Semaphore(self._config.max_in_flight)
-        async with (
-            IngestClient(
-                self._url, headers=self._headers, timeout=self._config.timeout, tls=self._tls
-            ) as client,
-            trio.open_nursery() as nursery,
-        ):
+        async with IngestClient(
+            self._url, headers=self._headers, timeout=self._config.timeout, tls=self._tls
+        ) as client:
             with batches:
-                while True:
-                    # The slot first, then the batch: while every slot is busy the batch
-                    # stays with the batcher, which is what makes backpressure flow back.
-                    await free.acquire()
-                    try:
-                        batch = await batches.receive()
-                    except trio.EndOfChannel:
-                        free.release()
-                        break
-                    self._held += batch.wire.count
-                    nursery.start_soon(self._deliver_in_slot, client, batch, free)
+                async with trio.open_nursery() as nursery:
+                    for _ in range(self._config.max_in_flight):
+                        nursery.start_soon(self._slot, client, batches)
 
-    async def _deliver_in_slot(
-        self, client: IngestClient, shipment: Shipment, free: trio.Semaphore
+    async def _slot(
+        self, client: IngestClient, shipments: trio.MemoryReceiveChannel[Shipment]
     ) -> None:
-        try:
+        """One of ``stag.max_in_flight`` slots: takes a batch only when it is free.
+
+        While every slot is busy the batch stays with the batcher, which is what makes
+        backpressure flow back. A slot that waits is handed the next batch directly,
+        with no task between the batcher and the request.
+        """
+        async for shipment in shipments:
+            self._held += shipment.wire.count
             refusal = await self._deliver(client, shipment.wire)
-        finally:
-            free.release()
-        if refusal is None:
-            shipment.on_delivered()
-        else:
-            shipment.on_rejected(*refusal)
+            if refusal is None:
+                shipment.on_delivered()
+            else:
+                shipment.on_rejected(*refusal)
 
     async def _deliver(self, client: IngestClient, batch: WireBatch) -> tuple[int, str] | None:
         """Send ``batch`` as the requests its format makes of it, until STAG has taken
