@@ -3,6 +3,7 @@ the batches it cuts to delivery."""
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from typing import Protocol
 
@@ -27,6 +28,17 @@ class EventSource(Protocol):
     async def receive(self) -> Event: ...
 
     def statistics(self) -> _Depth: ...
+
+
+class BatchOutlet(Protocol):
+    """Where the batcher puts the batches it cuts: a ``trio.MemorySendChannel[Batch]``,
+    or delivery's ``ToSender`` (memory only: straight to a free sender slot)."""
+
+    def send_nowait(self, batch: Batch) -> None: ...
+
+    async def send(self, batch: Batch) -> None: ...
+
+    def close(self) -> None: ...
 
 
 class Batcher:
@@ -60,12 +72,12 @@ class Batcher:
     async def run(
         self,
         events: EventSource,
-        batches: trio.MemorySendChannel[Batch],
+        batches: BatchOutlet,
     ) -> None:
         """Batch ``events`` into ``batches`` until ``events`` is closed, then flush and
         close ``batches``."""
         policy = self._policy
-        async with batches:
+        with contextlib.closing(batches):
             while True:
                 # Drain what is already waiting without a checkpoint or a cancel scope per
                 # event: under load the batch fills from the buffer in one go.
@@ -128,13 +140,21 @@ class Batcher:
     async def _send(
         self,
         events: EventSource,
-        batches: trio.MemorySendChannel[Batch],
+        batches: BatchOutlet,
         batch: Batch | None,
     ) -> None:
         if batch is None:
             return
         # Once per batch, not per event: cheap enough to keep the gauge near the truth.
         self._metrics.channel_events.set(events.statistics().current_buffer_used)
+        # Handed straight to a waiting receiver when there is one, without this task
+        # giving up its turn: under load each turn of the event loop holds many socket
+        # reads, and the next batch may be due already.
+        try:
+            batches.send_nowait(batch)
+            return
+        except trio.WouldBlock:
+            pass
         self._outgoing = len(batch)
         # If this is cancelled the batch was not sent (trio guarantees it), so it stays
         # counted in held_events().

@@ -1,11 +1,12 @@
 """Delivery: batches from the batcher to the STAG sender, through the spool when there is one.
 
-Memory only (no ``delivery.spool_path``): each batch goes straight to the sender, the
-connections are acknowledged when STAG accepts it, and a full pipeline blocks the
-batcher (backpressure). With a spool: each batch is committed before anything else
-happens to it, its connections are acknowledged right then, and the sender is fed
-from the spool in order, oldest first, so a STAG outage fills the disk, not the
-clients' sockets. Delivered batches are deleted; refused ones become dead letters.
+Memory only (no ``delivery.spool_path``): each batch goes straight from the batcher to
+a free sender slot (``ToSender``, no task between), the connections are acknowledged
+when STAG accepts it, and a full pipeline blocks the batcher (backpressure). With a
+spool: each batch is committed before anything else happens to it, its connections are
+acknowledged right then, and the sender is fed from the spool in order, oldest first,
+so a STAG outage fills the disk, not the clients' sockets. Delivered batches are
+deleted; refused ones become dead letters.
 
 A full or failing disk is a full spool (``SpoolFull``), never a crash: the batches being
 committed stay in memory, unacknowledged, and ``delivery.when_full`` applies as for
@@ -56,6 +57,7 @@ from stag_relay.protocol.sendqueue import (
     SendQueue,
     Taken,
     Wait,
+    take,
 )
 from stag_relay.service.config import DeliveryConfig
 from stag_relay.service.metrics import RelayMetrics
@@ -121,6 +123,36 @@ def report_meshes(meshes: MeshBases | None, refs: list[MeshRef]) -> None:
     if meshes is not None:
         for ref in refs:
             meshes.delivered(*ref)
+
+
+class ToSender:
+    """Memory only, the batcher's outlet (``stag_relay.pipeline.batcher.BatchOutlet``):
+    a batch becomes a shipment in the batcher's own task, and a free sender slot takes
+    it from there.
+
+    No task stands between them: under load each turn of the event loop holds many
+    socket reads, and a batch that waited for a turn at every hand-off reached STAG
+    that many turns late. While every slot is busy, ``send`` waits (backpressure).
+    """
+
+    def __init__(
+        self, shipments: trio.MemorySendChannel[Shipment], ship: Callable[[Batch], Shipment]
+    ) -> None:
+        self._shipments = shipments
+        self._ship = ship
+
+    def send_nowait(self, batch: Batch) -> None:
+        """Hand ``batch`` to a slot that waits, or raise ``trio.WouldBlock`` (nothing done)."""
+        if not self._shipments.statistics().tasks_waiting_receive:
+            raise trio.WouldBlock
+        self._shipments.send_nowait(self._ship(batch))
+
+    async def send(self, batch: Batch) -> None:
+        """Hand ``batch`` to the next free slot; if cancelled, no slot has it."""
+        await self._shipments.send(self._ship(batch))
+
+    def close(self) -> None:
+        self._shipments.close()
 
 
 class Delivery:
@@ -269,31 +301,32 @@ class Delivery:
     async def run(
         self, batches: trio.MemoryReceiveChannel[Batch], shipments: trio.MemorySendChannel[Shipment]
     ) -> None:
-        """Move batches to the sender until ``batches`` is closed and all is handed on."""
-        if self.spool is None:
-            await self._run_in_memory(batches, shipments)
-            return
+        """With a spool: move batches through it to the sender until ``batches`` is
+        closed and all is handed on. (Memory only, the batcher hands batches to the
+        sender itself, through ``outlet``.)"""
+        spool = self.spool
+        if spool is None:
+            raise RuntimeError("Delivery.run needs a spool; without one, use outlet()")
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._commit, batches, self.spool)
-            nursery.start_soon(self._tidy, self.spool)
-            await self._feed(shipments, self.spool)
+            nursery.start_soon(self._commit, batches, spool)
+            nursery.start_soon(self._tidy, spool)
+            await self._feed(shipments, spool)
             nursery.cancel_scope.cancel()
 
     # -- memory only ------------------------------------------------------------------
 
-    async def _run_in_memory(
-        self, batches: trio.MemoryReceiveChannel[Batch], shipments: trio.MemorySendChannel[Shipment]
-    ) -> None:
-        async with shipments:
-            async for batch in batches:
-                taken = self._queue.direct(batch)
-                shipment = Shipment(
-                    taken.wire,
-                    on_delivered=partial(self._delivered_from_memory, taken.acks, taken.meshes),
-                    on_rejected=partial(forget_acks, taken.acks),
-                )
-                await shipments.send(shipment)
-                self._queue.handed_over()
+    def outlet(self, shipments: trio.MemorySendChannel[Shipment]) -> ToSender:
+        """Memory only: where the batcher puts its batches, for the sender's slots."""
+        return ToSender(shipments, self.ship)
+
+    def ship(self, batch: Batch) -> Shipment:
+        """Memory only: ``batch`` as the sender takes it, and what to do when it ends."""
+        taken = take(batch)
+        return Shipment(
+            taken.wire,
+            on_delivered=partial(self._delivered_from_memory, taken.acks, taken.meshes),
+            on_rejected=partial(forget_acks, taken.acks),
+        )
 
     def _delivered_from_memory(self, acks: Acks, refs: list[MeshRef]) -> None:
         send_acks(acks)

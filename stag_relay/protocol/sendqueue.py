@@ -236,15 +236,6 @@ class SendQueue:
 
     # -- memory only ------------------------------------------------------------------
 
-    def direct(self, batch: Batch) -> Taken:
-        """Memory only: ``batch`` goes to the sender; held until ``handed_over``."""
-        self.holding = len(batch)
-        return _taken(batch)
-
-    def handed_over(self) -> None:
-        """Memory only: the sender has the batch (its fate is the shipment's)."""
-        self.holding = 0
-
     # -- with a spool: start ----------------------------------------------------------
 
     def restored(self, first_seq: int | None, last_seq: int) -> None:
@@ -265,7 +256,7 @@ class SendQueue:
 
     def arrived(self, batch: Batch) -> None:
         """A batch was taken from the batcher."""
-        self._arrived.append(_taken(batch))
+        self._arrived.append(take(batch))
         self.holding += len(batch)
 
     def all_taken(self) -> None:
@@ -488,5 +479,7 @@ class SendQueue:
             self._touched.add(seq)
 
 
-def _taken(batch: Batch) -> Taken:
+def take(batch: Batch) -> Taken:
+    """What delivery needs of ``batch``: its wire form, acks and meshes (memory only: all
+    of it; with a spool, ``arrived`` takes it)."""
     return Taken(to_wire(batch), len(batch), group_acks(batch), batch_meshes(batch))

@@ -1,6 +1,7 @@
-"""The relay: builds the pipeline, owns the root nursery and the shutdown sequence.
+r"""The relay: builds the pipeline, owns the root nursery and the shutdown sequence.
 
     connections (gate) --events--> batcher --batches--> STAG sender --> STAG
+                                            \--> spool --/   (with delivery.spool_path)
 
 Everything runs under one root nursery; cancelling it stops every task. The
 whole shutdown sequence is ``Relay._shut_down``, in the order it happens.
@@ -230,8 +231,13 @@ class Relay:
     ) -> None:
         server = self.config.server
         async with trio.open_nursery() as root:
-            root.start_soon(self.batcher.run, self._events_recv, self._batches_send)
-            root.start_soon(self.delivery.run, self._batches_recv, self._shipments_send)
+            if self.delivery.spool is None:
+                # Memory only: a free sender slot takes each batch from the batcher.
+                outlet = self.delivery.outlet(self._shipments_send)
+                root.start_soon(self.batcher.run, self._events_recv, outlet)
+            else:
+                root.start_soon(self.batcher.run, self._events_recv, self._batches_send)
+                root.start_soon(self.delivery.run, self._batches_recv, self._shipments_send)
             root.start_soon(self._deliver)
             root.start_soon(self._sweep_sessions)
             root.start_soon(self._abort_sends_when_cancelled)

@@ -1,13 +1,25 @@
-"""delivery's pure parts: how often drop_oldest says what it dropped."""
+"""delivery's pure parts (how often drop_oldest says what it dropped), and the memory
+only hand-over from the batcher to the sender's slots."""
 
 from __future__ import annotations
 
 import itertools
 
+import pytest
+import trio
+import trio.lowlevel
+import trio.testing
 from hypothesis import given
 from hypothesis import strategies as st
 
-from stag_relay.pipeline.delivery import DropLog
+from stag_relay.pipeline.batcher import Batcher
+from stag_relay.pipeline.delivery import Delivery, DropLog, ToSender
+from stag_relay.pipeline.eventqueue import open_event_queue
+from stag_relay.pipeline.sender import Shipment
+from stag_relay.protocol.events import Batch
+from stag_relay.service.config import DeliveryConfig
+from stag_relay.service.metrics import RelayMetrics
+from tests.support.batches import event, make_policy
 
 
 def test_the_first_drop_is_said_at_once_then_at_most_one_line_per_interval() -> None:
@@ -36,3 +48,76 @@ def test_the_lines_add_up_to_every_drop_but_the_unsaid_rest(
     assert said[0] + log.batches == sum(b for b, _, _ in drops)
     assert said[1] + log.events == sum(e for _, e, _ in drops)
     assert all(later - earlier >= 10.0 for earlier, later in itertools.pairwise(times))
+
+
+# -- memory only: from the batcher to a sender slot ------------------------------------
+
+
+class LoopTurns(trio.abc.Instrument):
+    """Counts turns of trio's run loop (one wait for I/O each)."""
+
+    def __init__(self) -> None:
+        self.turns = 0
+
+    def before_io_wait(self, timeout: float) -> None:
+        self.turns += 1
+
+
+async def test_a_full_batch_reaches_a_waiting_slot_one_turn_after_the_batcher_wakes(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Under load every turn of the loop holds many socket reads, so each task a batch
+    passed on its way to STAG made it a turn later: the batcher cuts it, turns it into
+    a shipment and hands it to the slot that waits, in one step of its own."""
+    delivery = Delivery(DeliveryConfig(), RelayMetrics())
+    events_send, events_recv = open_event_queue(100)
+    shipments_send, shipments_recv = trio.open_memory_channel[Shipment](0)
+    loop = LoopTurns()
+    taken: list[tuple[int, Shipment]] = []
+
+    async def slot() -> None:
+        async for shipment in shipments_recv:
+            taken.append((loop.turns, shipment))
+
+    async with trio.open_nursery() as nursery:
+        batcher = Batcher(make_policy(3, 10.0), RelayMetrics())
+        nursery.start_soon(batcher.run, events_recv, delivery.outlet(shipments_send))
+        nursery.start_soon(slot)
+        await trio.testing.wait_all_tasks_blocked()
+        trio.lowlevel.add_instrument(loop)
+        events_send.put_nowait([event(0), event(1), event(2)])
+        put_at = loop.turns
+        while not taken:
+            await trio.lowlevel.checkpoint()
+        trio.lowlevel.remove_instrument(loop)
+        events_send.close()
+    ((turns, shipment),) = taken
+    assert shipment.wire.batch_id == "b0" and shipment.wire.count == 3
+    # A turn for the batcher to wake, one for the slot: no task between them.
+    assert turns - put_at <= 2
+
+
+async def test_to_sender_hands_nothing_over_while_every_slot_is_busy(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    shipped: list[Batch] = []
+
+    def ship(batch: Batch) -> Shipment:
+        shipped.append(batch)
+        return Delivery(DeliveryConfig(), RelayMetrics()).ship(batch)
+
+    shipments_send, shipments_recv = trio.open_memory_channel[Shipment](0)
+    outlet = ToSender(shipments_send, ship)
+    batch = Batch("b0", (event(0),))
+    with pytest.raises(trio.WouldBlock):
+        outlet.send_nowait(batch)
+    # Not even encoded: the batcher keeps it (and counts it) until a slot is free.
+    assert shipped == []
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(outlet.send, batch)
+        await trio.testing.wait_all_tasks_blocked()
+        shipment = await shipments_recv.receive()
+    assert shipment.wire.batch_id == "b0" and shipped == [batch]
+    outlet.close()
+    with pytest.raises(trio.EndOfChannel):
+        await shipments_recv.receive()

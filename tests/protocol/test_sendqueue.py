@@ -37,6 +37,7 @@ from stag_relay.protocol.sendqueue import (
     Tidy,
     Wait,
     WaitForRoom,
+    take,
 )
 
 
@@ -144,17 +145,13 @@ def sent_seq(step: FeedStep) -> int:
 # -- memory only -----------------------------------------------------------------------
 
 
-def test_memory_only_holds_a_batch_until_the_sender_has_it_and_owes_its_acks() -> None:
-    queue = SendQueue(spool_max_bytes=1000, when_full="block")
+def test_a_taken_batch_owes_its_acks_to_each_connection() -> None:
     alice, bob = Client("alice"), Client("bob")
     batch = make_batch("b1", 3, alice)
     batch = Batch("b1", batch.events + make_batch("b1x", 1, bob).events)
-    taken = queue.direct(batch)
-    assert queue.holding == 4
+    taken = take(batch)
     assert taken.wire.batch_id == "b1" and taken.wire.count == 4
     assert taken.acks == {alice: ("s1", [0, 1, 2]), bob: ("s1", [0])}
-    queue.handed_over()
-    assert queue.holding == 0
 
 
 def test_an_unknown_when_full_is_refused() -> None:
@@ -190,7 +187,7 @@ def test_a_batch_is_acknowledged_once_committed_and_sent_in_order() -> None:
 
 def test_taking_stops_at_a_group_and_a_group_stops_at_a_quarter_of_the_spool() -> None:
     batch = make_batch("probe", 1)
-    size = len(SendQueue(spool_max_bytes=1, when_full="block").direct(batch).wire.events)
+    size = len(take(batch).wire.events)
     queue = SendQueue(spool_max_bytes=4 * (2 * size + 1), when_full="block", commit_group=5)
     for n in range(5):
         assert queue.may_take()
@@ -214,8 +211,7 @@ def test_beyond_the_memory_window_the_sender_reads_pages_from_disk() -> None:
     queue, disk = SendQueue(spool_max_bytes=10**6, when_full="block", window_bytes=1), Disk()
     seqs = spooled(queue, disk, *(make_batch(f"b{n}", 1) for n in range(5)))
     # The first fills the window; the others wait on disk.
-    assert queue.next_send() == Send(seqs[0], queue.direct(make_batch("b0", 1)).wire)
-    queue.handed_over()
+    assert queue.next_send() == Send(seqs[0], take(make_batch("b0", 1)).wire)
     step = queue.next_send()
     assert step == ReadPage(seqs[1], 64)
     queue.page_read(disk.read_from(step.start, 2))
@@ -251,7 +247,7 @@ def test_a_full_spool_records_deliveries_first_then_blocks_or_looks_for_victims(
     for when_full, last in (("block", WaitForRoom()), ("drop_oldest", None)):
         queue, disk = SendQueue(spool_max_bytes=1, when_full=when_full), Disk()
         seqs = spooled(queue, disk, make_batch("a", 1), make_batch("b", 1))
-        assert queue.next_send() == Send(seqs[0], queue.direct(make_batch("a", 1)).wire)
+        assert queue.next_send() == Send(seqs[0], take(make_batch("a", 1)).wire)
         queue.delivered(seqs[0])
         assert queue.room_for(100, disk.bytes) == RecordFirst()
         tidy = queue.start_write()
@@ -271,7 +267,7 @@ def test_drop_oldest_spares_what_the_sender_took_or_finished_during_the_lookup()
     queue, disk = SendQueue(spool_max_bytes=1, when_full="drop_oldest"), Disk()
     seqs = spooled(queue, disk, *(make_batch(f"b{n}", n + 1) for n in range(6)))
     s1, s2, s3, s4, s5, s6 = seqs
-    assert queue.next_send() == Send(s1, queue.direct(make_batch("b0", 1)).wire)
+    assert queue.next_send() == Send(s1, take(make_batch("b0", 1)).wire)
     # The spool is full: the commit task looks for the oldest batches not in flight.
     step = queue.room_for(10, disk.bytes)
     assert step == FindVictims(frozenset({s1}), 16)
