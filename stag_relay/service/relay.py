@@ -289,8 +289,8 @@ class Relay:
             self.gate.drain()
             await self.gate.wait_idle()
             # 3. Closing the channel makes the batcher flush its partial batch and
-            #    close its output; delivery commits what it gets to the spool (if
-            #    any) and ends the sender once everything is handed on.
+            #    close its output: the sender's, or with a spool delivery's, which
+            #    commits what it gets and ends the sender once all is handed on.
             await self._events_send.aclose()
             # 4. The sender delivers what it holds (with a spool: what is spooled).
             await self._delivered.wait()
