@@ -758,9 +758,9 @@ def test_the_pose_fast_path_agrees_with_the_full_checks(
         # (AttributeError: the first made a parent None, which has nothing to delete.)
         with contextlib.suppress(TypeError, KeyError, IndexError, ValueError, AttributeError):
             obj = _mutate(obj, field, value)
-    obj = orjson.loads(orjson.dumps(obj))
-    fast = packets_module._valid_pose(obj)
-    full = _checked_in_full(obj)
+    raw = orjson.dumps(obj)
+    fast = packets_module._valid_pose(raw)
+    full = _checked_in_full(orjson.loads(raw))
     if fast is not None:
         assert fast == full
     elif full is not None:
@@ -770,4 +770,69 @@ def test_the_pose_fast_path_agrees_with_the_full_checks(
 @given(pose_packets())
 def test_valid_poses_take_the_fast_path(obj: dict[str, Any]) -> None:
     assume(obj["session_id"].isprintable())
-    assert packets_module._valid_pose(orjson.loads(orjson.dumps(obj))) == _expected(obj)
+    assert packets_module._valid_pose(orjson.dumps(obj)) == _expected(obj)
+
+
+# How else JSON may spell a pose packet's values: (valid, invalid) spellings, with
+# numbers in other notations and beyond 64 bits, escapes, other types, and junk.
+_SPELLINGS: dict[str, tuple[list[str], list[str]]] = {
+    "session_id": (
+        ['"s1"', '"s\\u0031"', '"\u00e9t\u00e9"', '"' + "a" * 128 + '"'],
+        ['"s\\u0000"', '""', "1", "null", '"' + "a" * 129 + '"'],
+    ),
+    "frame_number": (
+        ["7", "0", "9223372036854775807"],
+        ["-1", "7.0", "7e0", '"7"', "true", "9223372036854775808", "18446744073709551616"],
+    ),
+    "timestamp": (
+        ["1700000000000", "9223372036854775808", "18446744073709551615"],
+        ["0", "1.7e12", "18446744073709551616", "1" + "0" * 30, "null"],
+    ),
+    "type": (['"pose"', '"p\\u006fse"'], ['"mesh"', '"Pose"', "1"]),
+    "x": (
+        ["0", "-0.0", "1.5", "1e3", "1E3", "-1000", "0.7071067811865476"],
+        ["1000.0000001", "1e400", "true", '"1"', "null"],
+    ),
+}
+
+
+@st.composite
+def pose_texts(draw: st.DrawFn) -> bytes:
+    """A pose packet as JSON text, spelled any way JSON allows, with up to two values
+    that break a rule, members repeated (the last one counts) and in any order."""
+    broken = draw(st.sets(st.sampled_from([*_SPELLINGS, "rotation"]), max_size=2))
+
+    def spell(field: str) -> str:
+        valid, invalid = _SPELLINGS[field]
+        return draw(st.sampled_from(invalid if field in broken else valid))
+
+    def obj(members: list[tuple[str, str]]) -> str:
+        members = list(draw(st.permutations(members)))
+        if draw(st.integers(0, 3)) == 0:
+            key, _ = draw(st.sampled_from(members))
+            extra = (key, draw(st.sampled_from(["1", '"x"', "{}", "[]"])))
+            members.insert(draw(st.integers(0, len(members))), extra)
+        space = draw(st.sampled_from(["", " ", "\n\t"]))
+        return "{" + ",".join(f'{space}"{k}"{space}:{space}{v}' for k, v in members) + "}"
+
+    quaternions = ["[0,0,0,1]", "[0.5,0.5,0.5,0.5]", "[1e0,0,0,0]", "[0,0.7071,0,0.7071]"]
+    wrong = ["[0,0,0]", "[0,0,0,1,0]", "[0,0,0,2]", "[0,0,0,true]", '[0,0,0,"1"]', "[]"]
+    rotation = draw(st.sampled_from(wrong if "rotation" in broken else quaternions))
+    pose = obj([("x", spell("x")), ("y", "0.5"), ("z", "-2"), ("rotation", rotation)])
+    fields = [(key, spell(key)) for key in ("session_id", "frame_number", "timestamp", "type")]
+    return obj([*fields, ("data", obj([("pose", pose)]))]).encode()
+
+
+@settings(max_examples=1500)
+@given(pose_texts())
+@example(
+    b'{"session_id":"s","frame_number":1,"timestamp":18446744073709551616,"type":"pose",'
+    b'"data":{"pose":{"x":0,"y":0,"z":0,"rotation":[0,0,0,1]}}}'
+)
+def test_the_pose_fast_path_agrees_with_the_full_checks_on_any_spelling(raw: bytes) -> None:
+    """The fast path reads the text itself (msgspec, not orjson): whatever it accepts,
+    orjson and the full checks accept too, as the same packet."""
+    fast = packets_module._valid_pose(raw)
+    if fast is not None:
+        obj = orjson.loads(raw)
+        assert fast == _checked_in_full(obj)
