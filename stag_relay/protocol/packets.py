@@ -207,33 +207,6 @@ def is_plain_id(value: Any) -> TypeGuard[str]:
     return type(value) is str and 0 < len(value) <= ID_MAX_CHARS and value.isprintable()
 
 
-def valid_pose(x: Any, y: Any, z: Any, rotation: Any) -> Pose | None:
-    """The pose, if ``check_coordinate`` and ``check_rotation`` pass all four values
-    (their rules, inline, for the fast paths of both dialects); None if not, and
-    then those checks say why."""
-    if not (
-        (type(x) is float or type(x) is int)
-        and (type(y) is float or type(y) is int)
-        and (type(z) is float or type(z) is int)
-        and -COORD_LIMIT <= x <= COORD_LIMIT
-        and -COORD_LIMIT <= y <= COORD_LIMIT
-        and -COORD_LIMIT <= z <= COORD_LIMIT
-        and type(rotation) is list
-        and len(rotation) == 4
-    ):
-        return None
-    a, b, c, d = rotation
-    if not (
-        (type(a) is float or type(a) is int)
-        and (type(b) is float or type(b) is int)
-        and (type(c) is float or type(c) is int)
-        and (type(d) is float or type(d) is int)
-        and NORM_SQ_MIN <= a * a + b * b + c * c + d * d <= NORM_SQ_MAX
-    ):
-        return None
-    return Pose(float(x), float(y), float(z), (float(a), float(b), float(c), float(d)))
-
-
 def _structure(
     obj: dict[str, Any], frame_number: int | None, packet_type: Literal["pose", "mesh", "unknown"]
 ) -> Packet:

@@ -28,16 +28,21 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable
-from typing import Any, Final, Literal
+from typing import Annotated, Any, Final, Literal
 from urllib.parse import parse_qs
 
 import attrs
+import msgspec
 import orjson
 
 from stag_relay.protocol import b64, events
 from stag_relay.protocol.connection import Reply
 from stag_relay.protocol.packets import (
+    COORD_LIMIT,
+    ID_MAX_CHARS,
     MISSING,
+    NORM_SQ_MAX,
+    NORM_SQ_MIN,
     FieldError,
     MeshData,
     PacketError,
@@ -47,7 +52,6 @@ from stag_relay.protocol.packets import (
     clip,
     echo,
     is_plain_id,
-    valid_pose,
 )
 from stag_relay.protocol.sessions import id_hasher, next_event_id
 from stag_relay.protocol.websocket import Binary, binary_frame
@@ -67,6 +71,8 @@ _INT64_LIMIT: Final = 2**63
 # |seconds since 2001| beyond this would overflow int64 milliseconds.
 _MAX_REFERENCE_SECONDS: Final = 9e15
 _MAX_COMPRESSION_LEVEL: Final = 9
+# A position component as the full checks take it (packets.check_coordinate).
+_Coordinate = Annotated[float, msgspec.Meta(ge=-COORD_LIMIT, le=COORD_LIMIT)]
 _PACKET_TYPES: Final[dict[MessageKind, Literal["pose", "mesh", "unknown"]]] = {
     "anchor_update": "pose",
     "mesh_update": "mesh",
@@ -265,6 +271,10 @@ def parse_message(raw: bytes | str, *, binary: bool, session_id: str) -> Message
     ``binary`` says which kind of frame carried it: a binary frame must be the
     SDK's WSMessage exactly; a text frame may also use STAG's spellings.
     """
+    if binary:
+        update = _valid_anchor_update(raw, session_id)
+        if update is not None:
+            return update
     try:
         obj = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
@@ -272,10 +282,6 @@ def parse_message(raw: bytes | str, *, binary: bool, session_id: str) -> Message
     if type(obj) is not dict:
         raise SdkError("$: expected a JSON object (a WSMessage), got " + echo(obj))
     message_type = obj.get("type")
-    if binary and message_type == "anchor_update":
-        update = _valid_anchor_update(obj, session_id)
-        if update is not None:
-            return update
     kind = _KINDS.get(message_type, "unknown") if type(message_type) is str else "unknown"
     trace = _read_context(obj, binary)
     try:
@@ -284,72 +290,86 @@ def parse_message(raw: bytes | str, *, binary: bool, session_id: str) -> Message
         raise SdkError(str(exc), INVALID_MESSAGE, kind, trace) from None
 
 
-def _valid_anchor_update(obj: dict[str, Any], session_id: str) -> AnchorUpdate | None:
-    """A valid ``anchor_update`` in a binary frame in one pass, or None: then
-    ``_structure`` finds what is wrong.
+# The fast path's view of an anchor_update in a binary frame, decoded and checked in C
+# by msgspec (see packets._WirePosePacket): the WSMessage, then its data.
+class _WireAnchorMessage(msgspec.Struct):
+    type: Literal["anchor_update"]
+    data: str
+    timestamp: Annotated[int, msgspec.Meta(gt=0)]
+    sessionId: str | None = None
+    traceId: str | None = None
 
-    Nearly every message of the SDK is a pose, and the checks below are the full
-    ones' for a binary frame (the same rules, inline, without their calls and
-    paths). tests/protocol/test_sdk.py checks that the two agree on any input.
+
+class _WireSdkPose(msgspec.Struct):
+    position: tuple[_Coordinate, _Coordinate, _Coordinate]
+    rotation: tuple[float, float, float, float]
+    # Seconds since 2001; an integer stays one, for the exact conversion below.
+    timestamp: int | float
+
+
+class _WireAnchor(msgspec.Struct):
+    id: Annotated[str, msgspec.Meta(min_length=1, max_length=ID_MAX_CHARS)]
+    pose: _WireSdkPose
+    # Read by orjson when there, as the full path reads it.
+    metadata: msgspec.Raw = msgspec.Raw()
+
+
+_ANCHOR_MESSAGE: Final = msgspec.json.Decoder(_WireAnchorMessage)
+_ANCHOR: Final = msgspec.json.Decoder(_WireAnchor)
+
+
+def _valid_anchor_update(raw: bytes | str, session_id: str) -> AnchorUpdate | None:
+    """A valid ``anchor_update`` in a binary frame, decoded and checked in one pass, or
+    None: then the full path (``orjson`` and ``_structure``) says what is wrong.
+
+    Nearly every message of the SDK is a pose; this names no fields, so nothing but a
+    valid one may pass it. tests/protocol/test_sdk.py checks that the two agree on any
+    input.
     """
-    timestamp = obj.get("timestamp")
-    named = obj.get("sessionId")
-    trace = obj.get("traceId")
-    data = obj.get("data")
+    try:
+        message = _ANCHOR_MESSAGE.decode(raw)
+    except (msgspec.MsgspecError, UnicodeEncodeError):
+        return None
+    named = message.sessionId
+    trace = message.traceId
     if not (
-        type(timestamp) is int
-        and 0 < timestamp < _INT64_LIMIT
+        message.timestamp < _INT64_LIMIT
         and (named is None or named == session_id)
         and (trace is None or is_plain_id(trace))
-        and type(data) is str
     ):
         return None
-    decoded = b64.decode(data)
+    decoded = b64.decode(message.data)
     if decoded is None:
         return None
     try:
-        inner = orjson.loads(decoded)
-    except orjson.JSONDecodeError:
+        inner = _ANCHOR.decode(decoded)
+    except msgspec.MsgspecError:
         return None
-    if type(inner) is not dict:
-        return None
-    anchor_id = inner.get("id")
-    pose = inner.get("pose")
-    metadata = inner.get("metadata")
+    metadata = None
+    if inner.metadata:
+        try:
+            metadata = orjson.loads(memoryview(inner.metadata))
+        except orjson.JSONDecodeError:
+            return None
+        if not (metadata is None or type(metadata) is dict):
+            return None
+    anchor_id = inner.id
+    pose = inner.pose
+    seconds = pose.timestamp
+    a, b, c, d = rotation = pose.rotation
     if not (
-        is_plain_id(anchor_id)
-        and type(pose) is dict
-        and (metadata is None or type(metadata) is dict)
-    ):
-        return None
-    position = pose.get("position")
-    seconds = pose.get("timestamp")
-    if not (
-        type(position) is list
-        and len(position) == 3
-        and (type(seconds) is float or type(seconds) is int)
+        anchor_id.isprintable()
         and -_MAX_REFERENCE_SECONDS < seconds < _MAX_REFERENCE_SECONDS
+        and NORM_SQ_MIN <= a * a + b * b + c * c + d * d <= NORM_SQ_MAX
     ):
-        return None
-    x, y, z = position
-    checked = valid_pose(x, y, z, pose.get("rotation"))
-    if checked is None:
         return None
     # As _reference_date_ms: scaled first, the offset added as an integer.
     ms: int = round(seconds * 1000) + REFERENCE_DATE_UNIX_MS
     if not 0 < ms < _INT64_LIMIT:
         return None
+    x, y, z = pose.position
     return AnchorUpdate(
-        session_id,
-        anchor_id,
-        checked.x,
-        checked.y,
-        checked.z,
-        checked.rotation,
-        ms,
-        timestamp,
-        trace,
-        metadata,
+        session_id, anchor_id, x, y, z, rotation, ms, message.timestamp, trace, metadata
     )
 
 

@@ -688,7 +688,7 @@ def test_the_anchor_update_fast_path_agrees_with_the_full_checks(
         if target is inner and outer.get("data") is not None and type(outer["data"]) is str:
             outer["data"] = base64.b64encode(orjson.dumps(inner)).decode()
     outer = orjson.loads(orjson.dumps(outer))
-    fast = sdk._valid_anchor_update(outer, SESSION_ID)
+    fast = sdk._valid_anchor_update(orjson.dumps(outer), SESSION_ID)
     full = _checked_in_full(outer)
     if fast is not None:
         assert fast == full
