@@ -28,7 +28,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable
-from typing import Annotated, Any, Final, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Final, Literal
 from urllib.parse import parse_qs
 
 import attrs
@@ -55,6 +55,9 @@ from stag_relay.protocol.packets import (
 )
 from stag_relay.protocol.sessions import id_hasher, next_event_id
 from stag_relay.protocol.websocket import Binary, binary_frame
+
+if TYPE_CHECKING:
+    from _hashlib import HASH
 
 # Apple's reference date, 2001-01-01T00:00:00Z, in Unix milliseconds: the SDK
 # encodes a pose's Date as seconds since it (JSONEncoder's .deferredToDate).
@@ -256,13 +259,15 @@ def sdk_event_id(session_id: str, type: str, item_id: str, timestamp: int) -> st
     produce the same name. Built with the seed's hashing shortcut: it runs for
     every pose.
     """
-    return next_event_id(_hasher(session_id, f"{type}\x00{item_id}"), timestamp)
+    return next_event_id(_hasher(session_id, type, item_id), timestamp)
 
 
 # A session streams one or a few anchors (the camera) for hours, so the hasher of
 # each (session, kind, id) is made once, not per pose. The cache's entries are never
 # changed (next_event_id copies one), and it is bounded: a few hundred bytes each.
-_hasher = functools.lru_cache(maxsize=4096)(id_hasher)
+@functools.lru_cache(maxsize=4096)
+def _hasher(session_id: str, type: str, item_id: str) -> HASH:
+    return id_hasher(session_id, f"{type}\x00{item_id}")
 
 
 def parse_message(raw: bytes | str, *, binary: bool, session_id: str) -> Message:
@@ -294,7 +299,8 @@ def parse_message(raw: bytes | str, *, binary: bool, session_id: str) -> Message
 # by msgspec (see packets._WirePosePacket): the WSMessage, then its data.
 class _WireAnchorMessage(msgspec.Struct):
     type: Literal["anchor_update"]
-    data: str
+    # Base64, decoded by msgspec as strictly as b64.decode (tests/protocol/test_sdk.py).
+    data: bytes
     timestamp: Annotated[int, msgspec.Meta(gt=0)]
     sessionId: str | None = None
     traceId: str | None = None
@@ -338,11 +344,8 @@ def _valid_anchor_update(raw: bytes | str, session_id: str) -> AnchorUpdate | No
         and (trace is None or is_plain_id(trace))
     ):
         return None
-    decoded = b64.decode(message.data)
-    if decoded is None:
-        return None
     try:
-        inner = _ANCHOR.decode(decoded)
+        inner = _ANCHOR.decode(message.data)
     except msgspec.MsgspecError:
         return None
     metadata = None

@@ -276,15 +276,16 @@ class Sessions:
         after a reconnect, or an update overtaken by a newer one)."""
         session = self._sessions[update.session_id]
         kind, item, timestamp = update.key
+        key = (kind, item)
         seen = session.last_keyed
         if seen is None:
             seen = session.last_keyed = OrderedDict()
-        last = seen.get((kind, item))
+        last = seen.get(key)
         if last is not None:
             if timestamp <= last:
                 return None
-            seen.move_to_end((kind, item))
+            seen.move_to_end(key)
         elif len(seen) >= MAX_MESH_ANCHORS_PER_SESSION:
             seen.popitem(last=False)
-        seen[(kind, item)] = timestamp
+        seen[key] = timestamp
         return update.to_event(received_at_ms, origin)

@@ -10,12 +10,13 @@ import struct
 import uuid
 from typing import Any
 
+import msgspec
 import orjson
 import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from stag_relay.protocol import sdk
+from stag_relay.protocol import b64, sdk
 from stag_relay.protocol.packets import PacketError
 from stag_relay.protocol.sdk import (
     AnchorUpdate,
@@ -694,3 +695,24 @@ def test_the_anchor_update_fast_path_agrees_with_the_full_checks(
         assert fast == full
     elif full is not None:
         assert not (full.anchor_id.isprintable() and (full.trace_id or "x").isprintable())
+
+
+@settings(max_examples=2000)
+@given(
+    st.one_of(
+        st.text(
+            alphabet="ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/=-_ \n",
+            max_size=24,
+        ),
+        st.binary(max_size=18).map(lambda raw: base64.b64encode(raw).decode()),
+    )
+)
+def test_the_fast_path_reads_base64_as_strictly_as_the_full_checks(text: str) -> None:
+    """msgspec decodes the data of an anchor_update on the fast path: the same text
+    must be base64 to it as to b64.decode, as the same bytes."""
+    outer = orjson.dumps({"type": "anchor_update", "data": text, "timestamp": 1})
+    try:
+        decoded: bytes | None = sdk._ANCHOR_MESSAGE.decode(outer).data
+    except msgspec.ValidationError:
+        decoded = None
+    assert decoded == b64.decode(text)
