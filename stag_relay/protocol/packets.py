@@ -16,7 +16,7 @@ gate can put them in its error reply and in the metric label.
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any, Final, Literal, TypeGuard
+from typing import Annotated, Any, Final, Literal, TypeGuard, TypeVar
 
 import attrs
 import msgspec
@@ -25,6 +25,7 @@ import orjson
 from stag_relay.protocol import b64
 
 PacketType = Literal["pose", "mesh"]
+T = TypeVar("T")
 
 # frame_number must fit a signed 64-bit integer: STAG and the original Go relay
 # store it as int64.
@@ -178,10 +179,8 @@ def _valid_pose(raw: bytes | str) -> Packet | None:
     it names no fields, so nothing but a valid pose may pass it.
     tests/protocol/test_packets.py checks that the two agree on any input.
     """
-    try:
-        wire = _POSE_DECODER.decode(raw)
-    except (msgspec.MsgspecError, UnicodeEncodeError):
-        # UnicodeEncodeError: a str with a lone surrogate, which is no JSON text.
+    wire = fast_decode(_POSE_DECODER, raw)
+    if wire is None:
         return None
     session_id = wire.session_id
     frame_number = wire.frame_number
@@ -199,6 +198,15 @@ def _valid_pose(raw: bytes | str) -> Packet | None:
     return Packet(
         session_id, frame_number, timestamp, "pose", Pose(pose.x, pose.y, pose.z, rotation), None
     )
+
+
+def fast_decode(decoder: msgspec.json.Decoder[T], raw: bytes | str) -> T | None:
+    """``raw`` as a fast path's ``decoder`` reads it, or None if it refuses it."""
+    try:
+        return decoder.decode(raw)
+    except (msgspec.MsgspecError, UnicodeEncodeError):
+        # UnicodeEncodeError: a str with a lone surrogate, which is no JSON text.
+        return None
 
 
 def is_plain_id(value: Any) -> TypeGuard[str]:

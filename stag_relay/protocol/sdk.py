@@ -51,6 +51,7 @@ from stag_relay.protocol.packets import (
     check_rotation,
     clip,
     echo,
+    fast_decode,
     is_plain_id,
 )
 from stag_relay.protocol.sessions import id_hasher, next_event_id
@@ -332,9 +333,8 @@ def _valid_anchor_update(raw: bytes | str, session_id: str) -> AnchorUpdate | No
     valid one may pass it. tests/protocol/test_sdk.py checks that the two agree on any
     input.
     """
-    try:
-        message = _ANCHOR_MESSAGE.decode(raw)
-    except (msgspec.MsgspecError, UnicodeEncodeError):
+    message = fast_decode(_ANCHOR_MESSAGE, raw)
+    if message is None:
         return None
     named = message.sessionId
     trace = message.traceId
@@ -344,9 +344,8 @@ def _valid_anchor_update(raw: bytes | str, session_id: str) -> AnchorUpdate | No
         and (trace is None or is_plain_id(trace))
     ):
         return None
-    try:
-        inner = _ANCHOR.decode(message.data)
-    except msgspec.MsgspecError:
+    inner = fast_decode(_ANCHOR, message.data)
+    if inner is None:
         return None
     metadata = None
     if inner.metadata:
