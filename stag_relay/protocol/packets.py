@@ -124,18 +124,18 @@ class FieldError(Exception):
 # exactly as _structure's (strict: no bools or strings for numbers, no floats for
 # integers), bounds as its own. What msgspec cannot say (printable ids, the quaternion's
 # norm, frame numbers and timestamps beyond int64) is checked after it.
-class _WirePose(msgspec.Struct):
+class _WirePose(msgspec.Struct, forbid_unknown_fields=True):
     x: Annotated[float, msgspec.Meta(ge=-COORD_LIMIT, le=COORD_LIMIT)]
     y: Annotated[float, msgspec.Meta(ge=-COORD_LIMIT, le=COORD_LIMIT)]
     z: Annotated[float, msgspec.Meta(ge=-COORD_LIMIT, le=COORD_LIMIT)]
     rotation: tuple[float, float, float, float]
 
 
-class _WirePoseData(msgspec.Struct):
+class _WirePoseData(msgspec.Struct, forbid_unknown_fields=True):
     pose: _WirePose
 
 
-class _WirePosePacket(msgspec.Struct):
+class _WirePosePacket(msgspec.Struct, forbid_unknown_fields=True):
     session_id: Annotated[str, msgspec.Meta(min_length=1, max_length=ID_MAX_CHARS)]
     frame_number: Annotated[int, msgspec.Meta(ge=0)]
     timestamp: Annotated[int, msgspec.Meta(gt=0)]
@@ -151,6 +151,11 @@ def parse_packet(raw: bytes | str) -> Packet:
     packet = _valid_pose(raw)
     if packet is not None:
         return packet
+    return parse_in_full(raw)
+
+
+def parse_in_full(raw: bytes | str) -> Packet:
+    """:func:`parse_packet` without its fast path: every check, each error worded."""
     try:
         obj = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
@@ -201,11 +206,19 @@ def _valid_pose(raw: bytes | str) -> Packet | None:
 
 
 def fast_decode(decoder: msgspec.json.Decoder[T], raw: bytes | str) -> T | None:
-    """``raw`` as a fast path's ``decoder`` reads it, or None if it refuses it."""
+    """``raw`` as a fast path's ``decoder`` reads it, or None if it refuses it.
+
+    The decoders' structs forbid unknown members: msgspec does not check UTF-8 or
+    number ranges in what it skips, so a message with anything but the known fields
+    goes through the full path, whose orjson checks the whole text.
+    """
     try:
         return decoder.decode(raw)
-    except (msgspec.MsgspecError, UnicodeEncodeError):
-        # UnicodeEncodeError: a str with a lone surrogate, which is no JSON text.
+    except (msgspec.MsgspecError, UnicodeError, RecursionError):
+        # UnicodeError: a str with a lone surrogate, which is no JSON text, or (msgspec
+        # before 0.23) invalid UTF-8 in an unknown member's name.
+        # RecursionError: nesting deeper than Python's recursion limit; orjson's own
+        # limit words the error.
         return None
 
 

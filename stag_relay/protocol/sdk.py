@@ -277,10 +277,17 @@ def parse_message(raw: bytes | str, *, binary: bool, session_id: str) -> Message
     ``binary`` says which kind of frame carried it: a binary frame must be the
     SDK's WSMessage exactly; a text frame may also use STAG's spellings.
     """
-    if binary:
+    # The SDK writes keys in no fixed order: a mesh_update whose data comes before its
+    # type would be base64-decoded whole by the fast path before it is refused.
+    if binary and isinstance(raw, bytes) and _ANCHOR_UPDATE in raw:
         update = _valid_anchor_update(raw, session_id)
         if update is not None:
             return update
+    return parse_in_full(raw, binary=binary, session_id=session_id)
+
+
+def parse_in_full(raw: bytes | str, *, binary: bool, session_id: str) -> Message:
+    """:func:`parse_message` without its fast path: every check, each error worded."""
     try:
         obj = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
@@ -298,7 +305,7 @@ def parse_message(raw: bytes | str, *, binary: bool, session_id: str) -> Message
 
 # The fast path's view of an anchor_update in a binary frame, decoded and checked in C
 # by msgspec (see packets._WirePosePacket): the WSMessage, then its data.
-class _WireAnchorMessage(msgspec.Struct):
+class _WireAnchorMessage(msgspec.Struct, forbid_unknown_fields=True):
     type: Literal["anchor_update"]
     # Base64, decoded by msgspec as strictly as b64.decode (tests/protocol/test_sdk.py).
     data: bytes
@@ -307,14 +314,14 @@ class _WireAnchorMessage(msgspec.Struct):
     traceId: str | None = None
 
 
-class _WireSdkPose(msgspec.Struct):
+class _WireSdkPose(msgspec.Struct, forbid_unknown_fields=True):
     position: tuple[_Coordinate, _Coordinate, _Coordinate]
     rotation: tuple[float, float, float, float]
     # Seconds since 2001; an integer stays one, for the exact conversion below.
     timestamp: int | float
 
 
-class _WireAnchor(msgspec.Struct):
+class _WireAnchor(msgspec.Struct, forbid_unknown_fields=True):
     id: Annotated[str, msgspec.Meta(min_length=1, max_length=ID_MAX_CHARS)]
     pose: _WireSdkPose
     # Read by orjson when there, as the full path reads it.
@@ -322,6 +329,8 @@ class _WireAnchor(msgspec.Struct):
 
 
 _ANCHOR_MESSAGE: Final = msgspec.json.Decoder(_WireAnchorMessage)
+# In every anchor_update but one that escapes a letter of its type (then the full path).
+_ANCHOR_UPDATE: Final = b'"anchor_update"'
 _ANCHOR: Final = msgspec.json.Decoder(_WireAnchor)
 
 
