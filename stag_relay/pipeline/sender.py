@@ -80,6 +80,9 @@ class Shipment:
     wire: WireBatch
     on_delivered: Callable[[], None] = _ignore_delivered
     on_rejected: Callable[[int, str], None] = _ignore_rejected
+    # Set by the slot that took it, which counts its events from then on
+    # (held_events); until then whoever handed it over counts them.
+    taken: bool = attrs.field(default=False, init=False)
 
 
 class StagSender:
@@ -195,6 +198,7 @@ class StagSender:
         """
         async for shipment in shipments:
             self._held += shipment.wire.count
+            shipment.taken = True
             refusal = await self._deliver(client, shipment.wire)
             if refusal is None:
                 shipment.on_delivered()

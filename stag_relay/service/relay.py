@@ -23,7 +23,7 @@ import trio
 from stag_relay import __version__
 from stag_relay.pipeline.access import AccessControl
 from stag_relay.pipeline.batcher import Batcher
-from stag_relay.pipeline.delivery import Delivery
+from stag_relay.pipeline.delivery import Delivery, ToSender
 from stag_relay.pipeline.eventqueue import open_event_queue
 from stag_relay.pipeline.front import FrontDoor, error_sites
 from stag_relay.pipeline.gate import Gate
@@ -123,6 +123,8 @@ class Relay:
         # the batcher stops draining the event channel and backpressure flows back.
         self._batches_send, self._batches_recv = trio.open_memory_channel[Batch](0)
         self._shipments_send, self._shipments_recv = trio.open_memory_channel[Shipment](0)
+        # Memory only: the batcher's way to the sender (set when the relay runs).
+        self._outlet: ToSender | None = None
         self.sessions = Sessions(ttl=config.session.ttl, max_sessions=config.session.max_sessions)
         self.gate = Gate(
             websocket=config.websocket,
@@ -233,8 +235,8 @@ class Relay:
         async with trio.open_nursery() as root:
             if self.delivery.spool is None:
                 # Memory only: a free sender slot takes each batch from the batcher.
-                outlet = self.delivery.outlet(self._shipments_send)
-                root.start_soon(self.batcher.run, self._events_recv, outlet)
+                self._outlet = self.delivery.outlet(self._shipments_send)
+                root.start_soon(self.batcher.run, self._events_recv, self._outlet)
             else:
                 root.start_soon(self.batcher.run, self._events_recv, self._batches_send)
                 root.start_soon(self.delivery.run, self._batches_recv, self._shipments_send)
@@ -306,6 +308,7 @@ class Relay:
             + self.batcher.held_events()
             + self.delivery.held_events()
             + (0 if spooled else self.sender.held_events())
+            + (0 if self._outlet is None else self._outlet.held_events())
         )
         if undelivered > 0:
             self.metrics.events_dropped.labels("shutdown").inc(undelivered)

@@ -25,10 +25,11 @@ import trio.lowlevel
 import trio.testing
 import trustme
 
+from stag_relay.pipeline.delivery import Delivery, ToSender
 from stag_relay.pipeline.sender import Shipment, StagSender
 from stag_relay.protocol.events import Anchor, Batch, Event, MeshUpdate, to_wire
 from stag_relay.protocol.spatial_event import encode_wire, spatial_event_id
-from stag_relay.service.config import StagConfig
+from stag_relay.service.config import DeliveryConfig, StagConfig
 from stag_relay.service.metrics import RelayMetrics
 from tests.support.raw_http import Peer, RawServer, serve_all
 from tests.support.stag_server import StagServer
@@ -1094,3 +1095,28 @@ async def test_a_batch_with_a_relay_delta_is_rejected_unsent(nursery: trio.Nurse
     [line] = [e for e in logs if e["event"].startswith("a batch the spatial-event format")]
     assert (line["log_level"], line["batch_id"], line["events"]) == ("error", "h", 2)
     assert "stag.format: batch" in line["fix"]
+
+
+async def test_a_batch_handed_to_a_waiting_slot_is_always_counted_by_someone(
+    server: StagServer, run_sender: Callable[[StagSender], Run]
+) -> None:
+    """Memory only, the batcher hands a batch straight to a slot that waits: until that
+    slot runs, the outlet counts its events, then the sender, then they are sent. The
+    relay's shutdown tally adds the two, so it never misses a batch in between."""
+    sender = StagSender(config(server.url), RelayMetrics(), relay_id=RELAY_ID, version=VERSION)
+    run = run_sender(sender)
+    outlet = ToSender(run.send, Delivery(DeliveryConfig(), RelayMetrics()).ship)
+    await trio.testing.wait_all_tasks_blocked()
+    outlet.send_nowait(batch("b1", 0, 3))
+    seen: list[tuple[int, int, int]] = []
+    with trio.fail_after(GUARD):
+        while True:
+            counts = (outlet.held_events(), sender.held_events(), sender.status()["events_sent"])
+            if not seen or seen[-1] != counts:
+                seen.append(counts)
+            assert sum(counts) == 3, seen
+            if counts[2] == 3:
+                break
+            await trio.lowlevel.checkpoint()
+    assert [held for held in seen if held[0]] == [(3, 0, 0)]
+    assert (0, 3, 0) in seen
