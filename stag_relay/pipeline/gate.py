@@ -72,7 +72,7 @@ from stag_relay.protocol.packets import MeshData
 from stag_relay.protocol.sessions import Sessions
 from stag_relay.protocol.websocket import Beat, Close, Violation
 from stag_relay.service.config import WebSocketConfig
-from stag_relay.service.metrics import RelayMetrics, unchecked_inc
+from stag_relay.service.metrics import PendingObservations, RelayMetrics, unchecked_inc
 
 # Bytes asked of the socket per read: a flood of small packets then costs one
 # receive per few hundred packets. The buffer exists only during a read, so idle
@@ -138,6 +138,8 @@ class PacketTally:
         self.dialect = dialect
         self.ok_pose = metrics.packet("pose", "ok", dialect)
         self.add_ok_pose = unchecked_inc(self.ok_pose)
+        # Accepted poses of the poller's current turn, written by Gate.end_turn.
+        self.turn_ok_pose = 0
         self.ok_mesh = metrics.packet("mesh", "ok", dialect)
         self.duplicate_pose = metrics.packet("pose", "duplicate", dialect)
         self.duplicate_mesh = metrics.packet("mesh", "duplicate", dialect)
@@ -181,6 +183,8 @@ class Gate:
         self.poller: Poller[Ending | Taken] | None = None
         # Counter children every connection uses, bound once per dialect.
         self._tallies: dict[str, PacketTally] = {}
+        # The processing times of the poller's current turn, written by end_turn.
+        self.turn_processing = PendingObservations(metrics.processing_duration)
         self._ids = itertools.count(1)
         self._idle = trio.Event()
         self._idle.set()
@@ -227,13 +231,25 @@ class Gate:
         if not POLLER_AVAILABLE:
             task_status.started()
             return
-        with Poller[Ending | Taken](self._read_size) as poller:
+        with Poller[Ending | Taken](self._read_size, self.end_turn) as poller:
             self.poller = poller
             task_status.started()
             try:
                 await poller.run()
             finally:
                 self.poller = None
+
+    def end_turn(self) -> None:
+        """The poller's turn is over: what its reads counted goes into the metrics.
+
+        The reads of a turn count into plain numbers (``Connection._polled``), as a
+        metric's write takes a lock; the turn has no checkpoint, so no other task, a
+        scrape included, sees the metrics before this."""
+        self.turn_processing.flush()
+        for tally in self._tallies.values():
+            if tally.turn_ok_pose:
+                tally.add_ok_pose(tally.turn_ok_pose)
+                tally.turn_ok_pose = 0
 
     def _read_size(self) -> int:
         # While the queue is (nearly) full, what a read brings waits outside it: read
@@ -459,7 +475,7 @@ class Connection:
         must wait (None); else what this connection's task must finish."""
         if not data:
             return _GONE
-        read = self._take(data)
+        read = self._take(data, in_turn=True)
         if read.meshes or read.ending is not None:
             return Taken(read)
         events: list[Event] = read.steps  # type: ignore[assignment]
@@ -468,7 +484,7 @@ class Connection:
             self.gate.events.put_nowait(events)
             if events:
                 return Taken(read, count)
-            self._delivered(count, read.mesh_events)
+            self._delivered(count, read.mesh_events, in_turn=True)
         if self.core.read_again_at > trio.current_time():
             return Taken(read)
         return None
@@ -526,8 +542,9 @@ class Connection:
                 self._delivered(count, read.mesh_events)
         return read.ending
 
-    def _take(self, data: bytes | bytearray) -> Read:
-        """What the core makes of one read, counted and logged."""
+    def _take(self, data: bytes | bytearray, *, in_turn: bool = False) -> Read:
+        """What the core makes of one read, counted and logged; ``in_turn``: read by the
+        poller, whose turn's end writes the hot counts (Gate.end_turn)."""
         core = self.core
         bound = core.session_id is not None
         # The processing time is the real one (trio's clock may be a test's MockClock).
@@ -539,7 +556,7 @@ class Connection:
             self._notify()
         if not bound and core.session_id is not None:
             self.log = self.log.bind(session=core.session_id)
-        self._count(read, elapsed)
+        self._count(read, elapsed, in_turn)
         ending = read.ending
         if type(ending) is RelayClose:
             if ending is TOO_MANY_SESSIONS:
@@ -553,14 +570,17 @@ class Connection:
                 )
         return read
 
-    def _count(self, read: Read, elapsed: float) -> None:
+    def _count(self, read: Read, elapsed: float, in_turn: bool) -> None:
         """The read's tallies into the metrics, once per read (each inc takes a lock)."""
         gate = self.gate
         metrics = gate.metrics
         if read.accepted:
-            metrics.observe_many(
-                metrics.processing_duration, elapsed / read.accepted, read.accepted
-            )
+            if in_turn:
+                gate.turn_processing.observe_many(elapsed / read.accepted, read.accepted)
+            else:
+                metrics.observe_many(
+                    metrics.processing_duration, elapsed / read.accepted, read.accepted
+                )
         for kind, count in read.invalid.items():
             self.tally.packet(kind, "invalid").inc(count)
         if read.suppressed:
@@ -615,11 +635,15 @@ class Connection:
         events.clear()
         self._delivered(moved, meshes)
 
-    def _delivered(self, moved: int, meshes: int) -> None:
-        """``moved`` events are in the queue, ``meshes`` of them mesh events."""
+    def _delivered(self, moved: int, meshes: int, *, in_turn: bool = False) -> None:
+        """``moved`` events are in the queue, ``meshes`` of them mesh events;
+        ``in_turn`` as for :meth:`_take`."""
         self.gate.events_in += moved
         if moved > meshes:
-            self.tally.add_ok_pose(moved - meshes)
+            if in_turn:
+                self.tally.turn_ok_pose += moved - meshes
+            else:
+                self.tally.add_ok_pose(moved - meshes)
         if meshes:
             self.tally.ok_mesh.inc(meshes)
 

@@ -64,9 +64,14 @@ class Poller(Generic[T]):
     """Reads followed sockets, ``read_size()`` bytes at a time, while ``run`` runs; a
     context manager (its epoll instance is closed on exit)."""
 
-    def __init__(self, read_size: Callable[[], int]) -> None:
+    def __init__(
+        self, read_size: Callable[[], int], end_of_turn: Callable[[], None] | None = None
+    ) -> None:
         self._epoll = select.epoll()
         self._read_size = read_size
+        # Called when a turn's reads are all handed out, before any other task runs:
+        # what the followers deferred to it is done before anyone can look.
+        self._end_of_turn = end_of_turn if end_of_turn is not None else _nothing
         # The parked connections, by fd.
         self._followers: dict[int, _Follower[T]] = {}
         # Sockets in the epoll set (from a first follow to forget).
@@ -116,7 +121,11 @@ class Poller(Generic[T]):
                 break
             if data and (len(data) == size or fd in self._hung_up):
                 unread.add(fd)
-            result = on_read(data)
+            try:
+                result = on_read(data)
+            finally:
+                # A turn of one read: on_read counts on the turn's end as well.
+                self._end_of_turn()
             if result is not None:
                 # A checkpoint (others get their turn) that a cancel cannot interrupt:
                 # the caller must get what on_read returned, or a read is lost.
@@ -163,36 +172,44 @@ class Poller(Generic[T]):
                 if self._again:
                     fds += self._again
                     self._again = []
-                size = self._read_size()
-                for fd in fds:
-                    follower = followers.get(fd)
-                    if follower is None:
-                        if fd in self._registered:
-                            self._unread.add(fd)
-                        continue
-                    data = _read(fd, size)
-                    if data is None:
-                        continue
-                    # More to read that no edge will announce: a full buffer's worth,
-                    # or (after a hang-up) at least the end of the stream.
-                    full = bool(data) and (len(data) == size or fd in self._hung_up)
-                    try:
-                        result = follower.on_read(data)
-                    except Exception as exc:
-                        # A bug in one connection's handling ends that connection (its
-                        # task raises it), not the poller and every other connection.
-                        self._wake(fd, outcome.Error(exc))
-                        continue
-                    if result is not None:
-                        if full:
-                            self._unread.add(fd)
-                        self._wake(fd, outcome.Value(result))
-                    elif full:
-                        self._again.append(fd)
+                try:
+                    self._turn(fds)
+                finally:
+                    self._end_of_turn()
         finally:
             self._running = False
             for fd in list(followers):
                 self._wake(fd, outcome.Value(None))
+
+    def _turn(self, fds: list[int]) -> None:
+        """Read each of ``fds`` once and hand the read to its follower; no checkpoint."""
+        followers = self._followers
+        size = self._read_size()
+        for fd in fds:
+            follower = followers.get(fd)
+            if follower is None:
+                if fd in self._registered:
+                    self._unread.add(fd)
+                continue
+            data = _read(fd, size)
+            if data is None:
+                continue
+            # More to read that no edge will announce: a full buffer's worth,
+            # or (after a hang-up) at least the end of the stream.
+            full = bool(data) and (len(data) == size or fd in self._hung_up)
+            try:
+                result = follower.on_read(data)
+            except Exception as exc:
+                # A bug in one connection's handling ends that connection (its
+                # task raises it), not the poller and every other connection.
+                self._wake(fd, outcome.Error(exc))
+                continue
+            if result is not None:
+                if full:
+                    self._unread.add(fd)
+                self._wake(fd, outcome.Value(result))
+            elif full:
+                self._again.append(fd)
 
     def _wake(self, fd: int, result: outcome.Outcome[T | None]) -> None:
         trio.lowlevel.reschedule(self._leave(fd).task, result)
@@ -201,6 +218,10 @@ class Poller(Generic[T]):
         """The connection's task has the socket again; it stays in the epoll set, and
         an edge meanwhile is remembered (``_unread``)."""
         return self._followers.pop(fd)
+
+
+def _nothing() -> None:
+    pass
 
 
 def _read(fd: int, size: int) -> bytes | None:

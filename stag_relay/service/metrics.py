@@ -72,6 +72,39 @@ def unchecked_inc(counter: Counter) -> Callable[[float], None]:
     return inc
 
 
+class PendingObservations:
+    """Observations of ``histogram`` added up in plain numbers until :meth:`flush` writes
+    them: for a path that observes far more often than anyone reads the histogram
+    (each write takes a lock, and a lock costs five additions)."""
+
+    def __init__(self, histogram: Histogram) -> None:
+        self._histogram = histogram
+        self._bounds: list[float] = histogram._upper_bounds
+        self._sum = 0.0
+        self._counts = [0] * len(self._bounds)
+        self._pending = False
+
+    def observe_many(self, amount: float, count: int) -> None:
+        """As :meth:`RelayMetrics.observe_many`, written at the next flush."""
+        self._sum += amount * count
+        # The first bucket whose bound is >= amount (the last bound is +Inf).
+        self._counts[bisect_left(self._bounds, amount)] += count
+        self._pending = True
+
+    def flush(self) -> None:
+        if not self._pending:
+            return
+        self._pending = False
+        histogram = self._histogram
+        histogram._sum.inc(self._sum)
+        self._sum = 0.0
+        counts = self._counts
+        for bucket, count in enumerate(counts):
+            if count:
+                histogram._buckets[bucket].inc(count)
+                counts[bucket] = 0
+
+
 class MeshMetrics:
     """The mesh pipeline's metrics, registered in the relay's registry."""
 

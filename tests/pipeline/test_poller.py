@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import socket
+from collections.abc import Callable
 
 import pytest
 import trio
@@ -46,7 +47,10 @@ def pair() -> tuple[socket.socket, socket.socket]:
 
 
 async def follow(
-    nursery: trio.Nursery, poller: Poller[str], sock: socket.socket, on_read: Reader
+    nursery: trio.Nursery,
+    poller: Poller[str],
+    sock: socket.socket,
+    on_read: Callable[[bytes], str | None],
 ) -> list[str | None]:
     """Follow ``sock`` in a task of its own; the list gets what follow returned."""
     results: list[str | None] = []
@@ -84,6 +88,63 @@ async def test_each_follower_gets_its_own_bytes_in_order_until_it_says_stop(
             for i, reader in enumerate(readers):
                 assert reader.data == b"".join(f"{i}:{n};".encode() for n in range(5)) + END
             nursery.cancel_scope.cancel()
+
+
+class TurnCounts:
+    """What on_read defers to the end of the poller's turn: bytes read, written there."""
+
+    def __init__(self) -> None:
+        self.pending = 0
+        self.written = 0
+
+    def counting(self, reader: Reader) -> Callable[[bytes], str | None]:
+        def on_read(data: bytes) -> str | None:
+            self.pending += len(data)
+            return reader(data)
+
+        return on_read
+
+    def end_of_turn(self) -> None:
+        self.written += self.pending
+        self.pending = 0
+
+
+async def test_what_a_turn_defers_is_done_before_any_other_task_runs(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    counts = TurnCounts()
+    # What every other task finds pending, each time it runs.
+    seen: list[int] = []
+    sent = 0
+    with Poller[str](lambda: 65536, counts.end_of_turn) as poller:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(poller.run)
+            socks = [pair() for _ in range(3)]
+            # Bytes waiting before the follow are read in the follower's own task.
+            socks[0][1].send(b"early")
+            sent += 5
+
+            async def follower(sock: socket.socket) -> None:
+                await poller.follow(sock.fileno(), counts.counting(Reader(stop_at=END)))
+                seen.append(counts.pending)
+
+            for ours, _ in socks:
+                nursery.start_soon(follower, ours)
+                await trio.testing.wait_all_tasks_blocked()
+                seen.append(counts.pending)
+            for n in range(5):
+                for _, theirs in socks:
+                    sent += theirs.send(b"pose %d;" % n)
+                await trio.testing.wait_all_tasks_blocked()
+                seen.append(counts.pending)
+            for _, theirs in socks:
+                sent += theirs.send(END)
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.cancel_scope.cancel()
+    # Three followers stopped, and the test looked after every step.
+    assert len(seen) == 3 + 3 + 5
+    assert set(seen) == {0}
+    assert counts.written == sent
 
 
 async def test_a_socket_whose_task_has_it_is_not_read_and_nothing_is_missed(
