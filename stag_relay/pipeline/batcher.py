@@ -30,6 +30,20 @@ class EventSource(Protocol):
     def statistics(self) -> _Depth: ...
 
 
+def _taker(events: EventSource) -> Callable[[int], list[Event]]:
+    """``take(limit)``: up to ``limit`` events already waiting in ``events``, at least
+    one (else ``WouldBlock`` or ``EndOfChannel``). The event queue hands them over in
+    one step; a memory channel one at a time."""
+    some: Callable[[int], list[Event]] | None = getattr(events, "receive_some_nowait", None)
+    if some is not None:
+        return some
+
+    def one(limit: int) -> list[Event]:
+        return [events.receive_nowait()]
+
+    return one
+
+
 class BatchOutlet(Protocol):
     """Where the batcher puts the batches it cuts: a ``trio.MemorySendChannel[Batch]``,
     or delivery's ``ToSender`` (memory only: straight to a free sender slot)."""
@@ -77,12 +91,13 @@ class Batcher:
         """Batch ``events`` into ``batches`` until ``events`` is closed, then flush and
         close ``batches``."""
         policy = self._policy
+        take = _taker(events)
         with contextlib.closing(batches):
             while True:
                 # Drain what is already waiting without a checkpoint or a cancel scope per
                 # event: under load the batch fills from the buffer in one go.
                 try:
-                    event = events.receive_nowait()
+                    arrived = take(policy.max_size - policy.pending)
                 except trio.WouldBlock:
                     # The one moment the depth is known without asking the channel.
                     self._metrics.channel_events.set(0)
@@ -93,28 +108,28 @@ class Batcher:
                     if waited is None:
                         # The scope fired at the policy's deadline: the open batch is
                         # due, with what arrived for it while we slept.
-                        batch = self._take_arrived(events)
+                        batch = self._take_arrived(take)
                         await self._send(events, batches, batch or policy.flush())
                         continue
-                    event = waited
+                    arrived = [waited]
                 except trio.EndOfChannel:
                     break
-                batch = policy.add(event, self._clock())
+                batch = policy.extend(arrived, self._clock())
                 if batch is not None:
                     await self._send(events, batches, batch)
             await self._send(events, batches, policy.flush())
 
-    def _take_arrived(self, events: EventSource) -> Batch | None:
+    def _take_arrived(self, take: Callable[[int], list[Event]]) -> Batch | None:
         """Events already queued into the open batch, until it is full (that batch)
         or the queue is empty (None)."""
         policy = self._policy
         now = self._clock()
         while True:
             try:
-                event = events.receive_nowait()
+                arrived = take(policy.max_size - policy.pending)
             except (trio.WouldBlock, trio.EndOfChannel):
                 return None
-            batch = policy.add(event, now)
+            batch = policy.extend(arrived, now)
             if batch is not None:
                 return batch
 

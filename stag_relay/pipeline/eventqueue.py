@@ -4,8 +4,9 @@ A connection hands over every event of one socket read at once (``put``), so the
 queue costs one operation per read instead of one per event; the batcher takes
 events one at a time, as from a trio memory channel, whose receive side this
 mirrors (``receive``, ``receive_nowait``, ``statistics``, ``EndOfChannel`` once
-the send side is closed and the queue is empty), and ``wait_for``, with which the
-batcher sleeps until a batch's worth has arrived rather than waking per event.
+the send side is closed and the queue is empty), ``wait_for``, with which the
+batcher sleeps until a batch's worth has arrived rather than waking per event, and
+``receive_some_nowait``, with which it takes that batch's worth in one step.
 
 The bound is in events, not in reads: ``websocket.buffer_size`` is the most the
 queue ever holds, and a put that does not fit takes what fits and waits for room
@@ -213,6 +214,21 @@ class EventReceiver:
         if queue.send_closed:
             raise trio.EndOfChannel
         raise trio.WouldBlock
+
+    def receive_some_nowait(self, limit: int) -> list[Event]:
+        """Up to ``limit`` (at least 1) of the queued events, oldest first, in one step;
+        raises as ``receive_nowait`` does when there are none."""
+        queue = self._queue
+        events = queue.events
+        if not events:
+            if queue.send_closed:
+                raise trio.EndOfChannel
+            raise trio.WouldBlock
+        popleft = events.popleft
+        taken = [popleft() for _ in range(min(limit, len(events)))]
+        if queue.waiting:
+            queue.serve_waiting()
+        return taken
 
     async def receive(self) -> Event:
         await trio.lowlevel.checkpoint_if_cancelled()

@@ -65,6 +65,24 @@ class BatchPolicy:
             return self._cut()
         return None
 
+    def extend(self, events: list[Event], now: float) -> Batch | None:
+        """Add ``events``, all received at ``now`` and no more than the open batch has
+        room for (``max_size - pending``); the full batch when they filled it."""
+        held = self._events
+        if len(events) > self._max_size - len(held):
+            raise ValueError(
+                f"{len(events)} events do not fit in the open batch "
+                f"({len(held)} of {self._max_size})"
+            )
+        if not events:
+            return None
+        if not held:
+            self._deadline = now + self._timeout
+        held.extend(events)
+        if len(held) >= self._max_size:
+            return self._cut()
+        return None
+
     def due(self, now: float) -> Batch | None:
         """The open batch if its deadline has passed at ``now``."""
         if self._deadline is not None and now >= self._deadline:

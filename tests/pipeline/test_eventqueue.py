@@ -94,6 +94,27 @@ async def test_senders_are_served_in_turn_and_keep_their_place() -> None:
     ]
 
 
+async def test_receive_some_takes_up_to_its_limit_in_order_and_lets_waiters_in() -> None:
+    send, receive = open_event_queue(4)
+    events = [event(0, n) for n in range(10)]
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(send.put, events)
+        await trio.testing.wait_all_tasks_blocked()
+        assert receive.statistics().tasks_waiting_send == 1
+        taken = receive.receive_some_nowait(3)
+        # The room it made went to the waiting sender at once, up to the bound.
+        assert receive.statistics().current_buffer_used == 4
+        taken += receive.receive_some_nowait(100)
+        await trio.testing.wait_all_tasks_blocked()
+        taken += receive.receive_some_nowait(100)
+    assert [e.frame_number for e in taken] == list(range(10))
+    with pytest.raises(trio.WouldBlock):
+        receive.receive_some_nowait(5)
+    await send.aclose()
+    with pytest.raises(trio.EndOfChannel):
+        receive.receive_some_nowait(5)
+
+
 async def test_a_cancelled_put_leaves_what_did_not_go_in() -> None:
     send, receive = open_event_queue(3)
     events = [event(0, n) for n in range(10)]

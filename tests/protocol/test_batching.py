@@ -27,6 +27,48 @@ def test_policy_cuts_when_full() -> None:
     assert policy.flush() is None
 
 
+def test_extend_fills_the_open_batch_and_refuses_more_than_fits() -> None:
+    policy = make_policy(max_size=4, timeout=0.1)
+    assert policy.extend([], now=1.0) is None
+    assert policy.deadline is None
+    assert policy.extend([event(0), event(1)], now=1.0) is None
+    assert policy.deadline == pytest.approx(1.1)
+    with pytest.raises(ValueError, match="3 events do not fit in the open batch"):
+        policy.extend([event(2), event(3), event(4)], now=1.05)
+    assert policy.pending == 2
+    assert ids(policy.extend([event(2), event(3)], now=1.05)) == ["e0", "e1", "e2", "e3"]
+    assert policy.pending == 0
+    assert policy.deadline is None
+
+
+@given(
+    st.integers(1, 6),
+    st.lists(st.tuples(st.integers(1, 6), st.floats(0, 1)), max_size=20),
+)
+def test_extend_cuts_what_adding_one_at_a_time_cuts(
+    max_size: int, arrivals: list[tuple[int, float]]
+) -> None:
+    one, many = make_policy(max_size=max_size), make_policy(max_size=max_size)
+    cut_one: list[list[str]] = []
+    cut_many: list[list[str]] = []
+    n = 0
+    now = 0.0
+    for count, step in arrivals:
+        now += step
+        arrived = [event(n + i) for i in range(min(count, max_size - many.pending))]
+        n += len(arrived)
+        for e in arrived:
+            if (batch := one.add(e, now)) is not None:
+                cut_one.append(ids(batch))
+        if (batch := many.extend(arrived, now)) is not None:
+            cut_many.append(ids(batch))
+        assert one.deadline == many.deadline
+    assert cut_many == cut_one
+    assert many.pending == one.pending
+    if one.pending:
+        assert ids(many.flush()) == ids(one.flush())
+
+
 def test_policy_deadline_counts_from_the_first_event() -> None:
     policy = make_policy(max_size=10, timeout=0.1)
     assert policy.deadline is None
