@@ -371,10 +371,17 @@ class Delivery:
         self._wake()
 
     async def _take(self, batches: trio.MemoryReceiveChannel[Batch]) -> None:
-        async for batch in batches:
-            # Bounded: beyond a group's worth the batcher waits (backpressure).
+        while True:
+            # Bounded: beyond a group's worth the batcher waits (backpressure), holding
+            # its batch and counting it. A batch is received only when the queue can
+            # take it, so none waits here, where nothing would count it. Only this
+            # task adds to the queue: may_take() stays true during the receive.
             while not self._queue.may_take():
                 await self._wait_for_change()
+            try:
+                batch = await batches.receive()
+            except trio.EndOfChannel:
+                break
             self._queue.arrived(batch)
             self._wake()
         self._queue.all_taken()

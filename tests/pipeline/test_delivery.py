@@ -1,9 +1,11 @@
-"""delivery's pure parts (how often drop_oldest says what it dropped), and the memory
-only hand-over from the batcher to the sender's slots."""
+"""delivery's pure parts (how often drop_oldest says what it dropped), the memory
+only hand-over from the batcher to the sender's slots, and what a spool's delivery
+holds while it waits."""
 
 from __future__ import annotations
 
 import itertools
+from pathlib import Path
 
 import pytest
 import trio
@@ -20,6 +22,7 @@ from stag_relay.protocol.events import Batch
 from stag_relay.service.config import DeliveryConfig
 from stag_relay.service.metrics import RelayMetrics
 from tests.support.batches import event, make_policy
+from tests.support.waiting import wait_until
 
 
 def test_the_first_drop_is_said_at_once_then_at_most_one_line_per_interval() -> None:
@@ -121,3 +124,41 @@ async def test_to_sender_hands_nothing_over_while_every_slot_is_busy(
     outlet.close()
     with pytest.raises(trio.EndOfChannel):
         await shipments_recv.receive()
+
+
+async def test_a_spools_delivery_takes_no_batch_it_cannot_count(tmp_path: Path) -> None:
+    # A spool smaller than a batch: the first is committed (an empty spool takes any
+    # batch), the next waits for room that only a delivery could make, and behind it
+    # the queue fills to its bound. Then the batcher must keep its batch (and count
+    # it), not hand it to a delivery task that holds it where nothing counts it.
+    delivery = Delivery(
+        DeliveryConfig(spool_path=str(tmp_path / "s.sqlite3"), spool_max_bytes=1),
+        RelayMetrics(),
+    )
+    await delivery.open()
+    numbers = itertools.count()
+    batches_send, batches_recv = trio.open_memory_channel[Batch](0)
+    shipments_send, _shipments_recv = trio.open_memory_channel[Shipment](0)
+    taken = 0
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(delivery.run, batches_recv, shipments_send)
+        await trio.testing.wait_all_tasks_blocked()
+        first = Batch("b0", (event(next(numbers)), event(next(numbers))))
+        await batches_send.send(first)
+        taken += len(first)
+        # The commit runs in a thread; once it is in, nothing else does.
+        await wait_until(lambda: delivery.spooled_events() == len(first))
+        await trio.testing.wait_all_tasks_blocked()
+        for n in range(1, 100):
+            batch = Batch(f"b{n}", (event(next(numbers)), event(next(numbers))))
+            try:
+                batches_send.send_nowait(batch)
+            except trio.WouldBlock:
+                break
+            taken += len(batch)
+            await trio.testing.wait_all_tasks_blocked()
+        else:
+            raise AssertionError("delivery took every batch: nothing bounds it")
+        assert taken == delivery.held_events() + delivery.spooled_events()
+        nursery.cancel_scope.cancel()
+    await delivery.close()
