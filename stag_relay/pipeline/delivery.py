@@ -171,6 +171,30 @@ class ToSender:
         self._shipments.close()
 
 
+class ToSpool:
+    """With a spool, the batcher's outlet: the channel to delivery's ``_take``, counting
+    what it handed over until ``_take`` has it in the send queue. A batch handed to a
+    waiting ``_take`` is counted by neither the batcher nor the queue until ``_take``
+    runs; the shutdown tally may run first (``Delivery.held_events`` adds these)."""
+
+    def __init__(self, batches: trio.MemorySendChannel[Batch]) -> None:
+        self._batches = batches
+        # Handed over minus taken: negative for the moment between ``_take`` taking a
+        # batch and ``send`` returning, while the batcher still counts it as outgoing.
+        self.in_transit = 0
+
+    def send_nowait(self, batch: Batch) -> None:
+        self._batches.send_nowait(batch)
+        self.in_transit += len(batch)
+
+    async def send(self, batch: Batch) -> None:
+        await self._batches.send(batch)
+        self.in_transit += len(batch)
+
+    def close(self) -> None:
+        self._batches.close()
+
+
 class Delivery:
     """The stage between the batcher and the sender; see the module docstring."""
 
@@ -182,6 +206,8 @@ class Delivery:
         self.meshes: MeshBases | None = None
         # Every piece of bookkeeping; the tasks here only read, write, wait and hand over.
         self._queue = SendQueue(spool_max_bytes=config.spool_max_bytes, when_full=config.when_full)
+        # With a spool, the batcher's outlet (spool_outlet).
+        self._to_spool: ToSpool | None = None
         self._limiter = trio.CapacityLimiter(1)
         self._changed = trio.Event()
         self._tidy_needed = trio.Event()
@@ -308,7 +334,8 @@ class Delivery:
 
     def held_events(self) -> int:
         """Events that would be lost if the relay stopped now (not spooled, not sent)."""
-        return self._queue.holding
+        in_transit = self._to_spool.in_transit if self._to_spool is not None else 0
+        return self._queue.holding + in_transit
 
     def spooled_events(self) -> int:
         """Events the spool file holds (what ``stag-relay spool stats`` counts), 0 without."""
@@ -328,6 +355,11 @@ class Delivery:
             nursery.start_soon(self._tidy, spool)
             await self._feed(shipments, spool)
             nursery.cancel_scope.cancel()
+
+    def spool_outlet(self, batches: trio.MemorySendChannel[Batch]) -> ToSpool:
+        """With a spool: where the batcher puts its batches (``run`` receives them)."""
+        self._to_spool = ToSpool(batches)
+        return self._to_spool
 
     # -- memory only ------------------------------------------------------------------
 
@@ -382,6 +414,8 @@ class Delivery:
                 batch = await batches.receive()
             except trio.EndOfChannel:
                 break
+            if self._to_spool is not None:
+                self._to_spool.in_transit -= len(batch)
             self._queue.arrived(batch)
             self._wake()
         self._queue.all_taken()

@@ -238,7 +238,8 @@ class Relay:
                 self._outlet = self.delivery.outlet(self._shipments_send)
                 root.start_soon(self.batcher.run, self._events_recv, self._outlet)
             else:
-                root.start_soon(self.batcher.run, self._events_recv, self._batches_send)
+                outlet = self.delivery.spool_outlet(self._batches_send)
+                root.start_soon(self.batcher.run, self._events_recv, outlet)
                 root.start_soon(self.delivery.run, self._batches_recv, self._shipments_send)
             root.start_soon(self._deliver)
             root.start_soon(self._sweep_sessions)

@@ -126,11 +126,12 @@ async def test_to_sender_hands_nothing_over_while_every_slot_is_busy(
         await shipments_recv.receive()
 
 
-async def test_a_spools_delivery_takes_no_batch_it_cannot_count(tmp_path: Path) -> None:
+async def test_a_spools_delivery_counts_every_batch_it_was_handed(tmp_path: Path) -> None:
     # A spool smaller than a batch: the first is committed (an empty spool takes any
     # batch), the next waits for room that only a delivery could make, and behind it
-    # the queue fills to its bound. Then the batcher must keep its batch (and count
-    # it), not hand it to a delivery task that holds it where nothing counts it.
+    # the queue fills to its bound. Every batch the batcher handed over is counted
+    # the whole time: from the hand-over, before delivery's task has run, and while it
+    # waits. Then the batcher must keep its batch (and count it).
     delivery = Delivery(
         DeliveryConfig(spool_path=str(tmp_path / "s.sqlite3"), spool_max_bytes=1),
         RelayMetrics(),
@@ -138,27 +139,34 @@ async def test_a_spools_delivery_takes_no_batch_it_cannot_count(tmp_path: Path) 
     await delivery.open()
     numbers = itertools.count()
     batches_send, batches_recv = trio.open_memory_channel[Batch](0)
+    outlet = delivery.spool_outlet(batches_send)
     shipments_send, _shipments_recv = trio.open_memory_channel[Shipment](0)
-    taken = 0
+
+    def counted() -> int:
+        return delivery.held_events() + delivery.spooled_events()
+
+    handed = 0
     async with trio.open_nursery() as nursery:
         nursery.start_soon(delivery.run, batches_recv, shipments_send)
         await trio.testing.wait_all_tasks_blocked()
         first = Batch("b0", (event(next(numbers)), event(next(numbers))))
-        await batches_send.send(first)
-        taken += len(first)
+        await outlet.send(first)
+        handed += len(first)
         # The commit runs in a thread; once it is in, nothing else does.
         await wait_until(lambda: delivery.spooled_events() == len(first))
         await trio.testing.wait_all_tasks_blocked()
+        assert counted() == handed
         for n in range(1, 100):
             batch = Batch(f"b{n}", (event(next(numbers)), event(next(numbers))))
             try:
-                batches_send.send_nowait(batch)
+                outlet.send_nowait(batch)
             except trio.WouldBlock:
                 break
-            taken += len(batch)
+            handed += len(batch)
+            assert counted() == handed  # delivery's task has not run yet
             await trio.testing.wait_all_tasks_blocked()
+            assert counted() == handed
         else:
             raise AssertionError("delivery took every batch: nothing bounds it")
-        assert taken == delivery.held_events() + delivery.spooled_events()
         nursery.cancel_scope.cancel()
     await delivery.close()
