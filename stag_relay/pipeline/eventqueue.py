@@ -1,12 +1,12 @@
 """The bounded queue from the connections to the batcher, counted in events.
 
 A connection hands over every event of one socket read at once (``put``), so the
-queue costs one operation per read instead of one per event; the batcher takes
-events one at a time, as from a trio memory channel, whose receive side this
-mirrors (``receive``, ``receive_nowait``, ``statistics``, ``EndOfChannel`` once
-the send side is closed and the queue is empty), ``wait_for``, with which the
-batcher sleeps until a batch's worth has arrived rather than waking per event, and
-``receive_some_nowait``, with which it takes that batch's worth in one step.
+queue costs one operation per read instead of one per event. Its receive side
+mirrors a trio memory channel's (``receive``, ``receive_nowait``, ``statistics``,
+``EndOfChannel`` once the send side is closed and the queue is empty), with two
+more for the batcher: ``wait_for``, to sleep until a batch's worth has arrived
+rather than wake per event, and ``receive_some_nowait``, to take that batch's worth
+in one step.
 
 The bound is in events, not in reads: ``websocket.buffer_size`` is the most the
 queue ever holds, and a put that does not fit takes what fits and waits for room

@@ -243,13 +243,19 @@ class Gate:
         """The poller's turn is over: what its reads counted goes into the metrics.
 
         The reads of a turn count into plain numbers (``Connection._polled``), as a
-        metric's write takes a lock; the turn has no checkpoint, so no other task, a
-        scrape included, sees the metrics before this."""
-        self.turn_processing.flush()
-        for tally in self._tallies.values():
-            if tally.turn_ok_pose:
-                tally.add_ok_pose(tally.turn_ok_pose)
-                tally.turn_ok_pose = 0
+        metric's write takes a lock; the turn has no checkpoint, so no other task of
+        this process, a scrape included, sees the metrics before this. (Another
+        worker's scrape reads this one's metric files at any time: a turn behind.)"""
+        try:
+            self.turn_processing.flush()
+            for tally in self._tallies.values():
+                if tally.turn_ok_pose:
+                    tally.add_ok_pose(tally.turn_ok_pose)
+                    tally.turn_ok_pose = 0
+        except Exception:
+            # A metric that cannot be written must not stop the poller, and with it
+            # every connection; the events themselves are queued already.
+            log.exception("could not write the metrics of a poller turn")
 
     def _read_size(self) -> int:
         # While the queue is (nearly) full, what a read brings waits outside it: read

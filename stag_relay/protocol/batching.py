@@ -58,12 +58,7 @@ class BatchPolicy:
 
     def add(self, event: Event, now: float) -> Batch | None:
         """Add ``event`` received at ``now``; the full batch when this one filled it."""
-        if not self._events:
-            self._deadline = now + self._timeout
-        self._events.append(event)
-        if len(self._events) >= self._max_size:
-            return self._cut()
-        return None
+        return self.extend([event], now)
 
     def extend(self, events: list[Event], now: float) -> Batch | None:
         """Add ``events``, all received at ``now`` and no more than the open batch has

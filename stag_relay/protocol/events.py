@@ -251,7 +251,11 @@ _encode_events = msgspec.json.Encoder().encode
 
 
 def to_wire(batch: Batch) -> WireBatch:
-    """``batch`` as STAG gets it: the JSON array of its events' :meth:`Event.to_json`."""
+    """``batch`` as STAG gets it: the JSON array of its events' :meth:`Event.to_json`.
+
+    msgspec would also write what orjson refuses (integers beyond 64 bits, say), but
+    an event holds none: its integers are checked to int64 when parsed, and metadata
+    is what orjson read (``WireBatch.split`` reads the JSON back with orjson)."""
     wire = []
     for e in batch.events:
         anchors = [
