@@ -51,14 +51,15 @@ _MISSING: Final[Any] = object()
 MISSING: Final[Any] = _MISSING
 
 
-# Not frozen, for the cost of building one per packet (events.Event says why).
-@attrs.define(slots=True)
-class Pose:
-    """A device pose as the client sent it (the rotation is not normalised here)."""
+class Pose(msgspec.Struct, forbid_unknown_fields=True):
+    """A device pose as the client sent it (the rotation is not normalised here).
 
-    x: float
-    y: float
-    z: float
+    A msgspec struct: the fast path's decoder builds it in C, bounds checked (the full
+    path checks them itself and builds one from its values)."""
+
+    x: Annotated[float, msgspec.Meta(ge=-COORD_LIMIT, le=COORD_LIMIT)]
+    y: Annotated[float, msgspec.Meta(ge=-COORD_LIMIT, le=COORD_LIMIT)]
+    z: Annotated[float, msgspec.Meta(ge=-COORD_LIMIT, le=COORD_LIMIT)]
     rotation: tuple[float, float, float, float]
 
 
@@ -124,15 +125,8 @@ class FieldError(Exception):
 # exactly as _structure's (strict: no bools or strings for numbers, no floats for
 # integers), bounds as its own. What msgspec cannot say (printable ids, the quaternion's
 # norm, frame numbers and timestamps beyond int64) is checked after it.
-class _WirePose(msgspec.Struct, forbid_unknown_fields=True):
-    x: Annotated[float, msgspec.Meta(ge=-COORD_LIMIT, le=COORD_LIMIT)]
-    y: Annotated[float, msgspec.Meta(ge=-COORD_LIMIT, le=COORD_LIMIT)]
-    z: Annotated[float, msgspec.Meta(ge=-COORD_LIMIT, le=COORD_LIMIT)]
-    rotation: tuple[float, float, float, float]
-
-
 class _WirePoseData(msgspec.Struct, forbid_unknown_fields=True):
-    pose: _WirePose
+    pose: Pose
 
 
 class _WirePosePacket(msgspec.Struct, forbid_unknown_fields=True):
@@ -191,7 +185,7 @@ def _valid_pose(raw: bytes | str) -> Packet | None:
     frame_number = wire.frame_number
     timestamp = wire.timestamp
     pose = wire.data.pose
-    a, b, c, d = rotation = pose.rotation
+    a, b, c, d = pose.rotation
     if not (
         session_id.isprintable()
         and frame_number < _FRAME_LIMIT
@@ -200,9 +194,7 @@ def _valid_pose(raw: bytes | str) -> Packet | None:
         and NORM_SQ_MIN <= a * a + b * b + c * c + d * d <= NORM_SQ_MAX
     ):
         return None
-    return Packet(
-        session_id, frame_number, timestamp, "pose", Pose(pose.x, pose.y, pose.z, rotation), None
-    )
+    return Packet(session_id, frame_number, timestamp, "pose", pose, None)
 
 
 def fast_decode(decoder: msgspec.json.Decoder[T], raw: bytes | str) -> T | None:
