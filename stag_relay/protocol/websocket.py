@@ -9,10 +9,9 @@ the request head with h11 already).
 Why not a library: the gate reads tens of thousands of small messages a second,
 and the reader is most of the cost of a message. wsproto (pure-Python unmasking,
 an object per frame and per message) costs several times more per message, and
-``websockets``' sans-I/O protocol about twice as much even with its C unmasking,
-which the relay would have to import from a library it does not otherwise use
-(``websockets`` is a dependency of the developer tools only). The figures are in
-docs/performance.md.
+``websockets``' sans-I/O protocol about twice as much even with its C unmasking
+(``websockets`` is a dependency of the developer tools only). The unmasking is
+tornado's C function (:func:`apply_mask`). The figures are in docs/performance.md.
 
 What it enforces, each with the close code the connection must get
 (:class:`Violation`): client frames masked (1002), no reserved bits as no
@@ -31,6 +30,7 @@ import binascii
 import enum
 import hashlib
 import math
+from collections.abc import Callable
 from typing import Final
 
 import attrs
@@ -65,16 +65,30 @@ _MASK_BYTES: Final = 4
 
 
 def apply_mask(data: bytes | bytearray | memoryview, mask: bytes | bytearray | memoryview) -> bytes:
-    """``data`` XOR the 4-byte ``mask`` repeated (RFC 6455 5.3): masking and unmasking.
+    """``data`` XOR the 4-byte ``mask`` repeated (RFC 6455 5.3): masking and unmasking."""
+    return _xor(
+        mask if type(mask) is bytes else bytes(mask),
+        data if type(data) is bytes else bytes(data),
+    )
 
-    One XOR of two big integers: the loops run in C. ``websockets``' C extension
-    is faster still (docs/performance.md) but would cost the relay the import of
-    a client library it does not otherwise use.
-    """
+
+def xor_in_python(mask: bytes, data: bytes) -> bytes:
+    """:func:`apply_mask` where tornado's C function is missing: one XOR of two big
+    integers, so the loops run in C all the same, at several times its cost."""
     size = len(data)
-    key = (bytes(mask) * (size // _MASK_BYTES + 1))[:size]
+    key = (mask * (size // _MASK_BYTES + 1))[:size]
     value = int.from_bytes(data, "little") ^ int.from_bytes(key, "little")
     return value.to_bytes(size, "little")
+
+
+_xor: Callable[[bytes, bytes], bytes]
+try:
+    # Every byte a client sends is unmasked: in C it costs a fraction of the Python
+    # above (docs/performance.md). Only this module of tornado is imported: the
+    # package's __init__ loads none of the framework.
+    from tornado.speedups import websocket_mask as _xor
+except ImportError:  # tornado built from source without a compiler
+    _xor = xor_in_python
 
 
 @attrs.frozen(slots=True)
@@ -148,13 +162,16 @@ class FrameReader:
         "_parts",
         "_size",
         "_skip",
+        "_wanted",
     )
 
     def __init__(self, max_message_size: int, *, mark_binary: bool = False) -> None:
         self._max_size = max_message_size
         self._binary = mark_binary
-        # Bytes of an incomplete frame, kept until the rest of it arrives.
+        # Bytes of an incomplete frame, kept until the rest of it arrives, and how
+        # many the buffer must hold before that frame is complete (0: not known yet).
         self._buffer = bytearray()
+        self._wanted = 0
         # A fragmented message in progress: its opcode (0 when none), parts and size.
         self._opcode = 0
         self._parts: list[bytes] = []
@@ -186,9 +203,15 @@ class FrameReader:
         view: bytes | bytearray
         if buffer:
             buffer += data
-            view = buffer
+            if len(buffer) < self._wanted:
+                # A large frame arriving read by read: nothing to look at until it is whole.
+                return []
+            # One copy per read instead of one per frame: the C unmasking takes bytes.
+            view = bytes(buffer)
+            buffer.clear()
         else:
             view = data
+        self._wanted = 0
         out: list[Received] = []
         pos = 0
         end = len(view)
@@ -245,6 +268,7 @@ class FrameReader:
                 return self._fail(out, CLOSE_TOO_BIG, message, view, pos)
             stop = start + length
             if stop > end:
+                self._wanted = stop - pos
                 break
             payload = apply_mask(view[start:stop], view[start - _MASK_BYTES : start])
             pos = stop
@@ -280,10 +304,8 @@ class FrameReader:
                 self._done = True
                 self._buffer = bytearray()
                 return out
-        if view is buffer:
-            del buffer[:pos]
-        elif pos < end:
-            self._buffer = bytearray(data[pos:])
+        if pos < end:
+            buffer += memoryview(view)[pos:]
         return out
 
     def _fail(

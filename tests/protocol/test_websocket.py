@@ -15,8 +15,10 @@ from typing import Any
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from tornado import speedups
 from wsproto.frame_protocol import FrameProtocol, Opcode
 
+from stag_relay.protocol import websocket
 from stag_relay.protocol.websocket import (
     Binary,
     Close,
@@ -34,6 +36,7 @@ from stag_relay.protocol.websocket import (
     pong_frame,
     switching_protocols,
     text_frame,
+    xor_in_python,
 )
 from tests.support.frames import BINARY, CLOSE, CONT, PING, PONG, TEXT, client_frame
 
@@ -372,5 +375,13 @@ def test_apply_mask_xors_each_byte_with_the_key_repeated(data: bytes, mask: byte
     expected = bytes(byte ^ mask[i % 4] for i, byte in enumerate(data))
     assert apply_mask(data, mask) == expected
     assert apply_mask(memoryview(data), memoryview(mask)) == expected
+    assert apply_mask(bytearray(data), bytearray(mask)) == expected
     # Masking twice gives the data back (RFC 6455 5.3: the same operation both ways).
     assert apply_mask(expected, mask) == data
+    # Where tornado's C function is missing.
+    assert xor_in_python(mask, data) == expected
+
+
+def test_unmasking_runs_in_c() -> None:
+    # tornado's wheels carry the C function on every platform CI runs on.
+    assert websocket._xor is speedups.websocket_mask
