@@ -137,7 +137,13 @@ class _WirePosePacket(msgspec.Struct, forbid_unknown_fields=True):
     data: _WirePoseData
 
 
-_POSE_DECODER: Final = msgspec.json.Decoder(_WirePosePacket)
+_decode_pose: Final = msgspec.json.Decoder(_WirePosePacket).decode
+
+# What a fast path's decoder raises for a message it does not take (fast_decode).
+# UnicodeError: a str with a lone surrogate, which is no JSON text, or (msgspec
+# before 0.23) invalid UTF-8 in an unknown member's name. RecursionError: nesting
+# deeper than Python's recursion limit; orjson's own limit words the error.
+FAST_PATH_REFUSALS: Final = (msgspec.MsgspecError, UnicodeError, RecursionError)
 
 
 def parse_packet(raw: bytes | str) -> Packet:
@@ -178,8 +184,10 @@ def _valid_pose(raw: bytes | str) -> Packet | None:
     it names no fields, so nothing but a valid pose may pass it.
     tests/protocol/test_packets.py checks that the two agree on any input.
     """
-    wire = fast_decode(_POSE_DECODER, raw)
-    if wire is None:
+    # fast_decode inlined, as this runs for nearly every message.
+    try:
+        wire = _decode_pose(raw)
+    except FAST_PATH_REFUSALS:
         return None
     session_id = wire.session_id
     frame_number = wire.frame_number
@@ -206,11 +214,7 @@ def fast_decode(decoder: msgspec.json.Decoder[T], raw: bytes | str) -> T | None:
     """
     try:
         return decoder.decode(raw)
-    except (msgspec.MsgspecError, UnicodeError, RecursionError):
-        # UnicodeError: a str with a lone surrogate, which is no JSON text, or (msgspec
-        # before 0.23) invalid UTF-8 in an unknown member's name.
-        # RecursionError: nesting deeper than Python's recursion limit; orjson's own
-        # limit words the error.
+    except FAST_PATH_REFUSALS:
         return None
 
 
