@@ -1,8 +1,9 @@
-"""POSTs to STAG's ingest URL: HTTP/1.1 (h11) over trio streams, connections kept alive.
+"""POSTs to STAG's ingest URL: HTTP/1.1 over trio streams, connections kept alive.
 
 One origin and one kind of request, so none of a general client's machinery (pools
 per origin, redirects, cookies, content decoding) is paid for on every batch: a
-request is one ``h11`` exchange on a connection taken from a list of idle ones, or on
+request is one exchange (:mod:`stag_relay.protocol.exchange`: the request's bytes,
+the answer read by httptools) on a connection taken from a list of idle ones, or on
 a new one. The sender runs at most ``stag.max_in_flight`` requests at once, so that
 many connections stay open and each is reused until the server closes it.
 
@@ -29,7 +30,6 @@ for a warning.
 from __future__ import annotations
 
 import base64
-import codecs
 import os
 import select
 import ssl
@@ -41,8 +41,9 @@ from urllib.parse import quote, unquote, urlsplit
 
 import attrs
 import certifi
-import h11
 import trio
+
+from stag_relay.protocol.exchange import AnswerError, AnswerReader, PostHead, StagAnswer
 
 # An answer's body beyond this is not kept, and the connection is closed instead of
 # read to the end. STAG answers a few dozen bytes of JSON and a proxy's error page is
@@ -51,8 +52,8 @@ import trio
 # more than ~150 KiB for one request.
 MAX_ANSWER_BYTES: Final = 64 * 1024
 # An answer's head (status line and headers) still incomplete past this many bytes is
-# a protocol error (h11's default); a complete head in one read may be up to a read's
-# size. Real heads are a few hundred bytes.
+# a protocol error (h11's default, which the relay used before); a complete head in
+# one read may be up to a read's size. Real heads are a few hundred bytes.
 MAX_ANSWER_HEAD_BYTES: Final = 16 * 1024
 # A connection idle this long is closed rather than reused: servers drop idle
 # connections after their own keep-alive timeout (5 s in Node.js, 60-75 s in nginx),
@@ -100,25 +101,7 @@ class RemoteProtocolError(TransportError):
 
 
 class LocalProtocolError(TransportError):
-    """The request cannot be sent as HTTP (a header value h11 refuses)."""
-
-
-@attrs.frozen
-class StagAnswer:
-    """The server's answer to a POST: status, ``Retry-After``, the start of the body."""
-
-    status: int
-    retry_after: str | None = None
-    # At most MAX_ANSWER_BYTES of it.
-    body: bytes = b""
-    # From Content-Type; None when it names none, or none Python knows.
-    charset: str | None = None
-    # Where a redirect points, to say so in the log (redirects are not followed).
-    location: str | None = None
-
-    def text(self) -> str:
-        """The body as text: its charset, else UTF-8; undecodable bytes replaced."""
-        return self.body.decode(self.charset or "utf-8", errors="replace")
+    """The request cannot be sent as HTTP (a header value with a line break, say)."""
 
 
 @attrs.frozen
@@ -206,7 +189,6 @@ class _Connection:
     # trio (no task switch). poll, not select: select cannot watch a descriptor
     # numbered 1024 or above, and a relay with thousands of clients has those.
     poller: select.poll
-    http: h11.Connection
     idle_since: float = 0.0
 
     def readable(self) -> bool:
@@ -242,7 +224,14 @@ class IngestClient:
         if self.destination.authorization is not None:
             fixed.append((b"authorization", self.destination.authorization))
         fixed.extend((name.encode(), value.encode()) for name, value in headers)
-        self._headers = fixed
+        # A configured header that cannot be sent fails each request, as an answer
+        # that never comes would: the sender logs it and retries, and nothing is lost.
+        self._head: PostHead | None = None
+        self._head_problem = ""
+        try:
+            self._head = PostHead.build(self.destination.target, fixed)
+        except ValueError as exc:
+            self._head_problem = str(exc)
         # Most recently used last: reusing it first keeps the others to expire alone.
         self._idle: list[_Connection] = []
 
@@ -289,7 +278,6 @@ class IngestClient:
             # Our deadline: an outer cancellation is not caught here and propagates.
             raise step.timeout(f"no progress within {self._timeout:g}s")
         if reusable:
-            connection.http.start_next_cycle()
             connection.idle_since = trio.current_time()
             self._idle.append(connection)
         else:
@@ -339,8 +327,7 @@ class IngestClient:
                 await trio.aclose_forcefully(tcp)
                 raise
             stream = tls
-        http = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_ANSWER_HEAD_BYTES)
-        return _Connection(stream, poller, http)
+        return _Connection(stream, poller)
 
     async def _exchange(
         self,
@@ -351,26 +338,19 @@ class IngestClient:
         step: _Step,
     ) -> tuple[StagAnswer, bool]:
         """Write the request and read the answer; the answer, and whether to reuse."""
-        http = connection.http
-        fields = [*self._headers, *((k.encode(), v.encode()) for k, v in headers)]
-        fields.append((b"content-length", b"%d" % len(body)))
+        if self._head is None:
+            raise LocalProtocolError(self._head_problem)
         try:
-            head = http.send(
-                h11.Request(method=b"POST", target=self.destination.target, headers=fields)
-            )
-            # h11 hands a Data's bytes back as they are, and EndOfMessage adds none
-            # with a Content-Length: written together below, head and body are one
-            # system call for the cost of copying a few dozen KiB.
-            http.send(h11.Data(data=body))
-            http.send(h11.EndOfMessage())
-        except h11.LocalProtocolError as exc:
+            # Head and body in one buffer: one system call for the cost of copying a
+            # few dozen KiB.
+            request = self._head.request([(k.encode(), v.encode()) for k, v in headers], body)
+        except ValueError as exc:
             raise LocalProtocolError(str(exc)) from exc
-        assert head is not None
         step.timeout = WriteTimeout
         scope.deadline = trio.current_time() + self._timeout
         failed_write: WriteError | None = None
         try:
-            await connection.stream.send_all(head + body)
+            await connection.stream.send_all(request)
         except (trio.BrokenResourceError, OSError) as exc:
             # Read the answer anyway: a server that refuses the body may answer and
             # close before reading all of it (httpx does the same).
@@ -387,70 +367,29 @@ class IngestClient:
     async def _read_answer(
         self, connection: _Connection, scope: trio.CancelScope
     ) -> tuple[StagAnswer, bool]:
-        http = connection.http
         stream = connection.stream
         timeout = self._timeout
-        status = 0
-        retry_after: str | None = None
-        charset: str | None = None
-        location: str | None = None
-        chunks: list[bytes] = []
-        kept = 0
+        reader = AnswerReader(max_head=MAX_ANSWER_HEAD_BYTES, max_body=MAX_ANSWER_BYTES)
         while True:
+            scope.deadline = trio.current_time() + timeout
             try:
-                event = http.next_event()
-            except h11.RemoteProtocolError as exc:
+                data = await stream.receive_some(_READ_SIZE)
+            except (trio.BrokenResourceError, OSError) as exc:
+                raise ReadError(_reason(exc)) from exc
+            try:
+                if not data:
+                    return reader.end()
+                answer = reader.receive(data)
+            except AnswerError as exc:
                 raise RemoteProtocolError(str(exc)) from exc
-            if event is h11.NEED_DATA:
-                scope.deadline = trio.current_time() + timeout
-                try:
-                    data = await stream.receive_some(_READ_SIZE)
-                except (trio.BrokenResourceError, OSError) as exc:
-                    raise ReadError(_reason(exc)) from exc
-                if not data and not status:
-                    raise RemoteProtocolError("server disconnected without sending an answer")
-                http.receive_data(bytes(data))
-            elif isinstance(event, h11.Response):
-                status = event.status_code
-                for name, value in event.headers:
-                    if name == b"retry-after":
-                        retry_after = value.decode("latin-1")
-                    elif name == b"location":
-                        location = value.decode("latin-1")
-                    elif name == b"content-type":
-                        charset = _charset(value)
-            elif isinstance(event, h11.Data):
-                room = MAX_ANSWER_BYTES - kept
-                chunks.append(bytes(event.data[:room]))
-                kept += min(len(event.data), room)
-                if len(event.data) > room:
-                    # More than we keep: close instead of reading the rest.
-                    answer = StagAnswer(status, retry_after, b"".join(chunks), charset, location)
-                    return answer, False
-            elif isinstance(event, h11.EndOfMessage):
-                answer = StagAnswer(status, retry_after, b"".join(chunks), charset, location)
-                reusable = http.our_state is h11.DONE and http.their_state is h11.DONE
-                return answer, reusable
-            elif isinstance(event, h11.ConnectionClosed):
-                raise RemoteProtocolError("server disconnected without sending an answer")
-            # InformationalResponse (1xx): the final answer follows.
+            if answer is not None:
+                return answer
 
 
 def _close_now(stream: trio.abc.Stream) -> None:
     transport = stream.transport_stream if isinstance(stream, trio.SSLStream) else stream
     assert isinstance(transport, trio.SocketStream)
     transport.socket.close()
-
-
-def _charset(content_type: bytes) -> str | None:
-    for param in content_type.decode("latin-1").split(";")[1:]:
-        name, _, value = param.partition("=")
-        if name.strip().lower() == "charset":
-            try:
-                return codecs.lookup(value.strip().strip('"')).name
-            except LookupError:
-                return None
-    return None
 
 
 def _reason(exc: BaseException) -> str:

@@ -31,8 +31,9 @@ import attrs
 import structlog
 import trio
 
-from stag_relay.pipeline.httpclient import IngestClient, StagAnswer, TransportError, ignored_proxy
+from stag_relay.pipeline.httpclient import IngestClient, TransportError, ignored_proxy
 from stag_relay.protocol.events import WireBatch
+from stag_relay.protocol.exchange import StagAnswer
 from stag_relay.protocol.ingest import IngestRequest, requests_for
 from stag_relay.protocol.retry import (
     MISCONFIGURED_STATUSES,

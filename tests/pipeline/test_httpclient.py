@@ -29,12 +29,12 @@ from stag_relay.pipeline.httpclient import (
     IngestClient,
     ReadTimeout,
     RemoteProtocolError,
-    StagAnswer,
     TransportError,
     WriteError,
     WriteTimeout,
     ignored_proxy,
 )
+from stag_relay.protocol.exchange import StagAnswer
 from tests.support.raw_http import Peer, RawServer
 
 HEADERS = [("content-type", "application/json"), ("user-agent", "stag-relay/test")]
@@ -264,9 +264,9 @@ async def test_an_oversized_answer_is_cut_and_its_connection_closed(
     [
         # Fewer bytes than Content-Length, then the server closes.
         (b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nonly this", "received 9 bytes"),
-        (b"SPAM AND EGGS\r\n\r\n", "illegal status line"),
+        (b"SPAM AND EGGS\r\n\r\n", "not an HTTP/1.1 answer"),
         (b"HTTP/1.1 200 OK\r\ncontent-length: -1\r\n\r\n", "Content-Length"),
-        (b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\nzz\r\n", "chunk header"),
+        (b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\nzz\r\n", "chunk size"),
         # A head that never ends: cut off, not buffered.
         (b"HTTP/1.1 200 OK\r\nx: " + b"y" * 200_000, "too long"),
         (b"HTTP/1.1 20", "without sending an answer"),
