@@ -16,25 +16,51 @@ import orjson
 EventType = Literal["pose", "mesh"]
 
 
-# Not frozen, for the cost of building one per packet (see Event).
-@attrs.define(slots=True)
-class Anchor:
-    """A pose anchor: where the device was, in the client's world frame."""
+# msgspec structs laid out as an anchor is on the wire: to_wire hands them to the
+# encoder as they are, one per pose event, instead of building a copy of each.
+# gc=False: what they hold (numbers, strings, the client's JSON metadata) cannot refer
+# back to them, so no cycle can pass through one and the collector need not track
+# the two objects every pose adds.
+class AnchorPose(msgspec.Struct, gc=False):
+    """Where the device was: a position, and its orientation as a unit quaternion."""
 
-    id: str
     x: float
     y: float
     z: float
     rotation: tuple[float, float, float, float]
+
+
+class Anchor(msgspec.Struct, omit_defaults=True, gc=False):
+    """A pose anchor: where the device was, in the client's world frame."""
+
+    id: str
+    pose: AnchorPose
     timestamp: int
     # What the client attached to the pose (the SDK's AnchorUpdate.metadata); seed
-    # poses have none. A dict is not hashable, so it stays out of the hash.
-    metadata: dict[str, Any] | None = attrs.field(default=None, hash=False)
+    # poses have none, and then the wire has no such member.
+    metadata: dict[str, Any] | None = None
+
+    @property
+    def x(self) -> float:
+        return self.pose.x
+
+    @property
+    def y(self) -> float:
+        return self.pose.y
+
+    @property
+    def z(self) -> float:
+        return self.pose.z
+
+    @property
+    def rotation(self) -> tuple[float, float, float, float]:
+        return self.pose.rotation
 
     def to_json(self) -> dict[str, Any]:
+        pose = self.pose
         doc: dict[str, Any] = {
             "id": self.id,
-            "pose": {"x": self.x, "y": self.y, "z": self.z, "rotation": list(self.rotation)},
+            "pose": {"x": pose.x, "y": pose.y, "z": pose.z, "rotation": list(pose.rotation)},
             "timestamp": self.timestamp,
         }
         if self.metadata is not None:
@@ -218,24 +244,10 @@ class WireBatch:
         )
 
 
-# The wire layout of an event (Event.to_json's) as msgspec structs: encoding them
-# costs half of building Event.to_json's dicts for orjson, and the structs are built
-# without a Python call per event or anchor. Meshes are rare and keep their dicts.
-class _WirePose(msgspec.Struct):
-    x: float
-    y: float
-    z: float
-    rotation: tuple[float, float, float, float]
-
-
-class _WireAnchor(msgspec.Struct, omit_defaults=True):
-    id: str
-    pose: _WirePose
-    timestamp: int
-    # Omitted when None, as Anchor.to_json omits it.
-    metadata: dict[str, Any] | None = None
-
-
+# The wire layout of an event (Event.to_json's) as a msgspec struct: encoding it
+# costs half of building Event.to_json's dicts for orjson, and it is built without a
+# Python call per event; its anchors are already wire structs. Meshes are rare and
+# keep their dicts.
 class _WireEvent(msgspec.Struct):
     event_id: str
     session_id: str
@@ -243,7 +255,7 @@ class _WireEvent(msgspec.Struct):
     timestamp: int
     received_at: int
     type: str
-    anchors: list[_WireAnchor]
+    anchors: tuple[Anchor, ...]
     meshes: list[dict[str, Any]]
 
 
@@ -256,23 +268,17 @@ def to_wire(batch: Batch) -> WireBatch:
     msgspec would also write what orjson refuses (integers beyond 64 bits, say), but
     an event holds none: its integers are checked to int64 when parsed, and metadata
     is what orjson read (``WireBatch.split`` reads the JSON back with orjson)."""
-    wire = []
-    for e in batch.events:
-        anchors = [
-            _WireAnchor(a.id, _WirePose(a.x, a.y, a.z, a.rotation), a.timestamp, a.metadata)
-            for a in e.anchors
-        ]
-        meshes = [m.to_json() for m in e.meshes] if e.meshes else []
-        wire.append(
-            _WireEvent(
-                e.event_id,
-                e.session_id,
-                e.frame_number,
-                e.timestamp,
-                e.received_at,
-                e.type,
-                anchors,
-                meshes,
-            )
+    wire = [
+        _WireEvent(
+            e.event_id,
+            e.session_id,
+            e.frame_number,
+            e.timestamp,
+            e.received_at,
+            e.type,
+            e.anchors,
+            [m.to_json() for m in e.meshes] if e.meshes else [],
         )
+        for e in batch.events
+    ]
     return WireBatch(batch.batch_id, len(batch.events), _encode_events(wire))

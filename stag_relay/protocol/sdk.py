@@ -153,10 +153,7 @@ class AnchorUpdate:
         norm = math.sqrt(a * a + b * b + c * c + d * d)
         anchor = events.Anchor(
             self.anchor_id,
-            self.x,
-            self.y,
-            self.z,
-            (a / norm, b / norm, c / norm, d / norm),
+            events.AnchorPose(self.x, self.y, self.z, (a / norm, b / norm, c / norm, d / norm)),
             self.timestamp,
             self.metadata,
         )

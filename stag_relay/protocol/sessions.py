@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Final, Protocol
 
 import attrs
 
-from stag_relay.protocol.events import Anchor, Event, MeshUpdate, Origin
+from stag_relay.protocol.events import Anchor, AnchorPose, Event, MeshUpdate, Origin
 from stag_relay.protocol.packets import Packet
 
 if TYPE_CHECKING:
@@ -222,10 +222,7 @@ class Sessions:
             norm = math.sqrt(a * a + b * b + c * c + d * d)
             anchor = Anchor(
                 session.pose_anchor_id,
-                pose.x,
-                pose.y,
-                pose.z,
-                (a / norm, b / norm, c / norm, d / norm),
+                AnchorPose(pose.x, pose.y, pose.z, (a / norm, b / norm, c / norm, d / norm)),
                 packet.timestamp,
             )
             return Event(

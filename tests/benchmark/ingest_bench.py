@@ -24,7 +24,7 @@ from pathlib import Path
 import trio
 
 from stag_relay.pipeline.httpclient import IngestClient
-from stag_relay.protocol.events import Anchor, Batch, Event, to_wire
+from stag_relay.protocol.events import Anchor, AnchorPose, Batch, Event, to_wire
 
 ROOT = Path(__file__).resolve().parents[2]
 _SERVER = """
@@ -48,10 +48,9 @@ def batch_body(n: int, size: int) -> bytes:
             anchors=(
                 Anchor(
                     "anchor_0123456789abcdef0123456789abcdef",
-                    1.25,
-                    -0.5,
-                    3.75,
-                    (0.0, 0.0, 0.7071067811865476, 0.7071067811865476),
+                    AnchorPose(
+                        1.25, -0.5, 3.75, (0.0, 0.0, 0.7071067811865476, 0.7071067811865476)
+                    ),
                     1_700_000_000_000 + n,
                 ),
             ),

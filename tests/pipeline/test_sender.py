@@ -27,7 +27,7 @@ import trustme
 
 from stag_relay.pipeline.delivery import Delivery, ToSender
 from stag_relay.pipeline.sender import Shipment, StagSender
-from stag_relay.protocol.events import Anchor, Batch, Event, MeshUpdate, to_wire
+from stag_relay.protocol.events import Anchor, AnchorPose, Batch, Event, MeshUpdate, to_wire
 from stag_relay.protocol.spatial_event import encode_wire, spatial_event_id
 from stag_relay.service.config import DeliveryConfig, StagConfig
 from stag_relay.service.metrics import RelayMetrics
@@ -60,7 +60,11 @@ def event(n: int, session: str = "session-1") -> Event:
         timestamp=1_634_567_890_000 + n,
         received_at=1_634_567_890_002 + n,
         type="pose",
-        anchors=(Anchor("anchor_x", 1.0, 2.0, 3.0, (0.0, 0.0, 0.0, 1.0), 1_634_567_890_000 + n),),
+        anchors=(
+            Anchor(
+                "anchor_x", AnchorPose(1.0, 2.0, 3.0, (0.0, 0.0, 0.0, 1.0)), 1_634_567_890_000 + n
+            ),
+        ),
     )
 
 

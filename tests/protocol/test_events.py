@@ -8,7 +8,15 @@ import orjson
 from hypothesis import given
 from hypothesis import strategies as st
 
-from stag_relay.protocol.events import Anchor, Batch, Event, MeshUpdate, WireBatch, to_wire
+from stag_relay.protocol.events import (
+    Anchor,
+    AnchorPose,
+    Batch,
+    Event,
+    MeshUpdate,
+    WireBatch,
+    to_wire,
+)
 
 _INT64 = st.integers(min_value=-(2**63), max_value=2**63 - 1)
 _FLOATS = st.floats(allow_nan=False, allow_infinity=False)
@@ -24,10 +32,7 @@ _JSON: st.SearchStrategy[Any] = st.recursive(
 _ANCHORS = st.builds(
     Anchor,
     _TEXT,
-    _FLOATS,
-    _FLOATS,
-    _FLOATS,
-    st.tuples(_FLOATS, _FLOATS, _FLOATS, _FLOATS),
+    st.builds(AnchorPose, _FLOATS, _FLOATS, _FLOATS, st.tuples(_FLOATS, _FLOATS, _FLOATS, _FLOATS)),
     _INT64,
     st.none() | st.dictionaries(_TEXT, _JSON, max_size=3),
 )
@@ -84,7 +89,7 @@ def test_a_batch_on_the_wire_is_its_events_as_to_json_says(events: list[Event]) 
 
 def test_a_pose_without_metadata_has_no_metadata_member() -> None:
     # A seed pose's JSON is what it always was: no "metadata": null.
-    anchor = Anchor("a", 1.0, 2.0, 3.0, (0.0, 0.0, 0.0, 1.0), 5)
+    anchor = Anchor("a", AnchorPose(1.0, 2.0, 3.0, (0.0, 0.0, 0.0, 1.0)), 5)
     event = Event("e", "s", 1, 5, 6, "pose", (anchor,))
     assert orjson.loads(to_wire(Batch("b", (event,))).events) == [
         {

@@ -20,7 +20,7 @@ from hypothesis.stateful import (
     rule,
 )
 
-from stag_relay.protocol.events import Anchor, Event, MeshUpdate
+from stag_relay.protocol.events import Anchor, AnchorPose, Event, MeshUpdate
 from stag_relay.protocol.packets import MeshData, Packet, Pose, parse_packet
 from stag_relay.protocol.sessions import (
     MAX_MESH_ANCHORS_PER_SESSION,
@@ -165,7 +165,11 @@ def test_pose_event() -> None:
         1634567890123,
         1634567890125,
         "pose",
-        (Anchor(pose_anchor_id("session-123"), 1.0, 2.0, 3.0, IDENTITY, 1634567890123),),
+        (
+            Anchor(
+                pose_anchor_id("session-123"), AnchorPose(1.0, 2.0, 3.0, IDENTITY), 1634567890123
+            ),
+        ),
         (),
     )
 

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from stag_relay.protocol.events import Anchor, Batch, Event, MeshUpdate, to_wire
+from stag_relay.protocol.events import Anchor, AnchorPose, Batch, Event, MeshUpdate, to_wire
 from stag_relay.protocol.sdk import parse_message
 from stag_relay.protocol.spatial_event import (
     DELIVERED,
@@ -169,7 +169,13 @@ def test_one_request_per_session_in_first_seen_order_with_ids_that_survive_the_s
 
 def test_metadata_goes_with_its_anchor() -> None:
     event = Event(
-        "e", "s", 0, 5, 5, "pose", (Anchor("x", 0, 0, 0, (0, 0, 0, 1), 5, {"room": "lab"}),)
+        "e",
+        "s",
+        0,
+        5,
+        5,
+        "pose",
+        (Anchor("x", AnchorPose(0, 0, 0, (0, 0, 0, 1)), 5, {"room": "lab"}),),
     )
     (request,) = encode_batch(Batch("b", (event,)))
     assert orjson.loads(request.body)["anchors"][0]["metadata"] == {"room": "lab"}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 
 from stag_relay.protocol.batching import BatchPolicy
-from stag_relay.protocol.events import Anchor, Batch, Event
+from stag_relay.protocol.events import Anchor, AnchorPose, Batch, Event
 
 
 def event(n: int) -> Event:
@@ -28,7 +28,7 @@ def pose_event(session: str, n: int, anchor: str) -> Event:
         1_700_000_000_000 + n,
         1_700_000_000_100 + n,
         "pose",
-        (Anchor(anchor, 0.5, 1.0, -2.0, (0.0, 0.0, 0.0, 1.0), 1_700_000_000_000 + n),),
+        (Anchor(anchor, AnchorPose(0.5, 1.0, -2.0, (0.0, 0.0, 0.0, 1.0)), 1_700_000_000_000 + n),),
     )
 
 

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from stag_relay.protocol.events import Anchor, Batch, Event
+from stag_relay.protocol.events import Anchor, AnchorPose, Batch, Event
 from stag_relay.protocol.spatial_event import Delivered, check_answer, encode_batch
 from stag_relay.tools.sink import (
     Delivery,
@@ -563,7 +563,13 @@ def test_every_request_the_relay_encodes_passes_the_stags_bindings(
             1_700_000_000_000 + stamp,
             1_700_000_000_000 + stamp,
             "pose",
-            (Anchor("anchor", 0.0, 1.0, 2.0, (0.0, 0.0, 0.0, 1.0), 1_700_000_000_000 + stamp),),
+            (
+                Anchor(
+                    "anchor",
+                    AnchorPose(0.0, 1.0, 2.0, (0.0, 0.0, 0.0, 1.0)),
+                    1_700_000_000_000 + stamp,
+                ),
+            ),
             (),
         )
         for n, (session, stamp) in enumerate(poses)
