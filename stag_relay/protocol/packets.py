@@ -16,7 +16,7 @@ gate can put them in its error reply and in the metric label.
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any, Final, Literal, TypeGuard, TypeVar
+from typing import Annotated, Any, Final, Literal, TypeGuard
 
 import attrs
 import msgspec
@@ -25,7 +25,6 @@ import orjson
 from stag_relay.protocol import b64
 
 PacketType = Literal["pose", "mesh"]
-T = TypeVar("T")
 
 # frame_number must fit a signed 64-bit integer: STAG and the original Go relay
 # store it as int64.
@@ -139,10 +138,14 @@ class _WirePosePacket(msgspec.Struct, forbid_unknown_fields=True):
 
 _decode_pose: Final = msgspec.json.Decoder(_WirePosePacket).decode
 
-# What a fast path's decoder raises for a message it does not take (fast_decode).
-# UnicodeError: a str with a lone surrogate, which is no JSON text, or (msgspec
-# before 0.23) invalid UTF-8 in an unknown member's name. RecursionError: nesting
-# deeper than Python's recursion limit; orjson's own limit words the error.
+# What a fast path's msgspec decoder raises for a message it does not take; the full
+# path then reads it again and words the error. The decoders' structs forbid unknown
+# members: msgspec does not check UTF-8 or number ranges in what it skips, so a
+# message with anything but the known fields goes through the full path, whose orjson
+# checks the whole text. UnicodeError: a str with a lone surrogate, which is no JSON
+# text, or (msgspec before 0.23) invalid UTF-8 in an unknown member's name.
+# RecursionError: nesting deeper than Python's recursion limit; orjson's own limit
+# words the error. The SDK's fast path (sdk.py) uses the same.
 FAST_PATH_REFUSALS: Final = (msgspec.MsgspecError, UnicodeError, RecursionError)
 
 
@@ -184,7 +187,6 @@ def _valid_pose(raw: bytes | str) -> Packet | None:
     it names no fields, so nothing but a valid pose may pass it.
     tests/protocol/test_packets.py checks that the two agree on any input.
     """
-    # fast_decode inlined, as this runs for nearly every message.
     try:
         wire = _decode_pose(raw)
     except FAST_PATH_REFUSALS:
@@ -203,19 +205,6 @@ def _valid_pose(raw: bytes | str) -> Packet | None:
     ):
         return None
     return Packet(session_id, frame_number, timestamp, "pose", pose, None)
-
-
-def fast_decode(decoder: msgspec.json.Decoder[T], raw: bytes | str) -> T | None:
-    """``raw`` as a fast path's ``decoder`` reads it, or None if it refuses it.
-
-    The decoders' structs forbid unknown members: msgspec does not check UTF-8 or
-    number ranges in what it skips, so a message with anything but the known fields
-    goes through the full path, whose orjson checks the whole text.
-    """
-    try:
-        return decoder.decode(raw)
-    except FAST_PATH_REFUSALS:
-        return None
 
 
 def is_plain_id(value: Any) -> TypeGuard[str]:

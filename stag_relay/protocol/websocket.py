@@ -34,6 +34,7 @@ from collections.abc import Callable
 from typing import Final
 
 import attrs
+import msgspec
 
 OP_CONTINUATION: Final = 0x0
 OP_TEXT: Final = 0x1
@@ -105,8 +106,9 @@ class Pong:
     payload: bytes
 
 
-@attrs.frozen(slots=True)
-class Binary:
+# A msgspec struct: built in C, for the SDK's every message (an attrs frozen class
+# sets its field through object.__setattr__). It holds bytes only, hence gc=False.
+class Binary(msgspec.Struct, frozen=True, gc=False):
     """A binary message, from a reader asked to tell them from text (``mark_binary``)."""
 
     payload: bytes

@@ -737,7 +737,7 @@ def test_the_fast_path_reads_base64_as_strictly_as_the_full_checks(text: str) ->
     must be base64 to it as to b64.decode, as the same bytes."""
     outer = orjson.dumps({"type": "anchor_update", "data": text, "timestamp": 1})
     try:
-        decoded: bytes | None = sdk._ANCHOR_MESSAGE.decode(outer).data
+        decoded: bytes | None = sdk._decode_anchor_message(outer).data
     except msgspec.ValidationError:
         decoded = None
     assert decoded == b64.decode(text)
