@@ -261,6 +261,8 @@ class IngestClient:
 
         Raises :class:`TransportError` when no complete answer came.
         """
+        if self._head is None:
+            raise LocalProtocolError(self._head_problem)
         connection = self._take_idle()
         # One cancel scope for the whole request, its deadline moved before each step:
         # a scope per step would cost more than the step's own Python code.
@@ -338,8 +340,7 @@ class IngestClient:
         step: _Step,
     ) -> tuple[StagAnswer, bool]:
         """Write the request and read the answer; the answer, and whether to reuse."""
-        if self._head is None:
-            raise LocalProtocolError(self._head_problem)
+        assert self._head is not None  # post() checked
         try:
             # Head and body in one buffer: one system call for the cost of copying a
             # few dozen KiB.

@@ -7,6 +7,12 @@ check it (:func:`check_field`). The answer is read by httptools (Node.js's llhtt
 C): status line, headers, a body framed by Content-Length, chunked, or by the end of
 the connection, any 1xx before the answer, and whether the connection may be reused.
 This is the per-batch cost h11 had, at a small fraction of it (docs/performance.md).
+
+Read as h11 read them, with the same leniencies (bare LF line ends; Content-Length
+beside chunked, which wins), except: a header folded over two lines and a repeated
+Content-Length are refused, which h11 let pass, and an answer must start ``HTTP/``
+(llhttp alone also reads RTSP and ICE). As with h11, only HTTP/1.1 connections are
+kept alive.
 """
 
 from __future__ import annotations
@@ -36,14 +42,21 @@ class AnswerError(ValueError):
     """The server's bytes are not an HTTP/1.1 answer, or it closed before answering in full."""
 
 
+class _AfterAnswer(Exception):
+    """Raised in a callback to stop httptools at a message after the answer."""
+
+
 def check_field(name: bytes, value: bytes) -> None:
-    """Raise ValueError, naming the header, for a field that cannot go into a request."""
+    """Raise ValueError, naming the header, for a field that cannot go into a request.
+
+    The value is not quoted: it may be a credential (the configuration refuses such
+    an API key when it is loaded, without quoting it either)."""
     if not _TOKEN.fullmatch(name):
         raise ValueError(f"header name {name!r} is not an HTTP token")
     if not _FIELD_VALUE.fullmatch(value):
         raise ValueError(
-            f"header {name.decode('latin-1')}: value {value!r} cannot be sent: it holds a "
-            "NUL or a line break, or starts or ends with whitespace"
+            f"header {name.decode('latin-1')}: its value cannot be sent: it holds a NUL "
+            "or a line break, or starts or ends with whitespace"
         )
 
 
@@ -106,7 +119,12 @@ class AnswerReader:
     def __init__(self, *, max_head: int, max_body: int) -> None:
         self._max_head = max_head
         self._max_body = max_body
-        self._parser = httptools.HttpResponseParser(self)
+        # The parser holds this reader's callbacks: it is dropped as soon as the answer
+        # is complete or refused, so the two are not left to the cycle collector.
+        self._parser: httptools.HttpResponseParser | None = httptools.HttpResponseParser(self)
+        self._parser.set_dangerous_leniencies(
+            lenient_optional_cr_before_lf=True, lenient_chunked_length=True
+        )
         self._received = 0
         # The answer's first bytes, until there are enough to see it is HTTP's: llhttp
         # also reads RTSP and ICE answers.
@@ -128,22 +146,30 @@ class AnswerReader:
 
     # -- httptools' callbacks -----------------------------------------------------------
 
+    def on_message_begin(self) -> None:
+        if self._done:
+            # The start of another message in the same read: it must not overwrite
+            # the answer (a server that sends one is not reused).
+            raise _AfterAnswer
+
     def on_header(self, name: bytes, value: bytes) -> None:
         name = name.lower()
         if name == b"retry-after":
-            self._retry_after = value.decode("latin-1")
+            self._retry_after = value.strip(b" \t").decode("latin-1")
         elif name == b"location":
-            self._location = value.decode("latin-1")
+            self._location = value.strip(b" \t").decode("latin-1")
         elif name == b"content-type":
             self._charset = _charset(value)
         elif name == b"content-length":
-            # llhttp has checked it is a number, and refuses two different ones.
+            # llhttp has checked it is a number, and refuses a second one.
             self._length = int(value)
         elif name == b"transfer-encoding":
             self._chunked = b"chunked" in value.lower()
 
     def on_headers_complete(self) -> None:
-        self._status = self._parser.get_status_code()
+        parser = self._parser
+        assert parser is not None  # a callback runs only inside receive()
+        self._status = parser.get_status_code()
         self._head_done = True
 
     def on_body(self, body: bytes) -> None:
@@ -160,45 +186,54 @@ class AnswerReader:
             # An informational answer (100 Continue, 103 Early Hints): the answer follows.
             self._reset()
             return
+        parser = self._parser
+        assert parser is not None
         self._done = True
-        self._keep_alive = self._parser.should_keep_alive()
+        # h11 kept no HTTP/1.0 connection alive, whatever its headers said.
+        self._keep_alive = parser.should_keep_alive() and parser.get_http_version() == "1.1"
 
     # -- feeding ------------------------------------------------------------------------
 
     def receive(self, data: bytes | bytearray) -> tuple[StagAnswer, bool] | None:
         """What ``data`` completes: the answer and whether the connection is reusable,
         or None while more is needed. Raises :class:`AnswerError`."""
-        if self._done:
-            raise AnswerError("the answer is complete already")
-        if not self._head_done:
-            self._received += len(data)
-            if len(self._start) < len(_PROTOCOL):
-                self._start += data[: len(_PROTOCOL) - len(self._start)]
-                if not _PROTOCOL.startswith(self._start):
-                    raise AnswerError(f"not an HTTP/1.1 answer: it starts {self._start!r}")
+        parser = self._parser
+        if parser is None:
+            raise AnswerError("the answer is complete or refused already")
         try:
-            self._parser.feed_data(data)
-        except httptools.HttpParserUpgrade:
+            if not self._head_done:
+                self._received += len(data)
+                if len(self._start) < len(_PROTOCOL):
+                    self._start += data[: len(_PROTOCOL) - len(self._start)]
+                    if not _PROTOCOL.startswith(self._start):
+                        raise AnswerError(f"not an HTTP/1.1 answer: it starts {self._start!r}")
+            try:
+                parser.feed_data(data)
+            except httptools.HttpParserUpgrade:
+                if self._done:
+                    return self._answer(), False
+                raise AnswerError("the server switched protocols instead of answering") from None
+            except httptools.HttpParserError as exc:
+                # Bytes after a complete answer (another message, or any after a
+                # closing one): the answer stands; the connection is not reused.
+                if self._done:
+                    return self._answer(), False
+                raise AnswerError(f"not an HTTP/1.1 answer: {exc}") from None
             if self._done:
+                return self._answer(), self._keep_alive and not self._cut
+            if self._cut:
                 return self._answer(), False
-            raise AnswerError("the server switched protocols instead of answering") from None
-        except httptools.HttpParserError as exc:
-            # Bytes after a complete answer (where a closing server should have
-            # stopped): the answer stands; the connection is not reused.
-            if self._done:
-                return self._answer(), False
-            raise AnswerError(f"not an HTTP/1.1 answer: {exc}") from None
-        if self._done:
-            return self._answer(), self._keep_alive and not self._cut
-        if self._cut:
-            return self._answer(), False
-        if not self._head_done and self._received > self._max_head:
-            raise AnswerError(f"the answer's head is too long (over {self._max_head} bytes)")
+            if not self._head_done and self._received > self._max_head:
+                raise AnswerError(f"the answer's head is too long (over {self._max_head} bytes)")
+        except BaseException:
+            self._parser = None
+            raise
         return None
 
     def end(self) -> tuple[StagAnswer, bool]:
         """The server closed the connection: the answer if that completes it (a body
         that ends with the connection), else :class:`AnswerError`."""
+        self._parser = None
         if self._done:
             return self._answer(), False
         if not self._head_done:
@@ -212,6 +247,7 @@ class AnswerReader:
         )
 
     def _answer(self) -> StagAnswer:
+        self._parser = None
         return StagAnswer(
             self._status, self._retry_after, b"".join(self._body), self._charset, self._location
         )
@@ -232,7 +268,11 @@ def _charset(content_type: bytes) -> str | None:
         name, _, value = param.partition("=")
         if name.strip().lower() == "charset":
             try:
-                return codecs.lookup(value.strip().strip('"')).name
+                name = codecs.lookup(value.strip().strip('"')).name
+                # Only a text encoding: base64, zlib and the like are codecs too, and
+                # bytes.decode refuses them (not for b"": that it does not look up).
+                b"\x00".decode(name, "replace")
             except LookupError:
                 return None
+            return name
     return None

@@ -34,6 +34,7 @@ from ruamel.yaml.error import MarkedYAMLError, YAMLError
 from ruamel.yaml.scalarbool import ScalarBoolean
 
 from stag_relay.protocol.auth import KeyFormatError, check_key, normalize_origin, parse_keys_file
+from stag_relay.protocol.exchange import check_field
 from stag_relay.service.tls import TlsError, server_context
 
 # --- durations ---------------------------------------------------------------
@@ -266,6 +267,15 @@ def _secret(value: object) -> str:
     # Never echo the value: a mistyped key is still a key.
     if not isinstance(value, str):
         raise ValueError(f"expected text, got {_kind(value)} (put it in quotes)")
+    try:
+        # It goes in a header: a trailing newline from a secrets file would make every
+        # request fail.
+        check_field(b"x-api-key", value.encode())
+    except ValueError:
+        raise ValueError(
+            "the key holds a NUL or a line break, or starts or ends with whitespace "
+            "(it is not shown); remove them"
+        ) from None
     return str(value)
 
 

@@ -347,6 +347,13 @@ def test_non_text_api_key_is_rejected_without_echoing_it(tmp_path: Path) -> None
     assert message == f"{path} line 2: stag.api_key: expected text, got a number (put it in quotes)"
 
 
+@pytest.mark.parametrize("key", ["s3cret\n", " s3cret", "s3c\x00ret", "s3c\r\nret"])
+def test_an_api_key_that_cannot_go_in_a_header_is_rejected_without_echoing_it(key: str) -> None:
+    [message] = problems(environ={"RELAY_STAG_API_KEY": key})
+    assert message.startswith("RELAY_STAG_API_KEY: the key holds a NUL or a line break")
+    assert "s3c" not in message
+
+
 def test_a_key_with_no_value_says_so(tmp_path: Path) -> None:
     path = write(tmp_path, "stag:\n  relay_id:\n")
     [message] = problems(config_path=path)
