@@ -45,6 +45,7 @@ from typing import Final
 from urllib.parse import parse_qs
 
 import attrs
+import msgspec
 import structlog
 import trio
 from prometheus_client import Counter
@@ -713,7 +714,8 @@ class Connection:
                         self.forget(1)
                     self._reply_error(exc.message, event.frame_number)
                     continue
-                done = [attrs.evolve(event, meshes=(_with_client_fields(event, update),))]
+                sent = (_with_client_fields(event, update),)
+                done = [msgspec.structs.replace(event, meshes=sent)]
                 self.gate.events.put_nowait(done)
                 if done:
                     await self._shielded_put(done)

@@ -145,17 +145,20 @@ class MeshUpdate:
         return doc
 
 
-# Not frozen, though nothing changes one once built: a frozen class sets each field
-# through object.__setattr__ (0.75 against 0.2 us for nine fields), and one is built
-# per packet.
-@attrs.define(slots=True)
-class Event:
+# A msgspec struct in the wire's layout, so that to_wire hands most events to the
+# encoder as they are, and one is built in C on a path taken for every packet.
+# omit_defaults: ``origin`` is left out of the JSON when it is None; an event with an
+# origin, or with meshes (whose wire form is MeshUpdate.to_json), is copied into a
+# _WireEvent first. anchors and meshes have no default, so that the wire always has
+# them, as [] when empty.
+class Event(msgspec.Struct, omit_defaults=True):
     """One spatial event: what one accepted packet becomes.
 
     ``event_id`` is deterministic in (session_id, type, frame_number), so a resent
     packet, or the same packet through another relay, yields the same id. The
     StreamKit SDK numbers no frames: its events have ``frame_number`` 0 and ids
     deterministic in (session_id, type, anchor or mesh id, timestamp) instead.
+    Nothing changes an event once built (``msgspec.structs.replace`` makes another).
     """
 
     event_id: str
@@ -164,11 +167,11 @@ class Event:
     timestamp: int
     received_at: int
     type: EventType
-    anchors: tuple[Anchor, ...] = ()
-    meshes: tuple[MeshUpdate, ...] = ()
+    anchors: tuple[Anchor, ...]
+    meshes: tuple[MeshUpdate, ...]
     # The connection to acknowledge once the event is durable; None when it did not
-    # ask for acknowledgements. Not part of the event's value or its JSON.
-    origin: Origin | None = attrs.field(default=None, eq=False, repr=False)
+    # ask for acknowledgements. Not part of the event's JSON (to_json, to_wire).
+    origin: Origin | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -244,10 +247,8 @@ class WireBatch:
         )
 
 
-# The wire layout of an event (Event.to_json's) as a msgspec struct: encoding it
-# costs half of building Event.to_json's dicts for orjson, and it is built without a
-# Python call per event; its anchors are already wire structs. Meshes are rare and
-# keep their dicts.
+# An event the encoder cannot take as it is (see Event): its wire layout, with its
+# meshes as their JSON.
 class _WireEvent(msgspec.Struct):
     event_id: str
     session_id: str
@@ -262,23 +263,25 @@ class _WireEvent(msgspec.Struct):
 _encode_events = msgspec.json.Encoder().encode
 
 
+def _wire_event(e: Event) -> _WireEvent:
+    return _WireEvent(
+        e.event_id,
+        e.session_id,
+        e.frame_number,
+        e.timestamp,
+        e.received_at,
+        e.type,
+        e.anchors,
+        [m.to_json() for m in e.meshes],
+    )
+
+
 def to_wire(batch: Batch) -> WireBatch:
     """``batch`` as STAG gets it: the JSON array of its events' :meth:`Event.to_json`.
 
     msgspec would also write what orjson refuses (integers beyond 64 bits, say), but
     an event holds none: its integers are checked to int64 when parsed, and metadata
     is what orjson read (``WireBatch.split`` reads the JSON back with orjson)."""
-    wire = [
-        _WireEvent(
-            e.event_id,
-            e.session_id,
-            e.frame_number,
-            e.timestamp,
-            e.received_at,
-            e.type,
-            e.anchors,
-            [m.to_json() for m in e.meshes] if e.meshes else [],
-        )
-        for e in batch.events
-    ]
-    return WireBatch(batch.batch_id, len(batch.events), _encode_events(wire))
+    events = batch.events
+    wire = [e if e.origin is None and not e.meshes else _wire_event(e) for e in events]
+    return WireBatch(batch.batch_id, len(events), _encode_events(wire))

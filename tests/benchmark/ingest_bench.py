@@ -54,6 +54,7 @@ def batch_body(n: int, size: int) -> bytes:
                     1_700_000_000_000 + n,
                 ),
             ),
+            meshes=(),
         )
         for i in range(size)
     )

@@ -23,6 +23,8 @@ def event(sender: int, n: int) -> Event:
         timestamp=1,
         received_at=1,
         type="pose",
+        anchors=(),
+        meshes=(),
     )
 
 

@@ -51,6 +51,7 @@ def event(n: int, session: str = "session-1") -> Event:
             timestamp=1_634_567_890_000 + n,
             received_at=1_634_567_890_002 + n,
             type="mesh",
+            anchors=(),
             meshes=(MeshUpdate("anchor-456", False, "AAEC", ""),),
         )
     return Event(
@@ -65,6 +66,7 @@ def event(n: int, session: str = "session-1") -> Event:
                 "anchor_x", AnchorPose(1.0, 2.0, 3.0, (0.0, 0.0, 0.0, 1.0)), 1_634_567_890_000 + n
             ),
         ),
+        meshes=(),
     )
 
 

@@ -55,6 +55,16 @@ _MESHES = st.builds(
     delta_data=_TEXT,
 )
 
+class _Connection:
+    """An event's origin: what it holds (a connection) has no JSON form."""
+
+    def acknowledge(self, session_id: str, frame_numbers: list[int]) -> None:
+        pass
+
+    def forget(self, count: int) -> None:
+        pass
+
+
 _EVENTS = st.builds(
     Event,
     _TEXT,
@@ -65,6 +75,7 @@ _EVENTS = st.builds(
     st.sampled_from(["pose", "mesh"]),
     st.lists(_ANCHORS, max_size=3).map(tuple),
     st.lists(_MESHES, max_size=2).map(tuple),
+    st.none() | st.builds(_Connection),
 )
 
 
@@ -90,7 +101,7 @@ def test_a_batch_on_the_wire_is_its_events_as_to_json_says(events: list[Event]) 
 def test_a_pose_without_metadata_has_no_metadata_member() -> None:
     # A seed pose's JSON is what it always was: no "metadata": null.
     anchor = Anchor("a", AnchorPose(1.0, 2.0, 3.0, (0.0, 0.0, 0.0, 1.0)), 5)
-    event = Event("e", "s", 1, 5, 6, "pose", (anchor,))
+    event = Event("e", "s", 1, 5, 6, "pose", (anchor,), ())
     assert orjson.loads(to_wire(Batch("b", (event,))).events) == [
         {
             "event_id": "e",

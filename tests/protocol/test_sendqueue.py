@@ -80,6 +80,7 @@ def make_batch(
                 timestamp=1_634_567_890_000 + n,
                 received_at=1_634_567_890_001 + n,
                 type="mesh" if mesh else "pose",
+                anchors=(),
                 meshes=(MeshUpdate("a1", is_delta=False),) if mesh else (),
                 origin=client,
             )

@@ -176,6 +176,7 @@ def test_metadata_goes_with_its_anchor() -> None:
         5,
         "pose",
         (Anchor("x", AnchorPose(0, 0, 0, (0, 0, 0, 1)), 5, {"room": "lab"}),),
+        (),
     )
     (request,) = encode_batch(Batch("b", (event,)))
     assert orjson.loads(request.body)["anchors"][0]["metadata"] == {"room": "lab"}

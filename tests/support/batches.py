@@ -16,6 +16,8 @@ def event(n: int) -> Event:
         timestamp=1_634_567_890_000 + n,
         received_at=1_634_567_890_001 + n,
         type="pose",
+        anchors=(),
+        meshes=(),
     )
 
 
@@ -29,6 +31,7 @@ def pose_event(session: str, n: int, anchor: str) -> Event:
         1_700_000_000_100 + n,
         "pose",
         (Anchor(anchor, AnchorPose(0.5, 1.0, -2.0, (0.0, 0.0, 0.0, 1.0)), 1_700_000_000_000 + n),),
+        (),
     )
 
 
