@@ -55,6 +55,7 @@ _MESHES = st.builds(
     delta_data=_TEXT,
 )
 
+
 class _Connection:
     """An event's origin: what it holds (a connection) has no JSON form."""
 
