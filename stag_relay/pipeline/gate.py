@@ -482,7 +482,8 @@ class Connection:
         must wait (None); else what this connection's task must finish."""
         if not data:
             return _GONE
-        read = self._take(data, in_turn=True)
+        now = trio.current_time()
+        read = self._take(data, now, in_turn=True)
         if read.meshes or read.ending is not None:
             return Taken(read)
         events: list[Event] = read.steps  # type: ignore[assignment]
@@ -492,7 +493,7 @@ class Connection:
             if events:
                 return Taken(read, count)
             self._delivered(count, read.mesh_events, in_turn=True)
-        if self.core.read_again_at > trio.current_time():
+        if self.core.read_again_at > now:
             return Taken(read)
         return None
 
@@ -529,7 +530,7 @@ class Connection:
 
     async def _handle(self, data: bytes | bytearray) -> Ending | None:
         """Feed one read to the core, count what it says, and hand its events over."""
-        return await self._finish(self._take(data))
+        return await self._finish(self._take(data, trio.current_time()))
 
     async def _finish(self, read: Read, count: int | None = None) -> Ending | None:
         """Hand over what ``read`` brought; ``count`` as in :class:`Taken`."""
@@ -549,15 +550,16 @@ class Connection:
                 self._delivered(count, read.mesh_events)
         return read.ending
 
-    def _take(self, data: bytes | bytearray, *, in_turn: bool = False) -> Read:
-        """What the core makes of one read, counted and logged; ``in_turn``: read by the
-        poller, whose turn's end writes the hot counts (Gate.end_turn)."""
+    def _take(self, data: bytes | bytearray, now: float, *, in_turn: bool = False) -> Read:
+        """What the core makes of one read at ``now`` (trio's clock), counted and logged;
+        ``in_turn``: read by the poller, whose turn's end writes the hot counts
+        (Gate.end_turn)."""
         core = self.core
         bound = core.session_id is not None
         # The processing time is the real one (trio's clock may be a test's MockClock).
         started = time.perf_counter()
         # Every packet of a read arrived at once, as far as anyone can tell.
-        read = core.receive(data, trio.current_time(), time.time_ns() // 1_000_000)
+        read = core.receive(data, now, time.time_ns() // 1_000_000)
         elapsed = time.perf_counter() - started
         if read.wrote:
             self._notify()

@@ -23,6 +23,7 @@ import math
 from typing import Final, Literal, Protocol
 
 import attrs
+import msgspec
 
 from stag_relay.protocol import websocket
 from stag_relay.protocol.events import Event, Origin
@@ -123,9 +124,9 @@ class MeshHandoff:
 PacketKind = Literal["pose", "mesh", "unknown"]
 
 
-# Not frozen, for the cost of building one per socket read (events.Event says why).
-@attrs.define(slots=True)
-class Read:
+# A msgspec struct: one is built per socket read, and an attrs class's __init__ is
+# Python.
+class Read(msgspec.Struct):
     """What one read brought."""
 
     # Events to queue and meshes for the mesh lane, in the order their packets came:
@@ -139,8 +140,8 @@ class Read:
     # messages by packet type (``unknown`` when it could not be told).
     packets: int = 0
     accepted: int = 0
-    duplicates: dict[PacketKind, int] = attrs.Factory(dict)
-    invalid: dict[PacketKind, int] = attrs.Factory(dict)
+    duplicates: dict[PacketKind, int] = msgspec.field(default_factory=dict)
+    invalid: dict[PacketKind, int] = msgspec.field(default_factory=dict)
     # Error replies the outbox suppressed (over the reply rate or bound).
     suppressed: int = 0
     # The outbox has something new for the writer.
@@ -309,10 +310,11 @@ class ConnectionCore:
                 ending = item
                 break
         if packets:
-            self._uncharged = packets
-            self._read_at = now
-            if not meshes:
-                self.handed_over()
+            if meshes:
+                self._uncharged = packets
+                self._read_at = now
+            else:
+                self.read_again_at = self.throttle.read(packets, now)
         return Read(
             steps,
             meshes,

@@ -70,9 +70,18 @@ class TokenBucket:
     def spend(self, count: int, now: float) -> float:
         """Take ``count`` tokens, going into debt if there are not that many; return
         :meth:`ready_at`."""
-        self._refill(now)
-        self.tokens -= count
-        return self._ready_at(now)
+        # _refill and _ready_at, written out: this runs once per socket read.
+        updated = self.updated
+        tokens = self.tokens
+        if updated is None or now > updated:
+            if updated is not None and tokens < self.capacity:
+                tokens = min(self.capacity, tokens + (now - updated) * self.rate)
+            self.updated = now
+        tokens -= count
+        self.tokens = tokens
+        if tokens >= _WHOLE or self.paused_at is not None:
+            return now
+        return now + (1.0 - tokens) / self.rate
 
     def ready_at(self, now: float) -> float:
         """When there is a token again: ``now`` if there is one already."""

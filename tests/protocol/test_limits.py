@@ -58,6 +58,34 @@ def test_bucket_never_grants_more_than_rate_times_time_plus_capacity(
     assert granted <= rate * now + rate * BURST_SECONDS + 1e-6
 
 
+@settings(max_examples=200)
+@given(
+    rate=st.integers(1, 1000),
+    steps=st.lists(
+        st.tuples(st.floats(-1, 2, allow_nan=False), st.integers(0, 3000), st.booleans()),
+        max_size=40,
+    ),
+)
+def test_spend_is_a_refill_then_a_debit(rate: int, steps: list[tuple[float, int, bool]]) -> None:
+    """spend writes out what ready_at does around a debit of the tokens."""
+    bucket = TokenBucket(rate=rate, capacity=rate * BURST_SECONDS)
+    oracle = TokenBucket(rate=rate, capacity=rate * BURST_SECONDS)
+    now = 0.0
+    for advance, count, stall in steps:
+        if stall:
+            bucket.pause(now)
+            oracle.pause(now)
+        # Time may run backwards (a negative advance): the bucket must not refill then.
+        now += advance
+        if stall:
+            bucket.resume(now)
+            oracle.resume(now)
+        oracle.ready_at(now)
+        oracle.tokens -= count
+        assert bucket.spend(count, now) == oracle.ready_at(now)
+        assert (bucket.tokens, bucket.updated) == (oracle.tokens, oracle.updated)
+
+
 # --- read throttle ------------------------------------------------------------------
 
 
