@@ -25,10 +25,9 @@ frames: the SDK ignores text frames.
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Annotated, Any, Final, Literal
+from typing import Annotated, Any, Final, Literal
 from urllib.parse import parse_qs
 
 import attrs
@@ -54,11 +53,8 @@ from stag_relay.protocol.packets import (
     echo,
     is_plain_id,
 )
-from stag_relay.protocol.sessions import id_hasher, next_event_id
+from stag_relay.protocol.sessions import event_id
 from stag_relay.protocol.websocket import Binary, binary_frame
-
-if TYPE_CHECKING:
-    from _hashlib import HASH
 
 # Apple's reference date, 2001-01-01T00:00:00Z, in Unix milliseconds: the SDK
 # encodes a pose's Date as seconds since it (JSONEncoder's .deferredToDate).
@@ -253,18 +249,9 @@ def sdk_event_id(session_id: str, type: str, item_id: str, timestamp: int) -> st
     A uuid5 in the seed dialect's namespace (``sessions.NAMESPACE``) of the name
     ``session_id NUL type NUL item_id NUL timestamp``: the seed's names end in a
     bare frame number after two NULs, these hold three, so the two dialects never
-    produce the same name. Built with the seed's hashing shortcut: it runs for
-    every pose.
+    produce the same name.
     """
-    return next_event_id(_hasher(session_id, type, item_id), timestamp)
-
-
-# A session streams one or a few anchors (the camera) for hours, so the hasher of
-# each (session, kind, id) is made once, not per pose. The cache's entries are never
-# changed (next_event_id copies one), and it is bounded: a few hundred bytes each.
-@functools.lru_cache(maxsize=4096)
-def _hasher(session_id: str, type: str, item_id: str) -> HASH:
-    return id_hasher(session_id, f"{type}\x00{item_id}")
+    return event_id(session_id, f"{type}\x00{item_id}", timestamp)
 
 
 def parse_message(raw: bytes | str, *, binary: bool, session_id: str) -> Message:

@@ -28,8 +28,6 @@ from stag_relay.protocol.sessions import (
     SessionLimitError,
     Sessions,
     event_id,
-    id_hasher,
-    next_event_id,
     pose_anchor_id,
 )
 
@@ -87,22 +85,6 @@ def test_event_id_is_uuid5(session_id: str, kind: str, frame: int) -> None:
     expected = uuid.uuid5(NAMESPACE, f"{session_id}\x00{kind}\x00{frame}")
     assert event_id(session_id, kind, frame) == str(expected)
     assert uuid.UUID(event_id(session_id, kind, frame)).version == 5
-
-
-@given(
-    st.text(min_size=1, max_size=128),
-    st.sampled_from(["pose", "mesh"]),
-    st.lists(st.integers(0, 2**63 - 1), min_size=1, max_size=8),
-)
-def test_one_hasher_per_session_gives_uuid5_for_every_frame(
-    session_id: str, kind: str, frames: list[int]
-) -> None:
-    # The hasher is copied per id, never fed: ids taken one after another from the
-    # same hasher are each the uuid5 of their own name.
-    hasher = id_hasher(session_id, kind)
-    for frame in frames:
-        expected = uuid.uuid5(NAMESPACE, f"{session_id}\x00{kind}\x00{frame}")
-        assert next_event_id(hasher, frame) == str(expected)
 
 
 @given(
