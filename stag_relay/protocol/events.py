@@ -150,7 +150,8 @@ class MeshUpdate:
 # omit_defaults: ``origin`` is left out of the JSON when it is None; an event with an
 # origin, or with meshes (whose wire form is MeshUpdate.to_json), is copied into a
 # _WireEvent first. anchors and meshes have no default, so that the wire always has
-# them, as [] when empty.
+# them, as [] when empty. Unlike the attrs class it replaces, == and repr take
+# ``origin`` in too (nothing but tests compares events), and it has no weakref slot.
 class Event(msgspec.Struct, omit_defaults=True):
     """One spatial event: what one accepted packet becomes.
 

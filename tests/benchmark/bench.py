@@ -8,9 +8,11 @@ in pyproject.toml). Each workload is repeated (``--repeats``, at least 3 for
 the figures in docs/performance.md) and the medians are reported, because this
 machine is small and shared; every relay figure is set beside the bare
 trio-websocket server's (tests/benchmark/bare_server.py) measured with the same
-client in the same repeat, bare first, so slow drift hits both alike. The references
-of issue 15's targets, the Trio floor (paced) and the ``--baseline`` tree (flood), run
-on both sides of the relay in each repeat, and the relay is set against their mean.
+client in the same repeat, bare first, so slow drift hits both alike. Where a target
+is a ratio of two servers' CPU or throughput, one of them runs on both sides of the
+other in each repeat and counts as the mean of its two runs: the Trio floor around
+the relay (paced), the relay around the spooled relay and the ``--baseline`` tree
+around all of them (flood).
 
 1. flood: 20 connections x 5,000 pose packets as fast as possible, batch.max_size
    100. Relay: events delivered per second (first packet sent to last event at the
@@ -462,9 +464,35 @@ def flood(pin: Pinning) -> dict[str, Any]:
         }
     }
 
+    # Each comparison is with runs on both sides (_bracket): the relay's two runs are
+    # on both sides of the spooled one, 82a2669's two (with --baseline) of all three.
     if BASELINE is not None:
         baseline_before, _ = _relay_flood(pin, options, baseline=True)
-    result["relay"], status = _relay_flood(pin, options)
+    relay_before, status_before = _relay_flood(pin, options)
+    # The same flood into a relay with a spool (the spool's cost): every
+    # batch is then committed to SQLite before it is sent, and deleted after.
+    with tempfile.TemporaryDirectory(prefix="stag-bench-spool-") as spool_dir:
+        spooled, _ = _relay_flood(
+            pin, options, RELAY_DELIVERY_SPOOL_PATH=str(Path(spool_dir) / "spool.sqlite3")
+        )
+    relay_after, status_after = _relay_flood(pin, options)
+    result["relay"] = _bracket(relay_before, relay_after, "events_per_second", "cpu_us_per_event")
+    result["relay_spool"] = spooled
+    memory_rate = result["relay"]["events_per_second"]
+    result["ratio"] = round(memory_rate / bare_rate, 3) if bare_rate else None
+    result["spool_cost"] = (
+        round(1 - spooled["events_per_second"] / memory_rate, 3) if memory_rate else None
+    )
+    result["nothing_lost"] = (
+        all(
+            run["events_delivered"] == run["sent"] == total
+            and run["packets_not_ok"] == 0
+            and run["error_replies"] == 0
+            for run in (relay_before, relay_after)
+        )
+        and packets_ok(status_before) == packets_ok(status_after) == total
+        and spooled["lost"] == 0
+    )
     if BASELINE is not None:
         baseline_after, _ = _relay_flood(pin, options, baseline=True)
         result["baseline"] = _bracket(
@@ -473,44 +501,24 @@ def flood(pin: Pinning) -> dict[str, Any]:
         result["vs_baseline"] = _versus(
             result["relay"], result["baseline"], "events_per_second", "cpu_us_per_event"
         )
-    memory_rate = result["relay"]["events_per_second"]
-    result["ratio"] = round(memory_rate / bare_rate, 3) if bare_rate else None
-    result["nothing_lost"] = (
-        result["relay"]["events_delivered"] == result["relay"]["sent"] == total
-        and packets_ok(status) == total
-        and result["relay"]["packets_not_ok"] == 0
-        and result["relay"]["error_replies"] == 0
-    )
-    # The same flood into a relay with a spool (the spool's cost): every
-    # batch is then committed to SQLite before it is sent, and deleted after.
-    with tempfile.TemporaryDirectory(prefix="stag-bench-spool-") as spool_dir:
-        spooled, _ = _relay_flood(
-            pin, options, RELAY_DELIVERY_SPOOL_PATH=str(Path(spool_dir) / "spool.sqlite3")
-        )
-    result["relay_spool"] = spooled
-    if BASELINE is not None:
         result["nothing_lost"] = result["nothing_lost"] and result["baseline"]["lost"] == 0
-    result["spool_cost"] = (
-        round(1 - spooled["events_per_second"] / memory_rate, 3) if memory_rate else None
-    )
-    result["nothing_lost"] = result["nothing_lost"] and spooled["lost"] == 0
     return result
 
 
+# What _bracket adds up over its two runs, where a run has them.
+_COUNTS: Final = ("messages", "sent", "events_delivered", "lost", "packets_not_ok", "error_replies")
+
+
 def _bracket(before: dict[str, Any], after: dict[str, Any], *figures: str) -> dict[str, Any]:
-    """A reference measured on both sides of the relay: ``figures`` are the mean of the
-    two runs, each run is kept, and ``lost`` is what either lost.
+    """Two runs of one server on both sides of what it is compared with: ``figures`` are
+    their mean, the counts their sum, and both runs are kept.
 
     On a shared host the CPU a message costs drifts from one run to the next; a
-    reference measured only before the relay leaves the ratio to that drift, one on
-    both sides cancels a steady drift.
+    figure measured only on one side leaves the ratio to that drift, one on both
+    sides cancels a steady drift.
     """
-    merged = {
-        **before,
-        **{figure: round((before[figure] + after[figure]) / 2, 2) for figure in figures},
-    }
-    if "lost" in before:
-        merged["lost"] = before["lost"] + after["lost"]
+    merged = {figure: round((before[figure] + after[figure]) / 2, 2) for figure in figures}
+    merged.update({key: before[key] + after[key] for key in _COUNTS if key in before})
     return {**merged, "before": before, "after": after}
 
 
